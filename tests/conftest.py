@@ -1,0 +1,82 @@
+"""Fixtures shared by the whole suite: a ramfs in its own process, and checks
+that the system components a test needs are really there.
+
+The test command (``./dev test``) installs every component; a missing one is
+a failure, never a skip, so a green run always means the real peer ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("FORNAX_CACHE", ROOT / ".cache"))
+
+
+def need_binary(name: str) -> str:
+    """Path of a system program the test needs; fail loudly if it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run ./dev test, which installs it")
+    return path
+
+
+def foreign_client(name: str) -> Path:
+    """Directory holding a third-party 9P client installed with pip --target.
+
+    p9fs and python-9p both install a top-level ``py9p`` package, so each
+    lives in its own directory and runs in its own process.
+    """
+    path = CACHE / "clients" / name
+    if not path.is_dir():
+        pytest.fail(f"9P client {name} is not installed in {path}: run ./dev test, which installs it")
+    return path
+
+
+@dataclass
+class ServerProc:
+    addr: str  # dial string
+    host: str
+    port: int
+    proc: subprocess.Popen[str]
+
+
+def start_ramfs(*extra: str) -> ServerProc:
+    """Start ``fornax-sched 9p ramfs`` on a free loopback port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fornax_sched", "9p", "ramfs", "tcp!127.0.0.1!0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving on" not in line:
+        proc.kill()
+        raise RuntimeError(f"ramfs did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    addr = line.rsplit(" ", 1)[1].strip()
+    _, host, port = addr.split("!")
+    return ServerProc(addr, host, int(port), proc)
+
+
+def stop(server: ServerProc) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture
+def ramfs() -> Iterator[ServerProc]:
+    server = start_ramfs()
+    yield server
+    stop(server)
+    assert server.proc.returncode in (0, -15), f"ramfs exited with {server.proc.returncode}"

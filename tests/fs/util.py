@@ -1,0 +1,78 @@
+"""Helpers for driving a server in the test's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fornax_sched.fs import codec as M
+from fornax_sched.fs import proto as P
+from fornax_sched.fs.codec import CODECS, Codec, Message
+from fornax_sched.fs.server import Server
+from fornax_sched.fs.tree import Dir
+
+
+@asynccontextmanager
+async def serving(root: Dir | Any, address: str = "tcp!127.0.0.1!0", **kw: Any) -> AsyncIterator[Server]:
+    server = Server(root, **kw)
+    listener = await server.listen(address)
+    server.addr = str(listener.address)  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+class Raw:
+    """A bare connection that sends and receives single frames, for exact protocol tests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.codec: Codec = CODECS[P.VERSION_9P]
+
+    @classmethod
+    async def open(cls, server: Server) -> Raw:
+        _, host, port = server.addr.split("!")  # type: ignore[attr-defined]
+        r, w = await asyncio.open_connection(host, int(port))
+        return cls(r, w)
+
+    async def send(self, msg: Message) -> None:
+        self.writer.write(self.codec.encode(msg))
+        await self.writer.drain()
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 5.0) -> Any:
+        head = await asyncio.wait_for(self.reader.readexactly(4), timeout)
+        (size,) = struct.unpack("<I", head)
+        body = await asyncio.wait_for(self.reader.readexactly(size - 4), timeout)
+        return self.codec.decode(head + body)
+
+    async def rpc(self, msg: Message) -> Any:
+        await self.send(msg)
+        return await self.recv()
+
+    async def handshake(self, version: str = P.VERSION_9P, uname: str = "glenda", msize: int = 8192) -> Any:
+        reply = await self.rpc(M.Tversion(P.NOTAG, msize, version))
+        assert reply.version == version, reply
+        self.codec = CODECS[version]
+        return await self.rpc(M.Tattach(1, 0, P.NOFID, uname, "", P.NONUNAME))
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has hung up."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(1 << 20), timeout)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return True
+        while data:
+            data = await asyncio.wait_for(self.reader.read(1 << 20), timeout)
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
