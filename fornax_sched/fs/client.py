@@ -62,6 +62,7 @@ class Client:
         self.codec: Codec = CODECS[P.VERSION_9P]
         self.msize = P.DEFAULT_MSIZE
         self.root = 0
+        self.root_qid = Qid(0, 0, 0)
         self._framer = Framer(P.DEFAULT_MSIZE)
         self._transport: asyncio.Transport | None = None
         self._waiting: dict[int, asyncio.Future[Message]] = {}
@@ -93,15 +94,15 @@ class Client:
             else:
                 coro = loop.create_connection(lambda: _Protocol(self), addr.host, addr.port)
             transport, _ = await asyncio.wait_for(coro, timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise ConnectionError(f"cannot dial 9P server {addr}: {e or 'timed out'}") from None
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport
         try:
             await self._negotiate(version, msize)
             user = uname if uname is not None else _local_user()
             nuname = os.getuid() if uname is None else P.NONUNAME
             reply = await self.rpc(M.Tattach(0, self.root, P.NOFID, user, aname, nuname))
-            self.root_qid: Qid = reply.qid
+            self.root_qid = reply.qid
         except BaseException:
             await self.close()
             raise
@@ -173,7 +174,7 @@ class Client:
         """Send one request and wait for its reply; errors raise P9Error."""
         if self._gone is not None or self._transport is None:
             raise self._gone or ConnectionError(f"9P connection to {self.address} is closed")
-        versioning = isinstance(msg, M.MESSAGES["Tversion"])
+        versioning = isinstance(msg, M.Tversion)
         tag = P.NOTAG if versioning else self._tag()
         msg.tag = tag
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
@@ -181,7 +182,7 @@ class Client:
         try:
             self._transport.write(self.codec.encode(msg))
             reply = await asyncio.wait_for(asyncio.shield(fut), timeout or self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._flush(tag)
             raise TimeoutError(
                 f"9P {type(msg).__name__} to {self.address} timed out after {timeout or self.timeout:g}s"
@@ -193,9 +194,9 @@ class Client:
         finally:
             if not versioning and tag not in self._waiting:
                 self._free_tags.append(tag)
-        if isinstance(reply, M.MESSAGES["Rerror"]):
+        if isinstance(reply, M.Rerror):
             raise P9Error(reply.ename, reply.errno or P.ERRNO_OF_MESSAGE.get(reply.ename, E.EIO))
-        if isinstance(reply, M.MESSAGES["Rlerror"]):
+        if isinstance(reply, M.Rlerror):
             raise P9Error(os.strerror(reply.ecode), reply.ecode)
         if reply.TYPE != msg.TYPE + 1:
             raise P9Error(f"server answered {type(msg).__name__} with {type(reply).__name__}", E.EPROTO)

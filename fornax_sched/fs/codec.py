@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from . import proto
 
@@ -75,6 +75,12 @@ class Message:
         return f"{type(self).__name__}({inner})"
 
     __hash__ = None  # type: ignore[assignment]
+
+    if TYPE_CHECKING:  # fields are made from the tables below; let checkers see them
+
+        def __init__(self, tag: int = 0, *args: Any, **kwargs: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
 
 
 # name, type number, fields as 9P2000 has them, fields 9P2000.u/.L add.
@@ -205,7 +211,7 @@ for _name, _num, _spec in _LINUX:
 globals().update(MESSAGES)
 
 
-def __getattr__(name: str) -> type[Message]:
+def __getattr__(name: str) -> Any:
     # Lets type checkers accept codec.Twalk and friends, made above at import.
     raise AttributeError(name)
 
@@ -475,7 +481,7 @@ class Codec:
         self.dotl = dialect == proto.VERSION_9PL
         self._decoders: dict[int, tuple[type[Message], list[Reader], list[tuple[str, Any]]]] = {}
         self._encoders: dict[type[Message], list[Writer]] = {}
-        for name, num, spec, ext in _BASE:
+        for name, _num, spec, ext in _BASE:
             if self.dotl and name in ("Topen", "Ropen", "Tcreate", "Rcreate", "Tstat", "Rstat",
                                       "Twstat", "Rwstat", "Rerror"):
                 continue
@@ -538,7 +544,7 @@ class Codec:
             raise ProtocolError(f"{cls.__name__}: {e}", tag) from None
         if o != size:
             raise ProtocolError(f"{cls.__name__}: {size - o} bytes past the end of the message", tag)
-        for field, value in zip(cls.FIELDS, values):
+        for field, value in zip(cls.FIELDS, values, strict=False):
             setattr(msg, field, value)
         for field, value in tail:
             setattr(msg, field, value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno as E
+import functools
 import grp
 import logging
 import os
@@ -150,7 +151,7 @@ class Session:
 
     def dispatch(self, msg: Message) -> Reply:
         """Answer one request: a reply now, or a coroutine that makes it later."""
-        if not self.negotiated and not isinstance(msg, M.MESSAGES["Tversion"]):
+        if not self.negotiated and not isinstance(msg, M.Tversion):
             return self.error(msg.tag, P9Error("version not negotiated: send Tversion first", E.EPROTO))
         handler = self._handlers.get(type(msg))
         if handler is None:
@@ -763,12 +764,12 @@ class _Connection(asyncio.Protocol):
         tag = msg.tag
         if tag in self.inflight:
             return self.session.error(tag, P9Error("duplicate tag", E.EINVAL))
-        if isinstance(msg, M.MESSAGES["Tflush"]):
+        if isinstance(msg, M.Tflush):
             task = self.inflight.pop(msg.oldtag, None)
             if task is not None:
                 task.cancel()
             return M.Rflush(tag)
-        if isinstance(msg, M.MESSAGES["Tversion"]):
+        if isinstance(msg, M.Tversion):
             for task in self.inflight.values():
                 task.cancel()
             self.inflight.clear()
@@ -781,7 +782,7 @@ class _Connection(asyncio.Protocol):
             return reply
         task = asyncio.get_running_loop().create_task(reply)
         self.inflight[tag] = task
-        task.add_done_callback(lambda t, tag=tag: self._finished(tag, t))
+        task.add_done_callback(functools.partial(self._finished, tag))
         return None
 
     def _finished(self, tag: int, task: asyncio.Task[Message]) -> None:

@@ -94,10 +94,16 @@ async def _client(args: argparse.Namespace) -> int:
 
 
 def _run_ramfs(args: argparse.Namespace) -> int:
+    return serve_ramfs(args.addr, args.msize)
+
+
+def serve_ramfs(addr: str, msize: int = P.DEFAULT_MSIZE) -> int:
+    """Serve a fresh ramfs on ``addr`` until SIGINT or SIGTERM."""
+
     async def serve() -> None:
         fs = RamFS(owner=getpass.getuser())
-        server = Server(fs.root, msize=args.msize)
-        listener = await server.listen(args.addr)
+        server = Server(fs.root, msize=msize)
+        listener = await server.listen(addr)
         print(f"ramfs: serving on {listener.address}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -109,6 +115,6 @@ def _run_ramfs(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve())
     except (OSError, ValueError) as e:
-        print(f"fornax-sched 9p ramfs: {e}", file=sys.stderr)
+        print(f"fornax-sched: cannot serve on {addr}: {e}", file=sys.stderr)
         return 1
     return 0

@@ -28,7 +28,6 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Union
 
 from . import proto
 from .codec import Qid, Stat
@@ -36,8 +35,7 @@ from .errors import P9Error, eperm
 
 _next_path = itertools.count(1).__next__
 
-Content = Union[str, bytes]
-MaybeAwaitable = Union[bytes, Awaitable[bytes]]
+Content = str | bytes
 
 
 @dataclass
