@@ -364,6 +364,32 @@ def _int_writer(run: list[tuple[str, str]]) -> Writer:
     return write
 
 
+def _list_reader(item: Callable[[bytes, int], tuple[Any, int]]) -> Reader:
+    """count[2] then that many items."""
+
+    def read(b: bytes, o: int) -> tuple[tuple[Any, ...], int]:
+        if o + 2 > len(b):
+            raise ProtocolError("message too short")
+        (n,) = _H.unpack_from(b, o)
+        o += 2
+        out = []
+        for _ in range(n):
+            x, o = item(b, o)
+            out.append(x)
+        return (tuple(out),), o
+
+    return read
+
+
+def _list_writer(name: str, enc: Callable[[Any], bytes]) -> Writer:
+    def write(m: Message, out: list[bytes]) -> None:
+        items = getattr(m, name)
+        out.append(_H.pack(len(items)))
+        out.extend(enc(x) for x in items)
+
+    return write
+
+
 def _var_reader(kind: str, dotu: bool) -> Reader:
     if kind == "s":
         def read_s(b: bytes, o: int) -> tuple[tuple[Any, ...], int]:
@@ -379,34 +405,14 @@ def _var_reader(kind: str, dotu: bool) -> Reader:
             return inner(b, o)
         return read_opt
     if kind == "s*":
-        def read_ss(b: bytes, o: int) -> tuple[tuple[Any, ...], int]:
-            if o + 2 > len(b):
-                raise ProtocolError("message too short")
-            (n,) = _H.unpack_from(b, o)
-            o += 2
-            out = []
-            for _ in range(n):
-                s, o = _read_str(b, o)
-                out.append(s)
-            return (tuple(out),), o
-        return read_ss
+        return _list_reader(_read_str)
     if kind == "Q":
         def read_q(b: bytes, o: int) -> tuple[tuple[Any, ...], int]:
             q, o = _read_qid(b, o)
             return (q,), o
         return read_q
     if kind == "Q*":
-        def read_qs(b: bytes, o: int) -> tuple[tuple[Any, ...], int]:
-            if o + 2 > len(b):
-                raise ProtocolError("message too short")
-            (n,) = _H.unpack_from(b, o)
-            o += 2
-            out = []
-            for _ in range(n):
-                q, o = _read_qid(b, o)
-                out.append(q)
-            return (tuple(out),), o
-        return read_qs
+        return _list_reader(_read_qid)
     if kind == "d":
         def read_d(b: bytes, o: int) -> tuple[tuple[Any, ...], int]:
             if o + 4 > len(b):
@@ -439,21 +445,13 @@ def _var_writer(name: str, kind: str, dotu: bool) -> Writer:
             out.append(_enc_str(getattr(m, name)))
         return write_s
     if kind == "s*":
-        def write_ss(m: Message, out: list[bytes]) -> None:
-            items = getattr(m, name)
-            out.append(_H.pack(len(items)))
-            out.extend(_enc_str(s) for s in items)
-        return write_ss
+        return _list_writer(name, _enc_str)
     if kind == "Q":
         def write_q(m: Message, out: list[bytes]) -> None:
             out.append(_enc_qid(getattr(m, name)))
         return write_q
     if kind == "Q*":
-        def write_qs(m: Message, out: list[bytes]) -> None:
-            items = getattr(m, name)
-            out.append(_H.pack(len(items)))
-            out.extend(_enc_qid(q) for q in items)
-        return write_qs
+        return _list_writer(name, _enc_qid)
     if kind == "d":
         def write_d(m: Message, out: list[bytes]) -> None:
             data = getattr(m, name)
