@@ -276,7 +276,9 @@ class Session:
         return reply
 
     def _auth(self, m: Any) -> Reply:
-        raise P9Error("authentication not required", E.EOPNOTSUPP)
+        # ENOENT is how 9P2000.L servers (diod) say "no auth needed"; its
+        # clients go on to attach only on that errno.
+        raise P9Error("authentication not required", E.ENOENT)
 
     def _attach(self, m: Any) -> Reply:
         if m.afid != P.NOFID:
@@ -294,7 +296,9 @@ class Session:
     # ------------------------------------------------------------ walking
     def _walk(self, m: Any) -> Reply:
         fid = self._fid(m.fid)
-        if fid.omode != _NOT_OPEN:
+        # 9P2000 forbids walking an open fid; 9P2000.L peers (diodls -l) walk
+        # from an open directory to a new fid, as diod allows.
+        if fid.omode != _NOT_OPEN and (m.newfid == m.fid or not self.codec.dotl):
             raise ebadf("cannot walk an open fid")
         if m.newfid != m.fid:
             self._new_fid(m.newfid)

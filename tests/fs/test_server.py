@@ -463,3 +463,20 @@ def test_client_reports_a_peer_that_goes_away() -> None:
         with pytest.raises(ConnectionError, match="cannot dial"):
             await Client.connect(srv.addr, timeout=2)
     run(main())
+
+
+@pytest.mark.parametrize("dialect", P.DIALECTS)
+def test_walk_from_an_open_fid(dialect: str) -> None:
+    """9P2000 forbids it; 9P2000.L allows it to a new fid, as diod does (diodls -l)."""
+    async def main() -> None:
+        async with serving(Scheduler().tree()) as srv:
+            raw = await Raw.open(srv)
+            await raw.handshake(dialect)
+            await raw.rpc(M.Twalk(1, 0, 1, ("sub",)))
+            await raw.rpc(M.Tlopen(1, 1, 0) if dialect == P.VERSION_9PL else M.Topen(1, 1, P.OREAD))
+            r = await raw.rpc(M.Twalk(1, 1, 2, ("leaf",)))
+            assert isinstance(r, M.Rwalk) == (dialect == P.VERSION_9PL), r
+            r = await raw.rpc(M.Twalk(1, 1, 1, ("leaf",)))  # never onto the open fid itself
+            assert not isinstance(r, M.Rwalk)
+            raw.close()
+    run(main())
