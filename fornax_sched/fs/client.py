@@ -177,21 +177,24 @@ class Client:
         versioning = isinstance(msg, M.Tversion)
         tag = P.NOTAG if versioning else self._tag()
         msg.tag = tag
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
         self._waiting[tag] = fut
+        wait = timeout or self.timeout
+        # One timer per request (cheaper than wait_for + shield on the hot path).
+        timer = loop.call_later(wait, _expire, fut)
         try:
             self._transport.write(self.codec.encode(msg))
-            reply = await asyncio.wait_for(asyncio.shield(fut), timeout or self.timeout)
+            reply = await fut
         except TimeoutError:
             await self._flush(tag)
-            raise TimeoutError(
-                f"9P {type(msg).__name__} to {self.address} timed out after {timeout or self.timeout:g}s"
-            ) from None
+            raise TimeoutError(f"9P {type(msg).__name__} to {self.address} timed out after {wait:g}s") from None
         except asyncio.CancelledError:
-            if not fut.done():
-                asyncio.ensure_future(self._flush(tag))
+            if self._waiting.get(tag) is fut:
+                asyncio.ensure_future(self._flush(tag, free=not versioning))
             raise
         finally:
+            timer.cancel()
             if not versioning and tag not in self._waiting:
                 self._free_tags.append(tag)
         if isinstance(reply, M.Rerror):
@@ -202,14 +205,16 @@ class Client:
             raise P9Error(f"server answered {type(msg).__name__} with {type(reply).__name__}", E.EPROTO)
         return reply
 
-    async def _flush(self, oldtag: int) -> None:
-        """Ask the server to forget ``oldtag``; its tag is free once Rflush is back."""
+    async def _flush(self, oldtag: int, free: bool = False) -> None:
+        """Ask the server to forget ``oldtag``; the tag may be reused once Rflush is back."""
         try:
             await self.rpc(M.Tflush(0, oldtag), timeout=self.timeout)
         except (P9Error, ConnectionError, TimeoutError):
             pass
         finally:
             self._waiting.pop(oldtag, None)
+            if free:
+                self._free_tags.append(oldtag)
 
     # ------------------------------------------------------------ fids
     def _fid(self) -> int:
@@ -406,6 +411,11 @@ class Client:
             await self.create(fid, name, P.DMDIR | perm, P.OREAD)
         finally:
             await self.clunk(fid)
+
+
+def _expire(fut: asyncio.Future[Message]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _local_user() -> str:

@@ -480,3 +480,23 @@ def test_walk_from_an_open_fid(dialect: str) -> None:
             assert not isinstance(r, M.Rwalk)
             raw.close()
     run(main())
+
+
+def test_cancelled_request_is_flushed_and_its_tag_reused() -> None:
+    async def main() -> None:
+        app = Scheduler()
+        async with serving(app.tree()) as srv:
+            async with await Client.connect(srv.addr) as c:
+                fid = await c.walk("blocking")
+                await c.open(fid)
+                task = asyncio.ensure_future(c.read(fid, 0, 10))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                await asyncio.sleep(0.1)
+                conn = next(iter(srv._connections))
+                assert conn.inflight == {} and c._waiting == {}
+                tags = len(c._free_tags) + c._next_tag
+                for _ in range(50):
+                    await c.stat_path("whoami")
+                assert len(c._free_tags) + c._next_tag == tags  # no tag leaked
+    run(main())
