@@ -23,20 +23,26 @@ class P9Error(Exception):
         return self.message
 
 
-def enoent(what: str = "") -> P9Error:
-    return P9Error(f"{proto.ENOENT_MSG}: {what}" if what else proto.ENOENT_MSG, _errno.ENOENT)
+# The standard refusals carry exactly a string from the table of Linux's 9P
+# client (net/9p/error.c), so that a 9P2000 mount, which gets no errno, still
+# shows the right error; Plan 9 clients read the same words.
 
 
-def eacces(why: str = "") -> P9Error:
-    return P9Error(f"{proto.EACCES_MSG}: {why}" if why else proto.EACCES_MSG, _errno.EACCES)
+def enoent() -> P9Error:
+    return P9Error(proto.ENOENT_MSG, _errno.ENOENT)
+
+
+def eacces() -> P9Error:
+    return P9Error(proto.EACCES_MSG, _errno.EACCES)
 
 
 def einval(why: str) -> P9Error:
     return P9Error(why, _errno.EINVAL)
 
 
-def eperm(why: str) -> P9Error:
-    return P9Error(why, _errno.EPERM)
+def eperm(message: str = proto.EPERM_MSG) -> P9Error:
+    """Operation not permitted; ``message`` only when it is also a table string."""
+    return P9Error(message, _errno.EPERM)
 
 
 def eopnotsupp(what: str) -> P9Error:

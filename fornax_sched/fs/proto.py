@@ -37,6 +37,13 @@ DMAPPEND: Final = 0x40000000
 DMEXCL: Final = 0x20000000
 DMAUTH: Final = 0x08000000
 DMTMP: Final = 0x04000000
+# 9P2000.u special files, which synthetic trees do not make.
+DMSYMLINK: Final = 0x02000000
+DMLINK: Final = 0x01000000
+DMDEVICE: Final = 0x00800000
+DMNAMEDPIPE: Final = 0x00200000
+DMSOCKET: Final = 0x00100000
+DMSPECIAL: Final = DMAUTH | DMSYMLINK | DMLINK | DMDEVICE | DMNAMEDPIPE | DMSOCKET
 PERM_MASK: Final = 0o777
 
 # Plan 9 open modes.
@@ -89,6 +96,8 @@ STATFS_MAGIC_V9FS: Final = 0x01021997
 # Errors as Plan 9 names them, chosen from the strings the Linux client maps
 # to an errno (net/9p/error.c) so a legacy mount shows the right message.
 ENOENT_MSG: Final = "file does not exist"
+EPERM_MSG: Final = "Operation not permitted"
+EIO_MSG: Final = "i/o error"
 EACCES_MSG: Final = "permission denied"
 EEXIST_MSG: Final = "file already exists"
 ENOTDIR_MSG: Final = "not a directory"
@@ -108,4 +117,6 @@ ERRNO_OF_MESSAGE: Final = {
     EINVAL_MSG: errno.EINVAL,
     ENOTEMPTY_MSG: errno.ENOTEMPTY,
     EOPNOTSUPP_MSG: errno.EOPNOTSUPP,
+    EPERM_MSG: errno.EPERM,
+    EIO_MSG: errno.EIO,
 }

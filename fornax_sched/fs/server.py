@@ -160,9 +160,9 @@ class Session:
             return handler(msg)
         except P9Error as e:
             return self.error(msg.tag, e)
-        except Exception as e:  # a bug in a tree callback must not take the connection down
+        except Exception:  # a bug in a tree callback must not take the connection down
             log.exception("9P %s failed", type(msg).__name__)
-            return self.error(msg.tag, P9Error(f"internal error: {e}", E.EIO))
+            return self.error(msg.tag, P9Error(P.EIO_MSG, E.EIO))
 
     def error(self, tag: int, err: P9Error) -> Message:
         if self.codec.dotl:
@@ -212,9 +212,9 @@ class Session:
                 return self.error(tag, e)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
+            except Exception:
                 log.exception("9P callback failed")
-                return self.error(tag, P9Error(f"internal error: {e}", E.EIO))
+                return self.error(tag, P9Error(P.EIO_MSG, E.EIO))
 
         return finish()
 
@@ -250,7 +250,7 @@ class Session:
     @staticmethod
     def _check_name(name: str) -> None:
         if not name or "/" in name or name in (".", "..") or "\0" in name:
-            raise P9Error(f"illegal name {name!r}", E.EINVAL)
+            raise P9Error("illegal name", E.EINVAL)
 
     # ------------------------------------------------------------ session
     def _version(self, m: Any) -> Reply:
@@ -391,7 +391,7 @@ class Session:
     def _create(self, m: Any) -> Reply:
         fid = self._fid(m.fid)
         parent = self._dir_for_create(fid, m.name)
-        if m.perm & (P.DMAUTH | 0x02000000 | 0x00800000 | 0x00400000 | 0x00100000):
+        if m.perm & P.DMSPECIAL:
             raise eopnotsupp("special files")
         if m.perm & P.DMDIR:
             if m.mode & 3 != P.OREAD or m.mode & P.OTRUNC:
@@ -466,8 +466,8 @@ class Session:
             out.append(ents[i])
             size += len(ents[i])
             i += 1
-        if not out and i < len(ents):
-            raise einval("read count too small for a directory entry")
+        # A count too small for the next entry gets an empty read (as lib9p
+        # answers); Linux asks for what is left of its buffer, then reads on.
         fid.dir_index = i
         fid.dir_offset += size
         return b"".join(out)
@@ -515,7 +515,7 @@ class Session:
     def _remove_node(self, ctx: Ctx, node: Node) -> None:
         parent = node.parent
         if parent is None or parent is node:
-            raise eperm("cannot remove root")
+            raise eperm("cannot remove root")  # a table string
         if not parent.allows(ctx, 2):
             raise eacces()
         parent.remove(ctx, node)
@@ -557,8 +557,10 @@ class Session:
         fid = self._fid(m.fid)
         node, ctx, st = fid.node, fid.ctx, m.stat
         changes: list[Callable[[], None]] = []
-        if st.uid and st.uid != node.uid:
-            raise eperm("wstat prohibited: cannot change owner")
+        if (st.uid and st.uid != node.uid) or st.n_uid not in (P.NONUNAME, user_id(node.uid)):
+            raise eperm("wstat prohibited")  # owners do not change
+        if st.n_gid not in (P.NONUNAME, group_id(node.gid)):
+            raise eperm("wstat prohibited")
         if st.gid and st.gid != node.gid:
             if not self._owner(ctx, node) or not ctx.member(st.gid):
                 raise eperm("not a member of proposed group")
@@ -567,7 +569,7 @@ class Session:
             if bool(st.mode & P.DMDIR) != node.is_dir:
                 raise eperm("wstat can't convert between files and directories")
             if not self._owner(ctx, node):
-                raise eacces("not owner")
+                raise eperm()  # chmod(2) by a non-owner: EPERM
             changes.append(lambda: node.chmod(ctx, st.mode))
         if st.mtime != P.NOCHANGE_32:
             if not (self._owner(ctx, node) or node.allows(ctx, 2)):
@@ -604,11 +606,11 @@ class Session:
         fid = self._fid(m.fid)
         node, ctx, valid = fid.node, fid.ctx, m.valid
         if valid & P.SETATTR_UID and m.uid != user_id(node.uid):
-            raise eperm("cannot change owner")
+            raise eperm()  # owners do not change
         if valid & P.SETATTR_GID and m.gid != group_id(node.gid):
-            raise eperm("cannot change group")
+            raise eperm()
         if valid & P.SETATTR_MODE and not self._owner(ctx, node):
-            raise eperm("not owner")
+            raise eperm()
         if valid & (P.SETATTR_ATIME | P.SETATTR_MTIME) and not (
             self._owner(ctx, node) or node.allows(ctx, 2)
         ):
@@ -633,6 +635,7 @@ class Session:
         return M.Rstatfs(m.tag, P.STATFS_MAGIC_V9FS, 4096, 0, 0, 0, 0, 0, 0, 255)
 
     def _rename_in(self, ctx: Ctx, olddir: Node, newdir: Node, node: Node, name: str) -> None:
+        """9P2000.L renames (rename, renameat) follow rename(2): the target is replaced."""
         if olddir is not newdir:
             raise P9Error("cross-directory rename not supported", E.EXDEV)
         if not isinstance(olddir, Dir):
@@ -640,14 +643,14 @@ class Session:
         self._check_name(name)
         if not olddir.allows(ctx, 2):
             raise eacces()
-        olddir.rename(ctx, node, name)
+        olddir.rename(ctx, node, name, replace=True)
 
     def _rename(self, m: Any) -> Reply:
         fid = self._fid(m.fid)
         dfid = self._fid(m.dfid)
         parent = fid.node.parent
         if parent is None:
-            raise eperm("cannot rename root")
+            raise eperm()
         self._rename_in(fid.ctx, parent, dfid.node, fid.node, m.name)
         return M.Rrename(m.tag)
 
@@ -797,7 +800,8 @@ class _Connection(asyncio.Protocol):
             return
         exc = task.exception()
         if exc is not None:
-            reply = self.session.error(tag, P9Error(f"internal error: {exc}", E.EIO))
+            log.error("9P request failed: %r", exc)
+            reply = self.session.error(tag, P9Error(P.EIO_MSG, E.EIO))
         else:
             reply = task.result()
         try:

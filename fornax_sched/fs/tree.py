@@ -275,7 +275,7 @@ class Dir(Node):
 
     def create(self, ctx: Ctx, name: str, perm: int) -> Node:
         if self.on_create is None:
-            raise eperm("create prohibited")
+            raise eperm()  # create prohibited
         if self.lookup(ctx, name) is not None:
             raise P9Error(proto.EEXIST_MSG, 17)
         node = self.on_create(ctx, self, name, perm)
@@ -284,17 +284,26 @@ class Dir(Node):
 
     def remove(self, ctx: Ctx, node: Node) -> None:
         if self.on_remove is None:
-            raise eperm("remove prohibited")
+            raise eperm()  # remove prohibited
         if isinstance(node, Dir) and node.list(ctx):
             raise P9Error(proto.ENOTEMPTY_MSG, 39)
         self.on_remove(ctx, node)
         self.detach(node.name)
 
-    def rename(self, ctx: Ctx, node: Node, new: str) -> None:
+    def rename(self, ctx: Ctx, node: Node, new: str, replace: bool = False) -> None:
+        """Rename a child; with ``replace`` (POSIX rename) an existing target goes first."""
         if self.on_create is None or self._children.get(node.name) is not node:
-            raise eperm("rename prohibited")
-        if new in self._children:
-            raise P9Error(proto.EEXIST_MSG, 17)
+            raise eperm()  # rename prohibited
+        target = self._children.get(new)
+        if target is node:
+            return
+        if target is not None:
+            if not replace:
+                raise P9Error(proto.EEXIST_MSG, 17)
+            if target.is_dir != node.is_dir:
+                raise P9Error(proto.EISDIR_MSG if target.is_dir else proto.ENOTDIR_MSG,
+                              21 if target.is_dir else 20)
+            self.remove(ctx, target)
         del self._children[node.name]
         node.name = new
         self._children[new] = node
