@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from . import up as up_mod
 from .fs import tool as ninep_tool
 
 
@@ -17,23 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     up = sub.add_parser("up", help="start the local system in the foreground",
-                        description="Start everything on this machine, on loopback, and print how to talk to it.")
-    up.add_argument("--listen", default="tcp!127.0.0.1!5640", help="9P address (default %(default)s)")
-    up.set_defaults(func=_up)
+                        description="Start the cluster on this machine, on loopback, and print how to talk to it.")
+    up.add_argument("--nodes", type=int, default=3, help="how many fornax-nodes (default %(default)s)")
+    up.add_argument("--images", type=Path, default=None, help="images directory (default: examples/images)")
+    up.add_argument("--state", type=Path, default=None, help="state directory (default ~/.local/state/fornax-sched/up)")
+    up.add_argument("--port", type=int, default=5640, help="node N listens on 9P port PORT+N (default %(default)s)")
+    up.add_argument("--gossip", type=int, default=9710, help="node N gossips on port GOSSIP+N (default %(default)s)")
+    up.set_defaults(func=lambda a: up_mod.up(a.nodes, a.images, a.state, a.port, a.gossip))
     ninep_tool.add_parser(sub)
     return parser
-
-
-def _up(args: argparse.Namespace) -> int:
-    # The scheduler and its nodes are not built yet; until they are, the
-    # system is the 9P file service itself: a ramfs to mount and explore.
-    print(f"""fornax-sched is up: a 9P file service (ramfs) on {args.listen}
-  talk to it:   fornax-sched 9p write -c {args.listen} /hello hi there
-                fornax-sched 9p read {args.listen} /hello
-  mount it:     mount -t 9p -o trans=tcp,port={args.listen.rsplit('!', 1)[-1]},version=9p2000.L 127.0.0.1 /mnt
-  stop it:      Ctrl-C
-""", flush=True)
-    return ninep_tool.serve_ramfs(args.listen)
 
 
 def main(argv: list[str] | None = None) -> int:
