@@ -447,7 +447,13 @@ def main() -> int:
         if args.saturation_procs and args.saturation_procs != args.procs:
             for conns in (c for c in (8, 64) if c in conn_list):
                 for s in servers:
-                    saturation.append(run_point(s, "read", conns, args.saturation_procs, args))
+                    # A side measurement: a point that fails is recorded, not fatal to the run.
+                    try:
+                        saturation.append(run_point(s, "read", conns, args.saturation_procs, args))
+                    except RuntimeError as e:
+                        log(f"  {s.name} read conns={conns} procs={args.saturation_procs}: FAILED: {e}")
+                        saturation.append({"server": s.name, "cycle": "read", "connections": conns,
+                                           "load_processes": args.saturation_procs, "error": str(e)})
         profiled = None
         ours = next((s for s in servers if s.name == "ours"), None)
         if args.py_spy and ours is not None:
@@ -510,7 +516,8 @@ def _summary(points: list[dict[str, Any]], saturation: list[dict[str, Any]], bot
     out: dict[str, Any] = {}
 
     def best_diod(pts: list[dict[str, Any]], **kw: Any) -> dict[str, Any] | None:
-        cands = [p for p in pts if p["server"].startswith("diod") and all(p[k] == v for k, v in kw.items())]
+        cands = [p for p in pts if p["server"].startswith("diod") and "error" not in p
+                 and all(p[k] == v for k, v in kw.items())]
         return max(cands, key=lambda p: p["cycles_per_s"], default=None)
 
     o8 = _find(points, server="ours", cycle="read", connections=8)
@@ -524,7 +531,8 @@ def _summary(points: list[dict[str, Any]], saturation: list[dict[str, Any]], bot
                                 if p["server"].startswith("diod") and p["cycle"] == "read" and p["connections"] == 8},
         }
         # Same, counting each server at the best it reached with either load-process count.
-        so8 = _find(saturation, server="ours", connections=8)
+        so8 = next((p for p in saturation if p["server"] == "ours" and p["connections"] == 8
+                    and "error" not in p), None)
         sd8 = best_diod(saturation, connections=8)
         if so8 and sd8:
             bo = max(o8, so8, key=lambda p: p["cycles_per_s"])
