@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import signal
 import sys
 import time
 from typing import Any
 
+from ..signals import until_stopped
 from . import proto as P
 from .client import Client, FileInfo
 from .errors import P9Error
@@ -105,11 +105,7 @@ def serve_ramfs(addr: str, msize: int = P.DEFAULT_MSIZE) -> int:
         server = Server(fs.root, msize=msize)
         listener = await server.listen(addr)
         print(f"ramfs: serving on {listener.address}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
         await server.close()
 
     try:

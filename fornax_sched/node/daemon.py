@@ -8,7 +8,6 @@ node to its peers and adopts the containers it left running.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import getpass
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 from ..fs.errors import P9Error
 from ..fs.server import Server
 from ..fs.tree import Ctx
+from ..signals import until_stopped
 from . import ctl as ctlparse
 from . import tree
 from .gossip import Gossip, Peer, SelfInfo
@@ -255,14 +255,8 @@ class NodeDaemon:
 
 
 async def serve_forever(cfg: NodeConfig) -> None:
-    import signal
-
     node = NodeDaemon(cfg)
     await node.start()
     print(f"fornax-node {node.name} ({node.id}) serving {node.addr}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     await node.stop()
