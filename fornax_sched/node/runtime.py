@@ -71,6 +71,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .. import units
+from ..units import format_size
 from . import rt_cgroup
 from .rt_monitor import Forker, Spec, atomic_write, proc_start, proc_state
 
@@ -79,8 +81,6 @@ log = logging.getLogger(__name__)
 STATES = ("created", "running", "stopped", "exited", "failed")
 LOST = "lost while the node was down"
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 MIN_MEM = 1 << 20  # below this not even a shell starts
 REPORT_TIMEOUT = 10.0  # seconds for a monitor to say it started the container
 
@@ -90,22 +90,11 @@ class ContainerError(Exception):
 
 
 def parse_size(text: str, what: str = "memory limit") -> int:
-    """Bytes in "100", "512K", "64M", "1G", "1.5G" (binary units; a trailing B or iB is allowed)."""
-    m = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
-    if m is None:
-        raise ContainerError(f"bad {what} {text!r}: want bytes or a size such as 512K, 64M or 1G")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise ContainerError(f"bad {what} {text!r}: must be above zero")
-    return n
-
-
-def format_size(n: int) -> str:
-    """The shortest exact form: 268435456 -> "256M", 1000 -> "1000"."""
-    for unit, mult in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n and n % mult == 0:
-            return f"{n // mult}{unit}"
-    return str(n)
+    """Bytes in "64M" and the like (see fornax_sched.units); ContainerError if unreadable."""
+    try:
+        return units.parse_size(text, what)
+    except units.SizeError as e:
+        raise ContainerError(str(e)) from None
 
 
 @dataclass

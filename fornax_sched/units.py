@@ -1,0 +1,31 @@
+"""Sizes as people write them: 512K, 64M, 1G (powers of 1024)."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+class SizeError(ValueError):
+    """A size that cannot be read; the message says what was wrong."""
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes in "100", "512K", "64M", "1G", "1.5G" (a trailing B or iB is allowed)."""
+    m = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if m is None:
+        raise SizeError(f"bad {what} {text!r}: want bytes or a size such as 512K, 64M or 1G")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise SizeError(f"bad {what} {text!r}: must be above zero")
+    return n
+
+
+def format_size(n: int) -> str:
+    """The shortest exact form: 268435456 -> "256M", 1000 -> "1000"."""
+    for unit, mult in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
