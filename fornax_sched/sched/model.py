@@ -112,7 +112,9 @@ class AntiAffinity:
 @dataclass(frozen=True)
 class Policy:
     """The active policy: a base order (spread: fewest containers first; pack:
-    most first) refined by affinity and anti-affinity rules, in the order written."""
+    most first), refined first by the affinity rules (a node matching an
+    earlier rule wins) and then by the anti-affinity rules (fewest matching
+    containers wins); see fornax_sched.sched.core."""
 
     base: str = "spread"
     rules: tuple[Affinity | AntiAffinity, ...] = ()
