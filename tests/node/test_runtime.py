@@ -380,9 +380,10 @@ def test_destroy_stops_and_forgets(rts: Rt) -> None:
 # ------------------------------------------------------------ limits
 def _cgroup_backend_or_skip(rt: Runtime) -> None:
     if rt.backend == "rlimit":
-        if os.geteuid() != 0:
+        # A developer without root may lack a writable cgroup; CI (root) never skips.
+        if os.geteuid() != 0 and os.environ.get("CI") != "true":
             pytest.skip("no writable cgroup for a non-root user here")
-        pytest.fail("running as root but no writable cgroup was found")
+        pytest.fail("no writable cgroup was found (CI runs as root, where there must be one)")
 
 
 @pytest.mark.parametrize("backend", ["auto", "rlimit"])
