@@ -12,13 +12,17 @@ class SizeError(ValueError):
     """A size that cannot be read; the message says what was wrong."""
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """Bytes in "100", "512K", "64M", "1G", "1.5G" (a trailing B or iB is allowed)."""
+def parse_size(text: str, what: str = "size", allow_zero: bool = False) -> int:
+    """Bytes in "100", "512K", "64M", "1G", "1.5G" (a trailing B or iB is allowed).
+
+    Zero is refused unless ``allow_zero``: a limit of nothing is a mistake,
+    while a reading such as a full node's ``mem_free 0`` is not.
+    """
     m = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
     if m is None:
         raise SizeError(f"bad {what} {text!r}: want bytes or a size such as 512K, 64M or 1G")
     n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
+    if n < 0 or (n == 0 and not allow_zero):
         raise SizeError(f"bad {what} {text!r}: must be above zero")
     return n
 

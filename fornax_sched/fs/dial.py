@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from dataclasses import dataclass
 
@@ -67,13 +66,3 @@ def _port(text: str, dial: str) -> int:
         raise ValueError(f"port {port} out of range in {dial!r}")
     return port
 
-
-async def open_connection(
-    addr: Address, timeout: float | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to ``addr`` with asyncio streams."""
-    if addr.net == "unix":
-        coro = asyncio.open_unix_connection(addr.path)
-    else:
-        coro = asyncio.open_connection(addr.host, addr.port)
-    return await asyncio.wait_for(coro, timeout)

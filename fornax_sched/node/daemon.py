@@ -23,7 +23,7 @@ from ..fs.tree import Ctx
 from ..signals import until_stopped
 from . import ctl as ctlparse
 from . import tree
-from .gossip import Gossip, Peer, SelfInfo
+from .gossip import Gossip, SelfInfo
 from .runtime import ContainerError, Runtime, format_size
 
 log = logging.getLogger("fornax_sched.node")
@@ -145,12 +145,6 @@ class NodeDaemon:
     def node_ids(self) -> list[str]:
         return [self.id] + [p.id for p in self.gossip.peers()]
 
-    def _peer(self, peer_id: str) -> Peer | None:
-        for p in self.gossip.peers():
-            if p.id == peer_id:
-                return p
-        return None
-
     def peer_field(self, peer_id: str, what: str) -> str:
         """The files of /cluster/nodes/<id>; this node lists itself too."""
         if peer_id == self.id:
@@ -160,7 +154,7 @@ class NodeDaemon:
                 "containers": self._containers_text().rstrip("\n"),
             }
             return values[what] + "\n"
-        p = self._peer(peer_id)
+        p = self.gossip.table.get(peer_id)
         if p is None:
             raise P9Error("file does not exist", errno.ENOENT)
         values = {

@@ -151,7 +151,8 @@ class FornaxNode:
         name = (await self._read("cluster/self/name")).strip()
         self.name = name or self.name
         try:
-            mem, free = parse_size(res.get("mem", "0") or "1"), parse_size(res.get("mem_free", "1") or "1")
+            mem = parse_size(res.get("mem", "0"), "mem", allow_zero=True)
+            free = parse_size(res.get("mem_free", "0"), "mem_free", allow_zero=True)
             cpus = float(res.get("cpus", "0"))
         except (SizeError, ValueError) as e:
             raise NodeRefused(f"node {self.name}: unreadable resources: {e}") from None
