@@ -49,17 +49,21 @@ class ServerProc:
     proc: subprocess.Popen[str]
 
 
-def start_ramfs(*extra: str) -> ServerProc:
-    """Start ``fornax-sched 9p ramfs`` on a free loopback port."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fornax_sched", "9p", "ramfs", "tcp!127.0.0.1!0", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )
+def spawn_serving(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], str]:
+    """Start a daemon and wait for its first line, which must say where it is serving."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    if "serving on" not in line:
+    if "serving" not in line:
         proc.kill()
-        raise RuntimeError(f"ramfs did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        raise RuntimeError(f"{what} did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    return proc, line
+
+
+def start_ramfs(*extra: str) -> ServerProc:
+    """Start ``fornax-sched 9p ramfs`` on a free loopback port."""
+    proc, line = spawn_serving(
+        [sys.executable, "-m", "fornax_sched", "9p", "ramfs", "tcp!127.0.0.1!0", *extra], "ramfs")
     addr = line.rsplit(" ", 1)[1].strip()
     _, host, port = addr.split("!")
     return ServerProc(addr, host, int(port), proc)

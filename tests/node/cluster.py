@@ -14,6 +14,8 @@ from pathlib import Path
 
 from fornax_sched.fs.client import Client
 
+from ..conftest import spawn_serving
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "examples" / "images"
 FAST = ["--interval", "0.2", "--suspect", "1.0", "--dead", "2.0", "--remove", "4.0", "--grace", "1.0"]
@@ -46,13 +48,7 @@ class NodeProc:
                "--listen", self.addr, "--images", str(self.images), "--state", str(self.state),
                "--gossip", f"127.0.0.1:{self.gossip}", "--broadcast", "off",  # loopback only
                "--peers", ",".join(f"127.0.0.1:{p}" for p in self.peers), *FAST, *self.extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "serving" not in line:
-            self.proc.kill()
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise RuntimeError(f"{self.name} did not start: {line!r} {err}")
+        self.proc, line = spawn_serving(cmd, self.name)
         self.id = line.split("(")[1].split(")")[0]
         return self
 
