@@ -38,6 +38,7 @@ class NodeProc:
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
     id: str = ""
+    crashed: bool = False
 
     @property
     def addr(self) -> str:
@@ -49,6 +50,7 @@ class NodeProc:
                "--gossip", f"127.0.0.1:{self.gossip}", "--broadcast", "off",  # loopback only
                "--peers", ",".join(f"127.0.0.1:{p}" for p in self.peers), *FAST, *self.extra]
         self.proc, line = spawn_serving(cmd, self.name)
+        self.crashed = False
         self.id = line.split("(")[1].split(")")[0]
         return self
 
@@ -56,9 +58,17 @@ class NodeProc:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self.crashed = True
 
     def stop(self) -> int:
-        """Clean shutdown (SIGTERM); returns the exit status."""
+        """Clean shutdown (SIGTERM); returns the exit status.
+
+        A daemon killed with -9 and not started again (a test that failed half
+        way) is started once more first, so that it adopts its containers and
+        stops them: a test run leaves no process behind, pass or fail.
+        """
+        if self.crashed:
+            self.start()
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.terminate()
