@@ -78,13 +78,30 @@ class Client:
         cls,
         dial: str,
         *,
-        version: str = P.VERSION_9PL,
+        version: str | tuple[str, ...] = P.VERSION_9PL,
         msize: int = P.DEFAULT_MSIZE,
         uname: str | None = None,
         aname: str = "",
         timeout: float = 10.0,
     ) -> Client:
-        """Dial, negotiate the version and attach; raise ConnectionError or P9Error."""
+        """Dial, negotiate the version and attach; raise ConnectionError or P9Error.
+
+        ``version`` may list dialects in order of preference: each is tried
+        on a fresh connection until the server accepts one (diod, for one,
+        speaks 9P2000.L alone).
+        """
+        versions = (version,) if isinstance(version, str) else version
+        for i, v in enumerate(versions):
+            try:
+                return await cls._connect(dial, v, msize, uname, aname, timeout)
+            except P9Error as e:
+                if e.errno != E.EPROTONOSUPPORT or i == len(versions) - 1:
+                    raise
+        raise ValueError("no 9P version to try")
+
+    @classmethod
+    async def _connect(cls, dial: str, version: str, msize: int, uname: str | None, aname: str,
+                       timeout: float) -> Client:
         addr = parse(dial)
         self = cls(addr, timeout)
         loop = asyncio.get_running_loop()
@@ -109,7 +126,10 @@ class Client:
         return self
 
     async def _negotiate(self, version: str, msize: int) -> None:
-        reply = await self.rpc(M.Tversion(P.NOTAG, msize, version))
+        try:
+            reply = await self.rpc(M.Tversion(P.NOTAG, msize, version))
+        except P9Error as e:  # some servers refuse a version with an error instead of "unknown"
+            raise P9Error(f"server {self.address} does not speak {version} ({e})", E.EPROTONOSUPPORT) from None
         if reply.version == "unknown" or reply.version not in P.DIALECTS:
             raise P9Error(f"server {self.address} does not speak {version} (answered {reply.version!r})",
                           E.EPROTONOSUPPORT)
@@ -144,7 +164,10 @@ class Client:
         self._framer.feed(data)
         try:
             while (frame := self._framer.next_frame()) is not None:
-                msg = self.codec.decode(frame)
+                codec = self.codec
+                if frame[4] == M.Rlerror.TYPE and not codec.knows(M.Rlerror.TYPE):
+                    codec = CODECS[P.VERSION_9PL]  # a 9P2000.L server refusing our Tversion
+                msg = codec.decode(frame)
                 fut = self._waiting.pop(msg.tag, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

@@ -26,8 +26,9 @@ from .server import Server
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("9p", help="a 9P client and an in-memory 9P server",
                        description="Read, write, list and stat files on a 9P server, or serve a ramfs.")
-    p.add_argument("-V", "--version", dest="dialect", default=P.VERSION_9PL, choices=P.DIALECTS,
-                   help="9P dialect to speak (default %(default)s)")
+    p.add_argument("-V", "--version", dest="dialect", default=None, choices=P.DIALECTS,
+                   help="9P dialect to speak (default: 9P2000.u, whose errors carry the server's words, "
+                        "else 9P2000.L)")
     p.add_argument("-a", "--aname", default="", help="attach name")
     p.add_argument("-u", "--user", default=None, help="user name to attach as")
     p.add_argument("-t", "--timeout", type=float, default=10.0, help="seconds per request")
@@ -72,7 +73,8 @@ def _long(info: FileInfo) -> str:
 
 
 async def _client(args: argparse.Namespace) -> int:
-    async with await Client.connect(args.addr, version=args.dialect, uname=args.user,
+    versions = (args.dialect,) if args.dialect else (P.VERSION_9PU, P.VERSION_9PL)
+    async with await Client.connect(args.addr, version=versions, uname=args.user,
                                     aname=args.aname, timeout=args.timeout) as c:
         if args.op == "read":
             sys.stdout.buffer.write(await c.read_file(args.path))

@@ -8,11 +8,18 @@ then Twalk/Tlopen/Tread or Treaddir/Tgetattr.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from fornax_sched.fs.client import Client
+from fornax_sched.fs.errors import P9Error
 
 from ..conftest import ServerProc, need_binary, start_ramfs, stop
 from .util import prepare
@@ -92,3 +99,38 @@ def test_diodls_long_listing_of_a_directory(server: ServerProc) -> None:
     assert p.returncode == 0 and not p.stderr, p.stderr.decode()
     line = p.stdout.decode().strip()
     assert re.fullmatch(r"-rw-rw-rw-\S*\s+1\s+\S+\s+\S+\s+23\s+.*\sleaf\.txt", line), line
+
+
+def test_our_client_falls_back_to_9p2000L_against_the_diod_server(tmp_path: Path) -> None:
+    """diod refuses 9P2000.u with an Rlerror; a client asking for .u then .L gets .L."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_text("from diod\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([need_binary("diod"), "-f", "-n", "-S", "-U", "root", "-l", f"127.0.0.1:{port}",
+                             "-e", str(export)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def main() -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                c = await Client.connect(f"tcp!127.0.0.1!{port}", version=("9P2000.u", "9P2000.L"),
+                                         aname=str(export), timeout=3)
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        assert c.dialect == "9P2000.L"
+        assert await c.read_file("f") == b"from diod\n"
+        await c.close()
+        with pytest.raises(P9Error, match="does not speak 9P2000.u"):
+            await Client.connect(f"tcp!127.0.0.1!{port}", version="9P2000.u", aname=str(export), timeout=3)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        proc.kill()
+        proc.wait()

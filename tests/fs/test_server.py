@@ -504,3 +504,13 @@ def test_cancelled_request_is_flushed_and_its_tag_reused() -> None:
                     await c.stat_path("whoami")
                 assert len(c._free_tags) + c._next_tag == tags  # no tag leaked
     run(main())
+
+
+def test_client_tries_dialects_in_order() -> None:
+    async def main() -> None:
+        async with serving(Scheduler().tree(), dialects=(P.VERSION_9PL,)) as srv:
+            async with await Client.connect(srv.addr, version=(P.VERSION_9PU, P.VERSION_9PL)) as c:
+                assert c.dialect == P.VERSION_9PL
+            with pytest.raises(P9Error, match="does not speak 9P2000.u"):
+                await Client.connect(srv.addr, version=P.VERSION_9PU)
+    run(main())
