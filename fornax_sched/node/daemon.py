@@ -24,7 +24,7 @@ from ..signals import until_stopped
 from . import ctl as ctlparse
 from . import tree
 from .gossip import Gossip, SelfInfo
-from .runtime import ContainerError, Runtime, format_size
+from .runtime import Container, ContainerError, Runtime, format_size
 
 log = logging.getLogger("fornax_sched.node")
 
@@ -116,16 +116,13 @@ class NodeDaemon:
         os.replace(tmp, path)
 
     # ------------------------------------------------------------ what the tree shows
-    def running(self) -> list:
+    def running(self) -> list[Container]:
         return [c for c in self.runtime.list() if c.state == "running"]
 
     def mem_free(self) -> int:
-        """Memory not promised to running containers (their limit, or what they use)."""
-        used = 0
-        for c in self.running():
-            used += c.limits.mem if c.limits.mem else 0
-        used = max(used, self.runtime.mem_used())
-        return max(self.mem - used, 0)
+        """Memory not promised to running containers: the sum of their limits, or their use if larger."""
+        promised = sum(c.limits.mem or 0 for c in self.running())
+        return max(self.mem - max(promised, self.runtime.mem_used()), 0)
 
     def self_info(self) -> SelfInfo:
         return SelfInfo(id=self.id, name=self.name, addr=self.addr, cpus=self.cpus, mem_total=self.mem,
