@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Protocol
 
 from .model import Affinity, AntiAffinity, NodeFacts, Policy, Request
 
@@ -75,6 +76,19 @@ class Decision:
     candidates: int  # feasible nodes looked at
 
 
+class Program(Protocol):
+    """A programmable policy (a Lua program, say) that decides in place of the built-in ranking.
+
+    It sees the whole cluster; ``cluster.changed`` names the nodes whose facts,
+    status or load changed since it last looked (it clears the set), so it
+    can keep its own copy up to date cheaply.  It must return a Decision whose
+    node is feasible (``cluster.feasible``) and not excluded, or None for the
+    node; on any failure of its own it falls back to ``cluster.decide_builtin``.
+    """
+
+    def decide(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str]) -> Decision: ...
+
+
 class Cluster:
     """Nodes, placements and what each node has reserved; every change goes through here."""
 
@@ -82,6 +96,8 @@ class Cluster:
         self.nodes: dict[str, NodeState] = {}
         self.placements: dict[str, Placement] = {}
         self.policy = policy or Policy()
+        self.program: Program | None = None
+        self.changed: set[str] = set()  # nodes changed since the program last looked
         # index: affinity class -> container count -> node names (insertion-ordered)
         self._index: dict[int, dict[int, dict[str, None]]] = {}
 
@@ -89,6 +105,15 @@ class Cluster:
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
         self._reindex()
+
+    def set_program(self, program: Program | None) -> None:
+        """Let ``program`` decide (None: the built-in policy again); it first sees every node."""
+        self.program = program
+        self.changed = set(self.nodes) if program is not None else set()
+
+    def _changed(self, node: str) -> None:
+        if self.program is not None:
+            self.changed.add(node)
 
     def _affinities(self) -> list[Affinity]:
         return [r for r in self.policy.rules if isinstance(r, Affinity)]
@@ -127,17 +152,21 @@ class Cluster:
             old.status = status
             old.klass = self._klass(facts)
             self._bucket(old)[old.name] = None
+            self._changed(old.name)
             return old
         n = NodeState(facts, status, klass=self._klass(facts))
         self.nodes[facts.name] = n
         self._bucket(n)[n.name] = None
+        self._changed(n.name)
         return n
 
     def set_status(self, name: str, status: str) -> None:
         self._node(name).status = status
+        self._changed(name)
 
     def cordon(self, name: str, on: bool = True) -> None:
         self._node(name).cordoned = on
+        self._changed(name)
 
     def remove_node(self, name: str) -> list[str]:
         """Forget a node; returns the placements that were on it (now pending)."""
@@ -147,6 +176,7 @@ class Cluster:
             self.unassign(p, reason=f"node {name} removed")
         self._unindex(n)
         del self.nodes[name]
+        self._changed(name)
         return moved
 
     def _node(self, name: str) -> NodeState:
@@ -183,6 +213,7 @@ class Cluster:
         n.used_cpus += p.request.cpus
         n.used_mem += p.request.mem
         self._bucket(n)[n.name] = None
+        self._changed(node)
         p.node = node
         p.reason = reason
 
@@ -198,6 +229,7 @@ class Cluster:
             n.used_cpus = max(0.0, n.used_cpus - p.request.cpus)
             n.used_mem = max(0, n.used_mem - p.request.mem)
             self._bucket(n)[n.name] = None
+            self._changed(n.name)
         p.node = None
         p.reason = reason
 
@@ -223,6 +255,12 @@ class Cluster:
 
     def decide(self, name: str, req: Request, exclude: Iterable[str] = ()) -> Decision:
         """Where ``name`` should run now, without changing anything."""
+        if self.program is not None:
+            return self.program.decide(self, name, req, frozenset(exclude))
+        return self.decide_builtin(name, req, exclude)
+
+    def decide_builtin(self, name: str, req: Request, exclude: Iterable[str] = ()) -> Decision:
+        """The built-in policy's decision (spread or pack, refined by the rules)."""
         skip = set(exclude)
         spread_globs = tuple(r.glob for r in self.policy.rules
                              if isinstance(r, AntiAffinity) and fnmatchcase(name, r.glob))
@@ -313,6 +351,7 @@ class Cluster:
         """A node went dead: its placements become pending (retry_pending re-places them)."""
         n = self._node(node)
         n.status = "dead"
+        self._changed(node)
         names = list(n.containers)
         for name in names:
             self.unassign(name, reason=f"node {node} died")
