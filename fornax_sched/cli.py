@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import up as up_mod
 from .fs import tool as ninep_tool
+from .sched import serve as sched_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=5640, help="node N listens on 9P port PORT+N (default %(default)s)")
     up.add_argument("--gossip", type=int, default=9710, help="node N gossips on port GOSSIP+N (default %(default)s)")
     up.set_defaults(func=lambda a: up_mod.up(a.nodes, a.images, a.state, a.port, a.gossip))
+    sched_serve.add_parser(sub)
     ninep_tool.add_parser(sub)
     return parser
 

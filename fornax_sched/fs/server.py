@@ -348,7 +348,7 @@ class Session:
         if node.is_dir and (acc not in (P.OREAD, P.OEXEC) or mode & P.OTRUNC):
             raise P9Error(P.EISDIR_MSG, E.EISDIR)
         if not node.allows(ctx, need):
-            raise eacces()
+            raise node.refusal(ctx, need)
         if mode & P.ORCLOSE and (node.parent is None or not node.parent.allows(ctx, 2)):
             raise eacces()
         if not node.is_dir:

@@ -116,6 +116,10 @@ class Node:
             bits = self.mode
         return bits & need == need
 
+    def refusal(self, ctx: Ctx, need: int) -> P9Error:
+        """The error for an open that ``allows`` refused; a file may say why (who may write it)."""
+        return P9Error(proto.EACCES_MSG, 13)
+
     # ---- changes through wstat / setattr; the default is what synthetic files allow
     def truncate(self, ctx: Ctx, size: int) -> None:
         """Truncation to zero is accepted (so ``echo x > ctl`` works); other sizes are not."""

@@ -345,10 +345,16 @@ class Runtime:
             raise ContainerError(f"cannot write the record of container {cid}: {e.strerror or e}") from None
         self._containers[cid] = c
         self._starting[cid] = asyncio.Event()
+        # Once the record exists the start is seen through even if the caller goes away
+        # (a client whose connection drops mid-run): a container never stays "created".
+        return await asyncio.shield(asyncio.ensure_future(self._start_settled(c, exe, env, cwd, groups)))
+
+    async def _start_settled(self, c: Container, exe: str, env: dict[str, str], cwd: Path,
+                             groups: rt_cgroup.Groups) -> Container:
         try:
             return await self._start(c, exe, env, cwd, groups)
         finally:
-            self._starting.pop(cid).set()
+            self._starting.pop(c.id).set()
 
     async def _start(self, c: Container, exe: str, env: dict[str, str], cwd: Path,
                      groups: rt_cgroup.Groups) -> Container:

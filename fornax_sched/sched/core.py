@@ -283,7 +283,11 @@ class Cluster:
                 break
         if best is None:
             return Decision(name, None, self._why_not(req, skip), 0)
-        return Decision(name, best.name, f"{self.policy.base}: {best.name} of {looked} looked at", looked)
+        why = "fewest" if self.policy.base == "spread" else "most"
+        rule = f", affinity rule {best.klass + 1}" if best.klass < len(self._affinities()) else ""
+        apart = f", {best.runs_any(spread_globs)} matching {'/'.join(spread_globs)}" if spread_globs else ""
+        return Decision(name, best.name, f"{self.policy.base}: {best.name} ({len(best.containers)} containers, "
+                        f"{why}{rule}{apart}); {looked} feasible examined of {len(self.nodes)} nodes", looked)
 
     def _why_not(self, req: Request, skip: set[str]) -> str:
         """A short account of why no node took the request."""

@@ -7,7 +7,8 @@ ctl, one command per write::
     stop CONTAINER | start CONTAINER | remove CONTAINER
     cordon NODE | uncordon NODE | scale NAME REPLICAS
 
-CONSTRAINT is ``cpu>=N``, ``mem>=SIZE``, ``KEY=VALUE`` (a node label),
+CONSTRAINT is ``cpu>=N``, ``mem>=SIZE`` (or ``cpu=N``, ``mem=SIZE``, which
+need no quoting in a shell), ``KEY=VALUE`` (a node label),
 ``node=GLOB`` / ``node!=GLOB`` (node names to use / avoid),
 ``anti-affinity=GLOB`` (no node already running a container whose name
 matches), ``name=NAME`` and ``replicas=N``.  Words after ``--`` are passed
@@ -108,9 +109,9 @@ def parse_place(words: list[str]) -> Request:
         if key in ("cpu", "mem", "name", "replicas") and key in seen:
             raise LangError(f"{key} given twice")
         seen.add(key)
-        if key == "cpu" and op == ">=":
+        if key == "cpu" and op in (">=", "="):  # cpu=N: the same, and no quoting in a shell
             cpus = _cpus(value, w)
-        elif key == "mem" and op == ">=":
+        elif key == "mem" and op in (">=", "="):
             mem = _size(value, w)
         elif key == "node" and op in ("=", "!="):
             (include if op == "=" else exclude).append(_glob(value, w))
@@ -125,7 +126,8 @@ def parse_place(words: list[str]) -> Request:
                 raise LangError(f"bad label constraint {w!r}: want KEY=VALUE")
             labels.append((key, value))
         else:
-            raise LangError(f"unknown constraint {w!r}: want cpu>=N, mem>=SIZE, KEY=VALUE, node=GLOB, "
+            raise LangError(f"unknown constraint {w!r}: want cpu>=N (or cpu=N), mem>=SIZE (or mem=SIZE), "
+                            "KEY=VALUE, node=GLOB, "
                             "node!=GLOB, anti-affinity=GLOB, name=NAME or replicas=N (arguments go after --)")
     return Request(image=image, args=tuple(args), name=name, replicas=replicas, cpus=cpus, mem=mem,
                    labels=tuple(labels), include=tuple(include), exclude=tuple(exclude), avoid=tuple(avoid))

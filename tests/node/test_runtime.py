@@ -273,6 +273,22 @@ def test_stop_while_starting_waits_for_the_start(rts: Rt) -> None:
     rts.run(main)
 
 
+def test_a_run_whose_caller_goes_away_still_starts(rts: Rt) -> None:
+    """A client that drops its connection mid-run cancels the request, not the start:
+    the container must not stay "created" (the scheduler found one that did)."""
+    async def main() -> None:
+        rt = await rts()
+        starting = asyncio.ensure_future(rt.run("hello", name="orphaned-caller"))
+        await asyncio.sleep(0)
+        assert rt.get("1").state == "created"
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await until(lambda: rt.get("1").state == "running", what="the start to finish")
+        assert not gone(rt.get("1").pid)
+    rts.run(main)
+
+
 def test_command_that_cannot_be_executed_fails(rts: Rt) -> None:
     async def main() -> None:
         rt = await rts()

@@ -103,3 +103,8 @@ def test_any_text_is_a_command_or_a_clear_error(text: str) -> None:
         parse_policy(text)
     except LangError as e:
         assert str(e)
+
+
+def test_cpu_and_mem_need_no_shell_quoting() -> None:
+    # `echo place hello cpu>=2 > ctl` is a redirection in sh and rc; cpu=2 is the same constraint.
+    assert parse_command("place hello cpu=2 mem=64M").request == parse_command("place hello cpu>=2 mem>=64M").request

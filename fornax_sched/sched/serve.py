@@ -1,0 +1,109 @@
+"""``fornax-sched serve``: the scheduler as a 9P file server (docs/serve.8.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..fs.server import Server
+from ..signals import until_stopped
+from . import tree
+from .service import Scheduler
+from .store import SqliteStore, StoreError
+
+DEFAULT_LISTEN = "tcp!127.0.0.1!5640"
+
+
+def default_state() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fornax-sched" / "scheduler"
+
+
+@dataclass
+class SchedConfig:
+    listen: str = DEFAULT_LISTEN
+    state: Path = field(default_factory=default_state)
+    nodes: list[str] = field(default_factory=list)
+    writers: list[str] = field(default_factory=list)
+    interval: float = 1.0
+    dead: float = 10.0
+    node_timeout: float = 5.0
+
+
+class SchedDaemon:
+    """The store, the scheduler and its 9P server, started and stopped together."""
+
+    def __init__(self, cfg: SchedConfig) -> None:
+        self.cfg = cfg
+        self.owner = getpass.getuser()
+        self.writers = frozenset({self.owner, *cfg.writers})
+        self.sched: Scheduler | None = None
+        self.server: Server | None = None
+        self.addr = cfg.listen
+
+    async def start(self) -> None:
+        store = await SqliteStore.open(self.cfg.state / "sched.db")
+        try:
+            self.sched = Scheduler(store, seeds=self.cfg.nodes, interval=self.cfg.interval,
+                                   dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout)
+            await self.sched.start()
+            self.server = Server(tree.build(self.sched, self.owner, self.writers),
+                                 groups={tree.WRITERS: self.writers})
+            listener = await self.server.listen(self.cfg.listen)
+        except BaseException:
+            if self.sched is not None:
+                await self.sched.close()
+            await store.close()
+            raise
+        self.addr = str(listener.address)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        if self.sched is not None:
+            await self.sched.close()
+            await self.sched.store.close()
+
+
+async def serve_forever(cfg: SchedConfig) -> None:
+    daemon = SchedDaemon(cfg)
+    await daemon.start()
+    print(f"fornax-sched scheduler serving {daemon.addr} (state {cfg.state / 'sched.db'})", flush=True)
+    await until_stopped()
+    await daemon.stop()
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the scheduler's 9P file server",
+                       description="Serve /cluster/scheduler and /cluster/nodes over 9P and schedule "
+                                   "containers on the nodes it finds.")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help="9P address (default %(default)s: loopback)")
+    p.add_argument("--state", type=Path, default=None,
+                   help="state directory (default ~/.local/state/fornax-sched/scheduler)")
+    p.add_argument("--node", action="append", default=[], metavar="ADDR",
+                   help="9P address of a node to start from (repeat); more are found through its peers")
+    p.add_argument("--writers", default="",
+                   help="users besides the owner who may write ctl and policy, comma-separated")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at each node (default 1)")
+    p.add_argument("--dead", type=float, default=10.0,
+                   help="seconds a node may be unreachable before its containers are placed again (default 10)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = SchedConfig(listen=args.listen, state=args.state or default_state(), nodes=args.node,
+                      writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead)
+    try:
+        asyncio.run(serve_forever(cfg))
+    except StoreError as e:
+        print(f"fornax-sched serve: {e}", flush=True)
+        return 1
+    except OSError as e:
+        print(f"fornax-sched serve: cannot listen on {cfg.listen}: {e}", flush=True)
+        return 1
+    return 0

@@ -1,0 +1,85 @@
+"""A real scheduler process over real node daemons, for the tests."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fornax_sched.fs.client import Client
+
+from ..conftest import spawn_serving
+from ..node.cluster import NodeProc, free_port, read
+
+# Fast enough for tests: a look at each node every 0.2 s, dead after 2 s unreachable.
+FAST = ["--interval", "0.2", "--dead", "2"]
+
+
+@dataclass
+class SchedProc:
+    state: Path
+    seeds: list[str]
+    port: int = field(default_factory=free_port)
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[str] | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"tcp!127.0.0.1!{self.port}"
+
+    def start(self) -> SchedProc:
+        cmd = [sys.executable, "-m", "fornax_sched", "serve", "--listen", self.addr, "--state", str(self.state),
+               *[w for s in self.seeds for w in ("--node", s)], *FAST, *self.extra]
+        self.proc, _ = spawn_serving(cmd, "scheduler")
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+async def ctl(addr: str, command: str, uname: str | None = None) -> str:
+    kw = {"uname": uname} if uname else {}
+    async with await Client.connect(addr, timeout=20, version="9P2000.u", **kw) as c:
+        data = await c.write_file("cluster/scheduler/ctl", command.encode(), read_reply=True)
+        return data.decode()
+
+
+def fields(text: str) -> dict[str, str]:
+    """A placement file: ``key=value`` words on the first line, one ``key=value`` a line after."""
+    lines = text.splitlines()
+    out = dict(w.partition("=")[::2] for w in lines[0].split(" "))
+    for line in lines[1:]:
+        k, _, v = line.partition("=")
+        out[k] = v
+    return out
+
+
+async def placement(addr: str, name: str) -> dict[str, str]:
+    return fields(await read(addr, f"cluster/scheduler/placements/{name}"))
+
+
+async def running_on(node: NodeProc) -> dict[str, str]:
+    """What a node itself says it runs: container name -> node's id (running ones only)."""
+    out = {}
+    async with await Client.connect(node.addr, timeout=5) as c:
+        for e in await c.ls("cluster/containers"):
+            text = (await c.read_file(f"cluster/containers/{e.name}/status")).decode()
+            kv = dict(line.partition(" ")[::2] for line in text.splitlines())
+            if kv.get("state") == "running":
+                out[kv["name"]] = e.name
+    return out
