@@ -24,9 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3, help="how many fornax-nodes (default %(default)s)")
     up.add_argument("--images", type=Path, default=None, help="images directory (default: examples/images)")
     up.add_argument("--state", type=Path, default=None, help="state directory (default ~/.local/state/fornax-sched/up)")
-    up.add_argument("--port", type=int, default=5640, help="node N listens on 9P port PORT+N (default %(default)s)")
+    up.add_argument("--port", type=int, default=5640,
+                    help="the scheduler listens on 9P port PORT, node N on PORT+N (default %(default)s)")
     up.add_argument("--gossip", type=int, default=9710, help="node N gossips on port GOSSIP+N (default %(default)s)")
-    up.set_defaults(func=lambda a: up_mod.up(a.nodes, a.images, a.state, a.port, a.gossip))
+    up.add_argument("--dead", type=float, default=10.0,
+                    help="seconds a node may be unreachable before the scheduler re-places its containers")
+    up.add_argument("--restart", type=float, default=20.0,
+                    help="seconds before a process that exited is started again (default %(default)s)")
+    up.set_defaults(func=lambda a: up_mod.up(a.nodes, a.images, a.state, a.port, a.gossip, a.dead, a.restart))
     sched_serve.add_parser(sub)
     ninep_tool.add_parser(sub)
     return parser

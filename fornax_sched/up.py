@@ -1,7 +1,8 @@
 """``fornax-sched up``: the whole system on one machine, on loopback, in the foreground.
 
-Each node runs as its own process (so one can be killed and restarted like a
-real machine); this process watches them and stops them all on Ctrl-C.
+The scheduler and each node run as processes of their own (so one can be
+killed and restarted like a real machine); this process watches them and
+stops them all on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -29,8 +30,25 @@ def node_cmd(i: int, nodes: int, images: Path, state: Path, port: int, gossip: i
             "--peers", peers, "--broadcast", "off"]
 
 
+def _wait_ready(proc: subprocess.Popen[bytes], pidfile: Path, timeout: float = 15.0) -> None:
+    """Wait until a node daemon has written its pid file (it then handles SIGTERM cleanly)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if int(pidfile.read_text()) == proc.pid:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+
+
+def sched_cmd(state: Path, port: int, dead: float) -> list[str]:
+    return [sys.executable, "-m", "fornax_sched", "serve", "--listen", f"tcp!127.0.0.1!{port}",
+            "--state", str(state / "scheduler"), "--node", f"tcp!127.0.0.1!{port + 1}", "--dead", f"{dead:g}"]
+
+
 def up(nodes: int = 3, images: Path | None = None, state: Path | None = None,
-       port: int = 5640, gossip: int = 9710) -> int:
+       port: int = 5640, gossip: int = 9710, dead: float = 10.0, restart: float = 20.0) -> int:
     images = images or REPO_IMAGES
     state = state or default_state()
     if not images.is_dir():
@@ -45,29 +63,53 @@ def up(nodes: int = 3, images: Path | None = None, state: Path | None = None,
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    for i in range(1, nodes + 1):
-        procs[i] = subprocess.Popen(node_cmd(i, nodes, images, state, port, gossip))
-    first = f"tcp!127.0.0.1!{port + 1}"
+    commands = {i: node_cmd(i, nodes, images, state, port, gossip) for i in range(1, nodes + 1)}
+    commands[0] = sched_cmd(state, port, dead)
+    names = {i: f"fornax-{i:02d}" for i in range(1, nodes + 1)} | {0: "the scheduler"}
+    for i, cmd in commands.items():
+        procs[i] = subprocess.Popen(cmd)
+    sched = f"tcp!127.0.0.1!{port}"
+    ctl = "/cluster/scheduler/ctl"
     print(f"""
-fornax-sched is up: {nodes} fornax-nodes on loopback (state in {state})
+fornax-sched is up: the scheduler and {nodes} fornax-nodes on loopback (state in {state})
+  scheduler  {sched}
 """ + "".join(f"  fornax-{i:02d}  tcp!127.0.0.1!{port + i}   gossip 127.0.0.1:{gossip + i}\n"
               for i in range(1, nodes + 1)) + f"""
-  see the cluster:    fornax-sched 9p ls '{first}' /cluster/nodes
-  run a container:    fornax-sched 9p write -r '{first}' /cluster/ctl run hello
-  read its status:    fornax-sched 9p read '{first}' /cluster/containers/1/status
-  mount it (Linux):   mount -t 9p -o trans=tcp,port={port + 1},version=9p2000.L 127.0.0.1 /mnt
+  see the nodes:      fornax-sched 9p ls '{sched}' /cluster/nodes
+  place a container:  fornax-sched 9p write -r '{sched}' {ctl} place hello
+  see placements:     fornax-sched 9p ls '{sched}' /cluster/scheduler/placements
+  read the log:       fornax-sched 9p read '{sched}' /cluster/scheduler/log
+  mount it (Linux):   mount -t 9p -o trans=tcp,port={port},version=9p2000.L 127.0.0.1 /mnt/fornax
+                      echo place hello > /mnt/fornax{ctl}
+  the whole scenario: examples/acceptance.sh
   stop everything:    Ctrl-C
 """, flush=True)
+    restarts: dict[int, float] = {}  # what exited, and when to start it again
     while not stopping:
+        now = time.monotonic()
         for i, p in list(procs.items()):
             if p.poll() is not None:
-                print(f"fornax-sched up: fornax-{i:02d} exited ({p.returncode}); "
-                      f"restart it with: {' '.join(node_cmd(i, nodes, images, state, port, gossip))}",
-                      file=sys.stderr, flush=True)
+                print(f"fornax-sched up: {names[i]} exited ({p.returncode}); starting it again in {restart:g}s "
+                      f"(as a machine that comes back)", file=sys.stderr, flush=True)
                 del procs[i]
+                restarts[i] = now + restart
+        for i, at in list(restarts.items()):
+            if now >= at:
+                print(f"fornax-sched up: starting {names[i]} again", file=sys.stderr, flush=True)
+                procs[i] = subprocess.Popen(commands[i])
+                del restarts[i]
         time.sleep(0.2)
-    for p in procs.values():
-        p.terminate()
+    for i in restarts:  # a node killed and not yet back still has containers: start it to stop them
+        if i != 0:
+            procs[i] = subprocess.Popen(commands[i])
+            _wait_ready(procs[i], state / names[i] / "pid")
+    for i in sorted(procs):  # the scheduler first, so it does not see the nodes go as deaths
+        procs[i].terminate()
+        if i == 0:
+            try:
+                procs[i].wait(10)
+            except subprocess.TimeoutExpired:
+                procs[i].kill()
     for p in procs.values():
         try:
             p.wait(30)

@@ -91,6 +91,7 @@ class NodeDaemon:
             self.addr = str(listener.address)
         await self.gossip.start()
         self._save_identity()
+        (self.cfg.state / "pid").write_text(f"{os.getpid()}\n")  # for scripts that play machine failure
         log.info("node %s (%s) serving %s, gossip on port %d", self.name, self.id, self.addr, self.gossip.port)
 
     async def stop(self) -> None:
@@ -98,6 +99,7 @@ class NodeDaemon:
         await self.gossip.stop()
         await self.runtime.shutdown()
         await self.server.close()
+        (self.cfg.state / "pid").unlink(missing_ok=True)
 
     # ------------------------------------------------------------ identity
     def _identity_path(self) -> Path:
