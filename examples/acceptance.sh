@@ -35,7 +35,7 @@ until_ok() {
 		sleep 0.2
 	done
 }
-three_online() { [ "$(for n in $("$F" 9p ls "$S" /cluster/nodes); do rd "/cluster/nodes/${n%/}/status"; done | grep -cx online)" = 3 ]; }
+three_online() { [ "$(for n in $("$F" 9p ls "$S" /cluster/nodes); do rd "/cluster/nodes/${n%/}/status"; done | grep -c "^online")" = 3 ]; }
 
 say "1. the scheduler at $S has found three nodes"
 until_ok "$WAIT" "three online nodes" three_online
