@@ -236,16 +236,24 @@ class Scheduler:
 
     # ================================================================ commands
     async def command(self, text: str) -> str:
-        """Carry out one ctl command; the answer is what a read of ctl gives back."""
+        """Carry out one ctl command; the answer is what a read of ctl gives back.
+
+        A refused command is logged with the reason: a 9P2000.L client sees
+        only the errno, and the log is where its user finds the words.
+        """
         try:
-            cmd = lang.parse_command(text)
-        except lang.LangError as e:
-            raise CommandError(str(e)) from None
-        handler = getattr(self, f"_cmd_{cmd.verb}")
-        try:
-            return str(await handler(cmd))
-        except StoreError as e:
-            raise CommandError(f"nothing changed: {e}") from None
+            try:
+                cmd = lang.parse_command(text)
+            except lang.LangError as e:
+                raise CommandError(str(e)) from None
+            handler = getattr(self, f"_cmd_{cmd.verb}")
+            try:
+                return str(await handler(cmd))
+            except StoreError as e:
+                raise CommandError(f"nothing changed: {e}") from None
+        except CommandError as e:
+            self.note(f"refused {text.strip()[:200]!r}: {str(e).splitlines()[0]}")
+            raise
 
     async def _cmd_place(self, cmd: lang.Command) -> str:
         req = cmd.request
@@ -639,6 +647,7 @@ class Scheduler:
         try:
             policy = lang.parse_policy(text)
         except lang.LangError as e:
+            self.note(f"policy refused: {e}")
             raise CommandError(f"policy refused, the old one stays: {e}") from None
         async with self._mutate:
             old = self.cluster.policy

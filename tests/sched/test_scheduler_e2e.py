@@ -8,6 +8,8 @@ a burst of places.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,7 +134,9 @@ def test_commands(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
             with pytest.raises(P9Error, match=words):
                 await ctl(sched.addr, bad)
         assert await _ls(sched.addr, "cluster/scheduler/placements") == []
-        assert "nosuchimage" in (await read(sched.addr, "cluster/scheduler/log"))[len(log_before):]
+        new_lines = (await read(sched.addr, "cluster/scheduler/log"))[len(log_before):]
+        assert "nosuchimage" in new_lines
+        assert "refused 'dance': unknown command 'dance'" in new_lines  # where a 9P2000.L user finds the words
 
         # constraints, and a place that fits nowhere waits as pending with the reason
         reply = await ctl(sched.addr, "place hello node=fornax-03 name=c3")
@@ -295,3 +299,19 @@ def test_kill9_of_the_scheduler_during_a_burst(cluster: tuple[SchedProc, list[No
         await eventually(settled, timeout=20)
 
     asyncio.run(go())
+
+
+def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    run = subprocess.run([sys.executable, "-m", "fornax_sched", "serve", "--listen", "tcp!127.0.0.1!0",
+                          "--state", str(tmp_path / "file" / "state")], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1
+    assert f"cannot open the store {tmp_path / 'file' / 'state' / 'sched.db'}" in run.stdout + run.stderr
+    # a corrupt store file too, and it is left as it was for the user to look at
+    state = tmp_path / "corrupt"
+    state.mkdir()
+    (state / "sched.db").write_bytes(b"this is not SQLite" * 100)
+    run = subprocess.run([sys.executable, "-m", "fornax_sched", "serve", "--listen", "tcp!127.0.0.1!0",
+                          "--state", str(state)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and "file is not a database" in run.stdout + run.stderr, run.stdout + run.stderr
+    assert (state / "sched.db").read_bytes() == b"this is not SQLite" * 100
