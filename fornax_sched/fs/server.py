@@ -288,7 +288,7 @@ class Session:
             user = user_name(m.n_uname)
         else:
             user = m.uname or "none"
-        ctx = Ctx(user, self.config.groups, self.conn_id)
+        ctx = Ctx(user, self.config.groups, self.conn_id, self._iounit())
         root = self.config.attach(ctx, m.aname)
         self.fids[m.fid] = Fid(root, ctx)
         return M.Rattach(m.tag, root.qid())

@@ -45,6 +45,7 @@ class Ctx:
     user: str
     groups: dict[str, frozenset[str]] = field(default_factory=dict)
     conn: int = 0
+    iounit: int = 0  # the most one read or write message carries on this connection (0: unknown)
 
     def member(self, group: str) -> bool:
         return group == self.user or self.user in self.groups.get(group, ())
