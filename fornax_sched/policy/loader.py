@@ -1,0 +1,142 @@
+"""From the text written to the policy file to something the service can activate.
+
+The file takes three forms, told apart by their first line that says
+anything: text rules (``spread``, ``pack``, ``affinity``, ``anti-affinity``,
+run by the core itself), YAML rules (``scheduler:``, compiled to Lua) and
+Lua (anything else).  A policy becomes active only after it passed two
+checks: its syntax (the error names the line), then a dry run against the
+current cluster in the sandbox that will run it.  On failure nothing is
+started and PolicyError says why, so the old policy stays.
+
+    loaded = load_policy(text, cluster)          # PolicyError: refuse the write
+    if loaded.program is None:                   # text rules
+        cluster.set_program(None); cluster.set_policy(loaded.rules)
+    else:
+        cluster.set_policy(Policy()); cluster.set_program(loaded.program); old.close()
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..sched.core import Cluster
+from ..sched.lang import LangError, parse_policy
+from ..sched.model import NodeFacts, Policy, Request
+from .engine import Limits, LuaProgram
+from .errors import PolicyError, SandboxError
+from .yamlrules import compile_yaml
+
+MAX_POLICY = 256 << 10  # bytes of policy text
+RULE_WORDS = ("spread", "pack", "affinity", "anti-affinity")
+_YAML_START = re.compile(r"[A-Za-z_][\w.-]*\s*:(\s|$)")  # a mapping key: no Lua statement starts so
+_LUA_LINE = re.compile(r"^policy:(\d+):")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A policy whose syntax is right: what was written, and what runs."""
+
+    kind: str  # "rules" | "yaml" | "lua"
+    source: str  # the text as written
+    lua: str  # the Lua that runs (compiled from YAML, or the source); "" for text rules
+    rules: Policy | None = None  # text rules, parsed
+    name: str = ""  # the YAML scheduler's name
+
+
+@dataclass(frozen=True)
+class Loaded(Compiled):
+    """A policy that passed its dry run; ``program`` (None for text rules) is started, ready for set_program."""
+
+    program: LuaProgram | None = None
+
+
+def detect_kind(text: str) -> str:
+    """rules, yaml or lua, from the first line that is not blank or a comment."""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line == "---":
+            continue
+        if line.startswith("--"):
+            return "lua"  # a Lua comment ("---" alone starts a YAML document)
+        if line.startswith("#"):
+            continue  # a comment in text rules and YAML
+        if _YAML_START.match(line):
+            return "yaml"
+        if line.split()[0] in RULE_WORDS:
+            return "rules"
+        return "lua"
+    return "rules"  # nothing but comments: the default, spread
+
+
+def lua_syntax(src: str) -> None:
+    """PolicyError naming the line if src is not Lua; parses without running anything."""
+    import lupa.lua54 as lua
+
+    rt = lua.LuaRuntime(register_eval=False, register_builtins=False, max_memory=64 << 20)
+    check = rt.eval('function(src) local f, err = load(src, "=policy", "t", {}) return err end')
+    try:
+        err = check(src)
+    except lua.LuaMemoryError:
+        raise PolicyError("the policy is too large to parse") from None
+    if err:
+        raise PolicyError(_LUA_LINE.sub(r"line \1:", str(err)))
+
+
+def compile_policy(text: str) -> Compiled:
+    """Check a policy's syntax and compile YAML to Lua; PolicyError naming the line if it is wrong."""
+    if len(text.encode()) > MAX_POLICY:
+        raise PolicyError(f"the policy is larger than {MAX_POLICY >> 10}K")
+    kind = detect_kind(text)
+    if kind == "rules":
+        try:
+            return Compiled("rules", text, "", parse_policy(text))
+        except LangError as e:
+            raise PolicyError(str(e)) from None
+    if kind == "yaml":
+        lua, name = compile_yaml(text)
+        try:
+            lua_syntax(lua)
+        except PolicyError as e:  # a bug of ours, not the user's: say so
+            raise PolicyError(f"the YAML compiled to bad Lua ({e}); please report it") from None
+        return Compiled("yaml", text, lua, None, name)
+    lua_syntax(text)
+    return Compiled("lua", text, text)
+
+
+def load_policy(text: str, cluster: Cluster, *, limits: Limits | None = None,
+                on_failure: Callable[[str], None] | None = None,
+                on_log: Callable[[str], None] | None = None) -> Loaded:
+    """Compile, start and dry-run a policy against ``cluster`` (unchanged); PolicyError if any step fails."""
+    c = compile_policy(text)
+    if c.kind == "rules":
+        return Loaded(c.kind, c.source, c.lua, c.rules, c.name)
+    program = LuaProgram(c.lua, limits=limits, on_failure=on_failure, on_log=on_log)
+    try:
+        program.start()
+        program.dry_run(cluster)
+    except PolicyError as e:
+        program.close()
+        if c.kind == "yaml":
+            raise PolicyError(f"{e} (in the compiled Lua)") from None
+        raise
+    except SandboxError as e:
+        program.close()
+        raise PolicyError(f"cannot check the policy: {e}") from None
+    return Loaded(c.kind, c.source, c.lua, c.rules, c.name, program)
+
+
+def sample_cluster() -> Cluster:
+    """A small cluster for checking a policy away from a live scheduler (``policy check FILE``)."""
+    g = 1 << 30
+    c = Cluster()
+    c.add_node(NodeFacts("node-1", 4, 8 * g, {"zone": "east", "disk": "ssd"}))
+    c.add_node(NodeFacts("node-2", 4, 8 * g, {"zone": "east"}))
+    c.add_node(NodeFacts("node-3", 8, 16 * g, {"zone": "west", "disk": "ssd"}))
+    c.add_node(NodeFacts("node-4", 2, 4 * g, {"zone": "west"}))
+    web = Request("web", name="web", replicas=2, cpus=0.5, mem=256 << 20, avoid=("web-*",))
+    c.place("web-1", web)
+    c.place("web-2", web)
+    c.place("db-1", Request("db", name="db-1", cpus=2, mem=2 * g, labels=(("disk", "ssd"),)))
+    return c
