@@ -244,6 +244,77 @@ class _FileHandle(Handle):
         return None
 
 
+class DocumentFile(File):
+    """A file written as one document (a policy, say) through any number of writes.
+
+    Writes through a fid are gathered from offset 0.  A write shorter than
+    the connection's iounit ends the document: ``submit(ctx, data)`` runs
+    then, so its error is that write's error, which every client shows
+    (Linux's v9fs ignores errors at close).  A document whose last write
+    filled the message is submitted when the fid is clunked.  Writing at
+    offset 0 again starts a new document; a write anywhere but the end of
+    what was written is refused.
+    """
+
+    def __init__(self, name: str, read: Callable[[Ctx], Content | Awaitable[Content]] | None,
+                 submit: Callable[[Ctx, bytes], Content | None | Awaitable[Content | None]], *,
+                 limit: int = 1 << 20, mode: int | None = None, uid: str = "none", gid: str | None = None) -> None:
+        super().__init__(name, read=read, write=submit, mode=mode, uid=uid, gid=gid)
+        self.limit = limit
+
+    def open(self, ctx: Ctx, mode: int) -> Handle:
+        return _DocumentHandle(self, ctx)
+
+
+class _DocumentHandle(_FileHandle):
+    __slots__ = ("doc", "size", "due")
+
+    def __init__(self, node: DocumentFile, ctx: Ctx) -> None:
+        super().__init__(node, ctx)
+        self.doc: list[bytes] = []
+        self.size = 0
+        self.due = False  # written and not yet submitted
+
+    def write(self, offset: int, data: bytes) -> int | Awaitable[int]:
+        node = self.node
+        assert isinstance(node, DocumentFile)
+        if offset == 0:
+            self.doc, self.size = [], 0
+        elif offset != self.size:
+            raise P9Error(f"{node.name}: write the whole text in order from offset 0 (got offset {offset}, "
+                          f"expected {self.size})", 22)
+        if self.size + len(data) > node.limit:
+            self.doc, self.size, self.due = [], 0, False
+            raise P9Error(f"{node.name}: more than {node.limit} bytes", 27)
+        self.doc.append(bytes(data))
+        self.size += len(data)
+        if self.ctx.iounit and len(data) >= self.ctx.iounit:
+            self.due = True  # a full message: more may follow
+            return len(data)
+        return self._submit(len(data))
+
+    def _submit(self, n: int) -> int | Awaitable[int]:
+        self.due = False
+        assert self.node.on_write is not None
+        reply = self.node.on_write(self.ctx, b"".join(self.doc))
+        if reply is None or isinstance(reply, (str, bytes)):
+            self._replied(reply)
+            return n
+        return self._write_later(reply, n)
+
+    def close(self) -> None | Awaitable[None]:
+        if not self.due:
+            return None
+        done = self._submit(0)
+        if isinstance(done, int):
+            return None
+        return self._closed(done)
+
+    @staticmethod
+    async def _closed(done: Awaitable[int]) -> None:
+        await done
+
+
 class Dir(Node):
     """A directory that holds its children.
 
