@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import up as up_mod
 from .fs import tool as ninep_tool
+from .policy import cli as policy_cli
 from .sched import serve as sched_serve
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=lambda a: up_mod.up(a.nodes, a.images, a.state, a.port, a.gossip, a.dead, a.restart))
     sched_serve.add_parser(sub)
     ninep_tool.add_parser(sub)
+    policy_cli.add_parser(sub)
     return parser
 
 

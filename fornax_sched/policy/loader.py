@@ -101,8 +101,25 @@ def compile_policy(text: str) -> Compiled:
         except PolicyError as e:  # a bug of ours, not the user's: say so
             raise PolicyError(f"the YAML compiled to bad Lua ({e}); please report it") from None
         return Compiled("yaml", text, lua, None, name)
-    lua_syntax(text)
+    try:
+        lua_syntax(text)
+    except PolicyError as e:
+        raise PolicyError(_misspelled_rule(text) or str(e)) from None
     return Compiled("lua", text, text)
+
+
+def _misspelled_rule(text: str) -> str:
+    """For text that is neither rules nor Lua but reads like a rule line: say so (``frobnicate``, ``spred``)."""
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        word = line.split()[0]
+        if re.fullmatch(r"[a-z][a-z-]*", word) and "(" not in line and "=" not in line:
+            want = ", ".join(RULE_WORDS[:-1]) + " or " + RULE_WORDS[-1]
+            return f"line {n}: unknown rule {word!r}: want {want} (nor is it a Lua program)"
+        return ""
+    return ""
 
 
 def load_policy(text: str, cluster: Cluster, *, limits: Limits | None = None,

@@ -321,6 +321,23 @@ class Cluster:
             self.assign(name, d.node, d.reason)
         return d
 
+    def simulate(self, names: Iterable[str], req: Request) -> list[Decision]:
+        """What placing ``names`` would decide, one after the other, leaving the cluster as it was."""
+        out: list[Decision] = []
+        added: list[str] = []
+        try:
+            for name in names:
+                self.add(name, req)
+                added.append(name)
+                d = self.decide(name, req)
+                if d.node is not None:
+                    self.assign(name, d.node, d.reason)
+                out.append(d)
+        finally:
+            for name in added:
+                self.forget(name)
+        return out
+
     # ------------------------------------------------------------ plans
     def evacuate(self, node: str) -> list[Decision]:
         """Cordon ``node`` and move everything off it, one decision at a time.

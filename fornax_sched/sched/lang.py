@@ -6,6 +6,8 @@ ctl, one command per write::
     migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
     stop CONTAINER | start CONTAINER | remove CONTAINER
     cordon NODE | uncordon NODE | scale NAME REPLICAS
+  simulate place IMAGE [CONSTRAINT ...]      (what place would decide; nothing changes)
+  policy history | policy restore VERSION
 
 CONSTRAINT is ``cpu>=N``, ``mem>=SIZE`` (or ``cpu=N``, ``mem=SIZE``, which
 need no quoting in a shell), ``KEY=VALUE`` (a node label),
@@ -41,6 +43,8 @@ USAGE = """commands:
   migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
   stop CONTAINER | start CONTAINER | remove CONTAINER
   cordon NODE | uncordon NODE | scale NAME REPLICAS
+  simulate place IMAGE [CONSTRAINT ...]      (what place would decide; nothing changes)
+  policy history | policy restore VERSION
 """
 
 
@@ -53,7 +57,8 @@ class Command:
     verb: str
     request: Request | None = None  # place
     targets: list[str] = field(default_factory=list)  # containers, nodes
-    count: int = 0  # rebalance moves, scale replicas
+    count: int = 0  # rebalance moves, scale replicas, policy version
+    user: str = ""  # who wrote it (set by the service)
 
 
 _ARITY = {
@@ -86,6 +91,16 @@ def parse_command(text: str) -> Command:
             raise LangError("usage: scale NAME REPLICAS")
         _name(rest[0], "name")
         return Command(verb, targets=[rest[0]], count=_count(rest[1], "replicas", 0, MAX_REPLICAS))
+    if verb == "simulate":
+        if not rest or rest[0] != "place":
+            raise LangError("usage: simulate place IMAGE [CONSTRAINT ...]")
+        return Command(verb, request=parse_place(rest[1:]))
+    if verb == "policy":
+        if rest == ["history"]:
+            return Command(verb, targets=["history"])
+        if len(rest) == 2 and rest[0] == "restore":
+            return Command(verb, targets=["restore"], count=_count(rest[1].removeprefix("v"), "version", 1, 10**9))
+        raise LangError("usage: policy history | policy restore VERSION")
     raise LangError(f"unknown command {verb!r}\n{USAGE}")
 
 

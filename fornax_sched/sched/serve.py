@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..fs.server import Server
+from ..policy import Limits
 from ..signals import until_stopped
+from ..units import parse_size
 from . import tree
 from .service import Scheduler
 from .store import SqliteStore, StoreError
@@ -33,6 +35,7 @@ class SchedConfig:
     interval: float = 1.0
     dead: float = 10.0
     node_timeout: float = 5.0
+    policy_limits: Limits = field(default_factory=Limits)
 
 
 class SchedDaemon:
@@ -50,7 +53,8 @@ class SchedDaemon:
         store = await SqliteStore.open(self.cfg.state / "sched.db")
         try:
             self.sched = Scheduler(store, seeds=self.cfg.nodes, interval=self.cfg.interval,
-                                   dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout)
+                                   dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
+                                   limits=self.cfg.policy_limits)
             await self.sched.start()
             self.server = Server(tree.build(self.sched, self.owner, self.writers),
                                  groups={tree.WRITERS: self.writers})
@@ -92,12 +96,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at each node (default 1)")
     p.add_argument("--dead", type=float, default=10.0,
                    help="seconds a node may be unreachable before its containers are placed again (default 10)")
+    p.add_argument("--policy-deadline", type=float, default=50.0, metavar="MS",
+                   help="milliseconds a Lua policy may take per decision (default 50)")
+    p.add_argument("--policy-memory", default="64M", metavar="SIZE",
+                   help="memory a Lua policy may use per decision (default 64M)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        if not 1 <= args.policy_deadline <= 60_000:
+            raise ValueError("--policy-deadline: want 1 to 60000 milliseconds")
+        memory = parse_size(args.policy_memory, "--policy-memory")
+        if memory < 1 << 20:
+            raise ValueError("--policy-memory: want at least 1M")
+        limits = Limits(deadline=args.policy_deadline / 1000, memory=memory)
+    except ValueError as e:
+        print(f"fornax-sched serve: {e}", flush=True)
+        return 2
     cfg = SchedConfig(listen=args.listen, state=args.state or default_state(), nodes=args.node,
-                      writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead)
+                      writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead,
+                      policy_limits=limits)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

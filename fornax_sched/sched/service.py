@@ -34,11 +34,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..policy import Limits, PolicyError
 from ..units import format_size
 from . import lang
 from .backends import Backend, BackendError, ContainerInfo, FornaxNode, NodeRefused, NodeUnreachable
 from .core import Cluster, Decision, NodeState, Placement
 from .model import NodeFacts, Request
+from .policies import Policies
 from .store import Batch, Store, StoreError
 
 log = logging.getLogger("fornax_sched.sched")
@@ -101,9 +103,10 @@ class Scheduler:
     def __init__(self, store: Store, *, seeds: Iterable[str] = (), interval: float = 1.0,
                  dead_after: float = 10.0, node_timeout: float = 5.0,
                  connect: Callable[[str], Backend] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, limits: Limits | None = None) -> None:
         self.store = store
         self.cluster = Cluster()
+        self.policies = Policies(self.cluster, self.note, limits=limits)
         self.records: dict[str, Record] = {}
         self.links: dict[str, NodeLink] = {}  # by node name
         self.seeds = list(seeds)
@@ -144,13 +147,11 @@ class Scheduler:
         for lk in self.links.values():
             with contextlib.suppress(Exception):
                 await lk.backend.close()
+        self.policies.close()
 
     async def _load(self) -> None:
         meta = await self.store.load("meta")
         self._seq = dict(meta.get("seq", {}))
-        policies = await self.store.load("policies")
-        if "active" in policies:
-            self.cluster.set_policy(lang.parse_policy(policies["active"]))
         for name, d in (await self.store.load("nodes")).items():
             st = self.cluster.add_node(NodeFacts(name, d["cpus"], d["mem"], dict(d.get("labels", {}))), "unknown")
             st.cordoned = bool(d.get("cordoned"))
@@ -166,8 +167,10 @@ class Scheduler:
                 self.records[name].status = "pending"
         for at, line in await self.store.log_tail(LOG_LINES):
             self.lines.append(f"{_stamp(at)} {line}")
+        # The policy last: its sandbox starts with the cluster's placements known.
+        self.policies.load(await self.store.load("policies"), self.clock())
         self.note(f"scheduler started: {len(self.cluster.nodes)} nodes, {len(self.records)} placements "
-                  f"from the store, policy {self.cluster.policy.base}")
+                  f"from the store, policy {self.policies.label()}")
 
     # ================================================================ the log
     def note(self, line: str) -> None:
@@ -235,7 +238,7 @@ class Scheduler:
         return (req.name or names[0] if count == 1 else stem), names
 
     # ================================================================ commands
-    async def command(self, text: str) -> str:
+    async def command(self, text: str, user: str = "-") -> str:
         """Carry out one ctl command; the answer is what a read of ctl gives back.
 
         A refused command is logged with the reason: a 9P2000.L client sees
@@ -246,6 +249,7 @@ class Scheduler:
                 cmd = lang.parse_command(text)
             except lang.LangError as e:
                 raise CommandError(str(e)) from None
+            cmd.user = user
             handler = getattr(self, f"_cmd_{cmd.verb}")
             try:
                 return str(await handler(cmd))
@@ -292,7 +296,7 @@ class Scheduler:
         return out
 
     def _decided(self, d: Decision, what: str) -> None:
-        policy = self.cluster.policy.base
+        policy = self.policies.label()
         if d.node is None:
             self.note(f"{what}: pending: {d.reason} (policy {policy})")
         else:
@@ -606,7 +610,7 @@ class Scheduler:
             moves = [m for m in self.cluster.rebalance(limit)]
             batch = Batch()
             for name, src, dst in moves:
-                self.note(f"rebalance {name}: {src} -> {dst} (policy {self.cluster.policy.base})")
+                self.note(f"rebalance {name}: {src} -> {dst} (policy {self.policies.label()})")
                 self._set(name, "starting", "", cid="")
                 self._put(batch, name)
             try:
@@ -641,25 +645,51 @@ class Scheduler:
 
     # ================================================================ policy
     def policy_text(self) -> str:
-        return self.cluster.policy.text()
+        return self.policies.source_text()
 
-    async def set_policy(self, text: str) -> str:
+    async def set_policy(self, text: str, by: str = "-") -> str:
+        """Check a policy (syntax, then a dry run) and make it active; CommandError if it is refused."""
         try:
-            policy = lang.parse_policy(text)
-        except lang.LangError as e:
-            self.note(f"policy refused: {e}")
+            loaded = self.policies.check(text)
+        except PolicyError as e:
+            self.note(f"policy refused: {str(e).splitlines()[0]}")
             raise CommandError(f"policy refused, the old one stays: {e}") from None
         async with self._mutate:
-            old = self.cluster.policy
-            self.cluster.set_policy(policy)
-            self.note(f"policy: {policy.text().strip().replace(chr(10), '; ')}")
+            batch, undo, done = self.policies.activate(loaded, self.clock(), by)
+            v = self.policies.active
+            assert v is not None
+            self.note(f"policy v{v.n} ({v.kind}, by {by}): {v.title() if v.kind != 'rules' else _one_line(text)}")
             try:
-                await self._commit(Batch().put("policies", "active", policy.text()))
+                await self._commit(batch)
             except StoreError:
-                self.cluster.set_policy(old)
+                undo()
                 raise
+            done()
         self._kick()
-        return policy.text()
+        return f"policy v{v.n} active: {self.policies.label()}\n"
+
+    async def _cmd_policy(self, cmd: lang.Command) -> str:
+        what = cmd.targets[0]
+        if what == "history":
+            return self.policies.history_text()
+        try:
+            source = self.policies.source_of(cmd.count)
+        except KeyError as e:
+            raise CommandError(str(e.args[0])) from None
+        return await self.set_policy(source, by=f"{cmd.user or '-'}: restore of v{cmd.count}")
+
+    async def _cmd_simulate(self, cmd: lang.Command) -> str:
+        req = cmd.request
+        assert req is not None
+        seq = dict(self._seq)
+        try:
+            _, names = self._next_names(req, req.replicas)
+        finally:
+            self._seq = seq
+        decisions = self.cluster.simulate(names, req)
+        head = f"simulate {lang.format_place(req)} (policy {self.policies.label()}): nothing changed\n"
+        return head + "".join(f"{d.name} -> {d.node}: {d.reason}\n" if d.node else f"{d.name} pending: {d.reason}\n"
+                              for d in decisions)
 
     # ================================================================ nodes
     def _try_addr(self, addr: str) -> None:
@@ -922,7 +952,7 @@ class Scheduler:
             nodes[n.status] = nodes.get(n.status, 0) + 1
         return (f"nodes {len(self.cluster.nodes)}" + "".join(f" {k} {v}" for k, v in sorted(nodes.items()))
                 + f"\nplacements {len(self.records)}" + "".join(f" {k} {v}" for k, v in sorted(counts.items()))
-                + f"\npolicy {self.cluster.policy.base}\n\n{lang.USAGE}")
+                + f"\npolicy {self.policies.label()}\n\n{lang.USAGE}")
 
     def placement_text(self, name: str) -> str:
         p = self.cluster.placements[name]
@@ -964,6 +994,10 @@ class Scheduler:
 
     def log_text(self) -> str:
         return "".join(line + "\n" for line in self.lines)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())[:200]
 
 
 def _labels(labels: dict[str, str]) -> str:

@@ -1,7 +1,10 @@
 """The scheduler's file tree (see docs/scheduler.4.md): a thin map from files to the service.
 
     /cluster/scheduler/ctl            commands, one per write; read: state and usage
-    /cluster/scheduler/policy         the active policy; write a new one
+    /cluster/scheduler/policy         the active policy as written; write a new one (text rules, Lua, YAML)
+    /cluster/scheduler/policy.lua     the Lua that runs (YAML compiled)
+    /cluster/scheduler/policy.status  version, health and failure counts of the active policy
+    /cluster/scheduler/history/N      the policy versions kept (ctl: policy restore N)
     /cluster/scheduler/placements/C   one file per container
     /cluster/scheduler/log            decisions and actions, one timestamped line each
     /cluster/nodes/N/{status,addr,resources,containers,health}
@@ -13,14 +16,21 @@ import errno
 from collections.abc import Awaitable, Callable
 
 from ..fs.errors import P9Error
-from ..fs.tree import Ctx, Dir, DynamicDir, File, Node
+from ..fs.tree import Ctx, Dir, DocumentFile, DynamicDir, File, Node
+from ..policy.loader import MAX_POLICY
 from .service import CommandError, Scheduler
 
 WRITERS = "writers"  # the group whose members may write ctl and policy
 
 
+def _refusal(name: str, writers: frozenset[str], ctx: Ctx) -> P9Error:
+    who = ", ".join(sorted(writers))
+    return P9Error(f"permission denied: {ctx.user} may not write {name}; the writers are {who} "
+                   f"(start the scheduler with --writers to add users)", errno.EACCES)
+
+
 class ControlFile(File):
-    """A file only the writers may write; a refused open says who may."""
+    """A file only the writers may write, one command per write; a refused open says who may."""
 
     def __init__(self, name: str, read: Callable[[Ctx], str], write: Callable[[Ctx, bytes], Awaitable[str]],
                  owner: str, writers: frozenset[str]) -> None:
@@ -28,11 +38,19 @@ class ControlFile(File):
         self.writers = writers
 
     def refusal(self, ctx: Ctx, need: int) -> P9Error:
-        if need & 2:
-            who = ", ".join(sorted(self.writers))
-            return P9Error(f"permission denied: {ctx.user} may not write {self.name}; the writers are {who} "
-                           f"(start the scheduler with --writers to add users)", errno.EACCES)
-        return super().refusal(ctx, need)
+        return _refusal(self.name, self.writers, ctx) if need & 2 else super().refusal(ctx, need)
+
+
+class PolicyFile(DocumentFile):
+    """The policy: only the writers may write it; one policy per open, however many writes it takes."""
+
+    def __init__(self, read: Callable[[Ctx], str], submit: Callable[[Ctx, bytes], Awaitable[str]],
+                 owner: str, writers: frozenset[str]) -> None:
+        super().__init__("policy", read, submit, limit=MAX_POLICY, uid=owner, gid=WRITERS, mode=0o664)
+        self.writers = writers
+
+    def refusal(self, ctx: Ctx, need: int) -> P9Error:
+        return _refusal(self.name, self.writers, ctx) if need & 2 else super().refusal(ctx, need)
 
 
 def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
@@ -41,18 +59,21 @@ def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
 
     async def ctl(ctx: Ctx, data: bytes) -> str:
         try:
-            return await sched.command(data.decode("utf-8", "replace"))
+            return await sched.command(data.decode("utf-8", "replace"), ctx.user)
         except CommandError as e:
             raise P9Error(str(e), errno.EINVAL) from None
 
     async def policy(ctx: Ctx, data: bytes) -> str:
         try:
-            return await sched.set_policy(data.decode("utf-8", "replace"))
+            return await sched.set_policy(data.decode("utf-8", "replace"), ctx.user)
         except CommandError as e:
             raise P9Error(str(e), errno.EINVAL) from None
 
     def placement(name: str) -> Node | None:
         return ro(name, lambda ctx: sched.placement_text(name))
+
+    def version(name: str) -> Node | None:
+        return ro(name, lambda ctx: sched.policies.source_of(int(name)))
 
     def node_dir(name: str) -> Node | None:
         return Dir(name, [ro(what, lambda ctx, what=what: sched.node_field(name, what))  # type: ignore[misc]
@@ -60,7 +81,11 @@ def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
 
     scheduler = Dir("scheduler", [
         ControlFile("ctl", lambda ctx: sched.summary(), ctl, owner, writers),
-        ControlFile("policy", lambda ctx: sched.policy_text(), policy, owner, writers),
+        PolicyFile(lambda ctx: sched.policy_text(), policy, owner, writers),
+        ro("policy.lua", lambda ctx: sched.policies.lua_text()),
+        ro("policy.status", lambda ctx: sched.policies.status_text()),
+        DynamicDir("history", names=lambda ctx: [str(n) for n in sorted(sched.policies.versions)], make=version,
+                   exists=lambda n: n.isdigit() and int(n) in sched.policies.versions, uid=owner),
         DynamicDir("placements", names=lambda ctx: list(sched.records), make=placement,
                    exists=lambda n: n in sched.records, uid=owner),
         ro("log", lambda ctx: sched.log_text()),

@@ -11,7 +11,7 @@ from pathlib import Path
 from fornax_sched.fs.client import Client
 
 from ..conftest import spawn_serving
-from ..node.cluster import NodeProc, free_port, read
+from ..node.cluster import NodeProc, eventually, free_port, read
 
 # Fast enough for tests: a look at each node every 0.2 s, dead after 2 s unreachable.
 FAST = ["--interval", "0.2", "--dead", "2"]
@@ -83,3 +83,17 @@ async def running_on(node: NodeProc) -> dict[str, str]:
             if kv.get("state") == "running":
                 out[kv["name"]] = e.name
     return out
+
+
+async def discovered(sched: SchedProc, count: int = 3) -> list[str]:
+    async def check() -> list[str] | None:
+        names = sorted(e.name for e in await ls(sched.addr, "cluster/nodes"))
+        statuses = [(await read(sched.addr, f"cluster/nodes/{n}/status")).strip() for n in names]
+        return names if len(names) == count and all(s == "online" for s in statuses) else None
+
+    return await eventually(check, timeout=15)
+
+
+async def ls(addr: str, path: str) -> list:  # type: ignore[type-arg]
+    async with await Client.connect(addr, timeout=5) as c:
+        return await c.ls(path)

@@ -19,7 +19,7 @@ from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
 from ..node.cluster import NodeProc, alive, eventually, read, three_nodes
-from .harness import SchedProc, ctl, placement, running_on
+from .harness import SchedProc, ctl, discovered, ls, placement, running_on
 
 pytestmark = pytest.mark.slow
 
@@ -46,20 +46,6 @@ async def where_running(nodes: list[NodeProc]) -> dict[str, list[str]]:
             for name in await running_on(n):
                 out.setdefault(name, []).append(n.name)
     return out
-
-
-async def discovered(sched: SchedProc, count: int = 3) -> list[str]:
-    async def check() -> list[str] | None:
-        names = sorted(e.name for e in await _ls(sched.addr, "cluster/nodes"))
-        statuses = [(await read(sched.addr, f"cluster/nodes/{n}/status")).strip() for n in names]
-        return names if len(names) == count and all(s == "online" for s in statuses) else None
-
-    return await eventually(check, timeout=15)
-
-
-async def _ls(addr: str, path: str) -> list:  # type: ignore[type-arg]
-    async with await Client.connect(addr, timeout=5) as c:
-        return await c.ls(path)
 
 
 def test_acceptance_scenario(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
@@ -133,7 +119,7 @@ def test_commands(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
                            ("place nosuchimage", "unknown image 'nosuchimage'")]:
             with pytest.raises(P9Error, match=words):
                 await ctl(sched.addr, bad)
-        assert await _ls(sched.addr, "cluster/scheduler/placements") == []
+        assert await ls(sched.addr, "cluster/scheduler/placements") == []
         new_lines = (await read(sched.addr, "cluster/scheduler/log"))[len(log_before):]
         assert "nosuchimage" in new_lines
         assert "refused 'dance': unknown command 'dance'" in new_lines  # where a 9P2000.L user finds the words
@@ -279,7 +265,7 @@ def test_kill9_of_the_scheduler_during_a_burst(cluster: tuple[SchedProc, list[No
         sched.start()
 
         async def settled() -> bool:
-            names = {e.name for e in await _ls(sched.addr, "cluster/scheduler/placements")}
+            names = {e.name for e in await ls(sched.addr, "cluster/scheduler/placements")}
             assert set(acked) <= names, f"lost: {set(acked) - names}"
             runs = await where_running(nodes)
             statuses = [(await placement(sched.addr, n))["status"] for n in names]
