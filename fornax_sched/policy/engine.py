@@ -550,7 +550,7 @@ class LuaProgram:
         """``key value`` lines: the state a service shows (counters, failing, the last failure)."""
         state = "failing" if self.failing else "ok"
         lines = [f"state {state}", f"defined {self.defined or '-'}",
-                 f"deadline {round(self.limits.deadline * 1000)}ms", f"memory {format_size(self.limits.memory)}"]
+                 f"deadline {round(self.limits.deadline * 1000)}ms", f"memory_cap {format_size(self.limits.memory)}"]
         lines += [f"{k} {v}" for k, v in self.counters.items()]
         if self.last_failure:
             lines.append(f"last_failure {self.last_failure}")
