@@ -249,3 +249,33 @@ def test_a_failing_policy_falls_back_and_is_reported(cluster: tuple[SchedProc, l
         assert names == {"boom", "slow", "hog", "boom-0", "boom-1", "fine"}
 
     asyncio.run(go())
+
+
+def test_swapping_the_policy_under_a_stream_of_places(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
+    """Places keep coming while the policy changes between Lua, YAML and text rules: none fails,
+    and every container runs exactly once."""
+    sched, nodes = cluster
+    a = sched.addr
+    policies = [LAST, (EXAMPLES / "web-first.yaml").read_text(), "pack\n", (EXAMPLES / "zone-spread.lua").read_text(),
+                "spread\n", LAST]
+
+    async def go() -> None:
+        async def places() -> list[str]:
+            async with await Client.connect(a, version="9P2000.u", timeout=20) as c:
+                return [(await c.write_file("cluster/scheduler/ctl", f"place hello name=s{i}".encode(),
+                                            read_reply=True)).decode() for i in range(40)]
+
+        async def swaps() -> list[str]:
+            out = []
+            for text in policies:
+                out.append(await write_policy(a, text))
+                await asyncio.sleep(0.05)
+            return out
+
+        replies, swapped = await asyncio.gather(places(), swaps())
+        assert all(" status=running" in r for r in replies), replies
+        assert [s.split()[1] for s in swapped] == [f"v{i + 1}" for i in range(len(policies))]
+        runs = [n for node in nodes for n in await running_on(node)]
+        assert sorted(runs) == sorted(f"s{i}" for i in range(40))
+
+    asyncio.run(go())
