@@ -5,13 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fornax_sched.fs.client import Client
 
 from ..conftest import spawn_serving
-from ..node.cluster import NodeProc, eventually, free_port, read
+from ..node.cluster import NodeProc, eventually, free_port, read, three_nodes
 
 # Fast enough for tests: a look at each node every 0.2 s, dead after 2 s unreachable.
 FAST = ["--interval", "0.2", "--dead", "2"]
@@ -97,3 +99,18 @@ async def discovered(sched: SchedProc, count: int = 3) -> list[str]:
 async def ls(addr: str, path: str) -> list:  # type: ignore[type-arg]
     async with await Client.connect(addr, timeout=5) as c:
         return await c.ls(path)
+
+
+@contextmanager
+def scheduler_over_three(tmp: Path, every_seed: bool = False) -> Iterator[tuple[SchedProc, list[NodeProc]]]:
+    """fornax-01..03 and a scheduler seeded with the first (the rest from its peers) or with all three."""
+    nodes = three_nodes(tmp)
+    sched = None
+    try:
+        sched = SchedProc(tmp / "sched", [n.addr for n in (nodes if every_seed else nodes[:1])]).start()
+        yield sched, nodes
+    finally:
+        if sched is not None:
+            sched.stop()
+        for n in nodes:
+            n.stop()

@@ -19,8 +19,8 @@ from fornax_sched.fs import proto as P
 from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
-from ..node.cluster import NodeProc, read, three_nodes
-from .harness import SchedProc, ctl, discovered, ls, placement, running_on
+from ..node.cluster import NodeProc, read
+from .harness import SchedProc, ctl, discovered, ls, placement, running_on, scheduler_over_three
 
 pytestmark = pytest.mark.slow
 
@@ -51,17 +51,9 @@ end
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[SchedProc, list[NodeProc]]]:
-    nodes = three_nodes(tmp_path)
-    sched = None
-    try:
-        sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes]).start()
-        asyncio.run(discovered(sched))
-        yield sched, nodes
-    finally:
-        if sched is not None:
-            sched.stop()
-        for n in nodes:
-            n.stop()
+    with scheduler_over_three(tmp_path, every_seed=True) as c:
+        asyncio.run(discovered(c[0]))
+        yield c
 
 
 async def write_policy(addr: str, text: str, msize: int = P.DEFAULT_MSIZE) -> str:

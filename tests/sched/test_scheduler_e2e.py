@@ -19,23 +19,15 @@ from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
 from ..node.cluster import NodeProc, alive, eventually, read, three_nodes
-from .harness import SchedProc, ctl, discovered, ls, placement, running_on
+from .harness import SchedProc, ctl, discovered, ls, placement, running_on, scheduler_over_three
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[SchedProc, list[NodeProc]]]:
-    nodes = three_nodes(tmp_path)
-    sched = None
-    try:
-        sched = SchedProc(tmp_path / "sched", [nodes[0].addr]).start()  # one seed: the rest from its peers
-        yield sched, nodes
-    finally:
-        if sched is not None:
-            sched.stop()
-        for n in nodes:
-            n.stop()
+    with scheduler_over_three(tmp_path) as c:
+        yield c
 
 
 async def where_running(nodes: list[NodeProc]) -> dict[str, list[str]]:
