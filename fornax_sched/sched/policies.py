@@ -72,6 +72,15 @@ class Policies:
         what = f"yaml {v.name}" if v.kind == "yaml" and v.name else v.kind
         return f"{what} v{v.n}" + (" (not loaded: the platform policy decides)" if self.load_error else "")
 
+    def health(self) -> str:
+        """"" while all is well, else what ctl's summary should say of the policy."""
+        if self.load_error:
+            return f"failing: did not start: {self.load_error}"
+        p = self.program
+        if p is not None and p.failing:
+            return f"failing: {p.in_a_row} decisions in a row; last: {p.last_failure} (see policy.status)"
+        return ""
+
     def source_text(self) -> str:
         v = self.active
         if v is None or v.kind == "rules":

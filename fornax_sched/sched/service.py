@@ -952,7 +952,8 @@ class Scheduler:
             nodes[n.status] = nodes.get(n.status, 0) + 1
         return (f"nodes {len(self.cluster.nodes)}" + "".join(f" {k} {v}" for k, v in sorted(nodes.items()))
                 + f"\nplacements {len(self.records)}" + "".join(f" {k} {v}" for k, v in sorted(counts.items()))
-                + f"\npolicy {self.policies.label()}\n\n{lang.USAGE}")
+                + f"\npolicy {self.policies.label()}" + (f" {h}" if (h := self.policies.health()) else "")
+                + f"\n\n{lang.USAGE}")
 
     def placement_text(self, name: str) -> str:
         p = self.cluster.placements[name]

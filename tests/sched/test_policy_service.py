@@ -233,6 +233,8 @@ def test_a_failing_policy_falls_back_and_is_reported(cluster: tuple[SchedProc, l
         assert st["state"] == "failing" and st["last_failure"].startswith("error: line 4: boom asked for")
         assert "(failing: 5 decisions in a row)" in await read(a, "cluster/scheduler/log")
         assert "recent failures:" in text
+        assert "policy lua v1 failing: 5 decisions in a row; last: error: line 4: boom asked for" in \
+            await read(a, "cluster/scheduler/ctl")
         # a good decision clears it
         assert "status=running" in await ctl(a, "place hello name=fine")
         assert status(await read(a, "cluster/scheduler/policy.status"))["state"] == "ok"
