@@ -118,7 +118,10 @@ class Scheduler:
         self.lines: deque[str] = deque(maxlen=LOG_LINES)
         self._unsaved: list[str] = []  # log lines not yet in the store
         self._seq: dict[str, int] = {}  # next replica number per name stem
-        self._busy: set[str] = set()  # placements a command is acting on (the reconciler keeps off)
+        # Placements a command is acting on, from the decision to start them (or the stop) until the
+        # node has answered, with when that began: the reconciler keeps off them.
+        self._busy: dict[str, float] = {}
+        self._pending: dict[str, None] = {}  # names whose status is pending, oldest first
         self._acted: dict[str, float] = {}  # when a command last acted on a placement (monotonic)
         self._mutate = asyncio.Lock()  # one decide-and-record at a time
         self._pending_kick = asyncio.Event()
@@ -151,7 +154,8 @@ class Scheduler:
 
     async def _load(self) -> None:
         meta = await self.store.load("meta")
-        self._seq = dict(meta.get("seq", {}))
+        self._seq = dict(meta.get("seq", {}))  # stores from before one row a stem
+        self._seq.update({k[4:]: int(v) for k, v in meta.items() if k.startswith("seq/")})
         for name, d in (await self.store.load("nodes")).items():
             st = self.cluster.add_node(NodeFacts(name, d["cpus"], d["mem"], dict(d.get("labels", {}))), "unknown")
             st.cordoned = bool(d.get("cordoned"))
@@ -165,6 +169,8 @@ class Scheduler:
                 self.cluster.assign(name, node, d.get("reason", ""), force=True)
             elif node:
                 self.records[name].status = "pending"
+            if self.records[name].status == "pending":
+                self._pending[name] = None
         for at, line in await self.store.log_tail(LOG_LINES):
             self.lines.append(f"{_stamp(at)} {line}")
         # The policy last: its sandbox starts with the cluster's placements known.
@@ -206,6 +212,14 @@ class Scheduler:
     def _set(self, name: str, status: str, detail: str = "", cid: str | None = None) -> bool:
         """Change a placement's status; True if anything changed."""
         r = self.records[name]
+        if status == "starting":
+            # Whoever decided this starts it next: until then a node's reconciler,
+            # whose listing cannot show it yet, must not start it as well.
+            self._claim(name)
+        if status == "pending":
+            self._pending[name] = None
+        else:
+            self._pending.pop(name, None)
         if cid is not None and cid != r.cid:
             r.cid = cid
         elif r.status == status and r.detail == detail:
@@ -265,7 +279,8 @@ class Scheduler:
         async with self._mutate:
             group, names = self._next_names(req, req.replicas)
             decisions = self._decide_new(names, req, group)
-            batch = Batch().put("meta", "seq", self._seq)
+            batch = Batch()
+            self._put_seq(batch, req.name or req.image)
             for name in names:
                 self._put(batch, name)
             try:
@@ -291,6 +306,10 @@ class Scheduler:
             d = self.cluster.place(name, req)
             self.records[name] = Record(group, "starting" if d.node else "pending", since=now,
                                         detail="" if d.node else d.reason, created=now)
+            if d.node:
+                self._claim(name)  # ours to start: see _set
+            else:
+                self._pending[name] = None
             self._decided(d, f"place {name} ({lang.format_place(req)})")
             out.append(d)
         return out
@@ -315,6 +334,8 @@ class Scheduler:
             self.cluster.forget(name)
         self.records.pop(name, None)
         self._acted.pop(name, None)
+        self._busy.pop(name, None)
+        self._pending.pop(name, None)
 
     # ---------------------------------------------------------------- acting on nodes
     async def _start_all(self, names: list[str]) -> dict[str, str | None]:
@@ -327,13 +348,12 @@ class Scheduler:
         placement durably and returns the node's words; an unreachable node leaves
         it starting, for the reconciler or the dead-node logic to finish."""
         p = self.cluster.placements.get(name)
-        if p is None or p.node is None:
-            return None
+        lk = self.links.get(p.node) if p is not None and p.node is not None else None
+        if p is None or p.node is None or lk is None:
+            self._done(name)
+            return None if p is None or p.node is None else f"no connection to {p.node}"
         node = p.node
-        lk = self.links.get(node)
-        if lk is None:
-            return f"no connection to {node}"
-        self._busy.add(name)
+        self._claim(name)
         try:
             req = p.request
             cid = await lk.backend.run(req.image, req.args, req.cpus, req.mem, name)
@@ -343,7 +363,6 @@ class Scheduler:
             async with self._mutate:
                 batch = Batch().delete("placements", name)
                 self._forget(name)
-                self._put_seq(batch)
                 await self._commit_quietly(batch)
             self._kick()
             return str(e)
@@ -359,13 +378,24 @@ class Scheduler:
             await self._save(name)
         return None
 
+    def _claim(self, name: str) -> None:
+        self._busy[name] = time.monotonic()
+
+    def _is_busy(self, name: str) -> bool:
+        """A command is acting on ``name``.  A claim older than any start or stop can take
+        (a command that failed between deciding and acting) lapses, so nothing stays stuck."""
+        at = self._busy.get(name)
+        return at is not None and time.monotonic() - at < 4 * self.node_timeout + 10
+
     def _done(self, name: str) -> None:
         """A command finished acting on ``name``: a listing taken before now is stale for it."""
-        self._busy.discard(name)
+        self._busy.pop(name, None)
         self._acted[name] = time.monotonic()
 
-    def _put_seq(self, batch: Batch) -> None:
-        batch.put("meta", "seq", self._seq)
+    def _put_seq(self, batch: Batch, stem: str) -> None:
+        """The next replica number of one stem: a row each, so a place writes a few bytes."""
+        if stem in self._seq:
+            batch.put("meta", f"seq/{stem}", self._seq[stem])
 
     async def _save(self, *names: str) -> None:
         """Record status changes; they are facts the nodes also hold, so a failure is only logged."""
@@ -418,7 +448,7 @@ class Scheduler:
         if p.node is None:
             self._set(name, "stopped")
         else:
-            self._busy.add(name)
+            self._claim(name)
             try:
                 err = await self._stop_on(p.node, name, r.cid, destroy=False)
             finally:
@@ -471,7 +501,7 @@ class Scheduler:
             self.note(f"remove {name} from {p.node or '-'}")
             await self._save_or_fail(name)
         if p.node is not None:
-            self._busy.add(name)
+            self._claim(name)
             try:
                 err = await self._stop_on(p.node, name, r.cid, destroy=True)
             finally:
@@ -505,7 +535,7 @@ class Scheduler:
             _, names = self._next_names(req, want - len(members))
             decisions = self._decide_new(names, req, group)
             batch = Batch()
-            self._put_seq(batch)
+            self._put_seq(batch, group)
             for name in names:
                 self._put(batch, name)
             try:
@@ -558,7 +588,7 @@ class Scheduler:
 
     async def _move(self, name: str, src: str, old_cid: str) -> str | None:
         """Stop on the source, then start on the target (already recorded)."""
-        self._busy.add(name)
+        self._claim(name)
         try:
             err = await self._stop_on(src, name, old_cid, destroy=True)
             if err:
@@ -606,7 +636,7 @@ class Scheduler:
         limit = cmd.count or 10
         async with self._mutate:
             before = {n: (p.node, self.records[n].cid) for n, p in self.cluster.placements.items()
-                      if p.node and n not in self._busy and self.records[n].status == "running"}
+                      if p.node and not self._is_busy(n) and self.records[n].status == "running"}
             moves = [m for m in self.cluster.rebalance(limit)]
             batch = Batch()
             for name, src, dst in moves:
@@ -835,12 +865,15 @@ class Scheduler:
         began, is left alone: the listing may not show what that command did.
         """
         def fresh(name: str) -> bool:
-            return name not in self._busy and self._acted.get(name, -1.0) < listed
+            return not self._is_busy(name) and self._acted.get(name, -1.0) < listed
 
         alive: dict[str, ContainerInfo] = {}
         ended: dict[str, ContainerInfo] = {}
+        copies: dict[str, list[ContainerInfo]] = {}  # every live instance of each name
         for item in sorted(found, key=lambda i: (len(i.id), i.id)):  # the newest instance of a name wins
             (alive if item.state in ALIVE else ended)[item.name] = item
+            if item.state in ALIVE:
+                copies.setdefault(item.name, []).append(item)
         changed: list[str] = []
         to_start: list[str] = []
         to_stop: list[tuple[str, ContainerInfo]] = []
@@ -859,8 +892,14 @@ class Scheduler:
                 elif self._set(name, "stopped"):
                     changed.append(name)
             elif c is not None:
-                if self._set(name, "running", "", cid=c.id):
+                keep = next((i for i in copies[name] if i.id == r.cid), c)
+                if self._set(name, "running", "", cid=keep.id):
                     changed.append(name)
+                for extra in copies[name]:
+                    if extra is not keep:  # started twice here: one instance is enough
+                        to_stop.append((name, extra))
+                        self.note(f"{name} runs twice on {node} (containers {keep.id} and {extra.id}): "
+                                  f"stopping {extra.id}")
             elif r.status == "starting":
                 to_start.append(name)
             elif r.status == "running":
@@ -917,14 +956,15 @@ class Scheduler:
                 log.exception("housekeeping")
 
     async def _place_pending(self) -> None:
-        if not any(r.status == "pending" for r in self.records.values()):
+        if not self._pending:
             return
         async with self._mutate:
             placed = []
             batch = Batch()
-            for p in self.cluster.pending():
-                r = self.records[p.name]
-                if r.status != "pending":
+            for name in list(self._pending):
+                p = self.cluster.placements[name]
+                r = self.records[name]
+                if r.status != "pending" or p.node is not None:
                     continue
                 d = self.cluster.decide(p.name, p.request)
                 if d.node is None:

@@ -19,6 +19,7 @@ from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
 from ..node.cluster import NodeProc, alive, eventually, read, three_nodes
+from ..node.cluster import ctl as node_ctl
 from .harness import SchedProc, ctl, discovered, ls, placement, running_on, scheduler_over_three
 
 pytestmark = pytest.mark.slow
@@ -275,6 +276,54 @@ def test_kill9_of_the_scheduler_during_a_burst(cluster: tuple[SchedProc, list[No
             return all(s == "running" for s in statuses)
 
         await eventually(settled, timeout=20)
+
+    asyncio.run(go())
+
+
+def test_concurrent_places_start_each_container_once(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
+    """Places from eight writers while the reconcilers list the nodes five times a second: a
+    reconciler whose listing began before a place must not start that container as well."""
+    sched, nodes = cluster
+
+    async def go() -> None:
+        await discovered(sched)
+
+        async def writer(k: int) -> None:
+            async with await Client.connect(sched.addr, version="9P2000.u", timeout=20) as c:
+                for i in range(30):
+                    await c.write_file("cluster/scheduler/ctl", f"place hello name=w{k}x{i}".encode())
+
+        async def instances() -> dict[str, int]:
+            out: dict[str, int] = {}
+            for n in nodes:
+                async with await Client.connect(n.addr, timeout=5) as c:
+                    for e in await c.ls("cluster/containers"):
+                        st = (await c.read_file(f"cluster/containers/{e.name}/status")).decode()
+                        kv = dict(line.partition(" ")[::2] for line in st.splitlines())
+                        if kv.get("state") in ("created", "running"):
+                            out[kv["name"]] = out.get(kv["name"], 0) + 1
+            return out
+
+        await asyncio.gather(*(writer(k) for k in range(8)))
+        got = await instances()
+        assert len(got) == 240
+        twice = {k: v for k, v in got.items() if v > 1}
+        assert not twice, twice
+
+        # a second instance under the same name on the same node (started by hand): the
+        # reconciler stops it and keeps the one it placed
+        p = await placement(sched.addr, "w0x0")
+        node = {n.name: n for n in nodes}[p["node"]]
+        await node_ctl(node.addr, "cluster/ctl", "run hello name=w0x0")
+        assert (await instances())["w0x0"] == 2
+
+        async def once() -> bool:
+            return (await instances())["w0x0"] == 1
+
+        await eventually(once, timeout=10)
+        assert (await placement(sched.addr, "w0x0"))["cid"] == p["cid"]
+        assert f"w0x0 runs twice on {node.name} (containers {p['cid']} and " in \
+            await read(sched.addr, "cluster/scheduler/log")
 
     asyncio.run(go())
 
