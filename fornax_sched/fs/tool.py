@@ -106,8 +106,7 @@ def serve_ramfs(addr: str, msize: int = P.DEFAULT_MSIZE) -> int:
         fs = RamFS(owner=getpass.getuser())
         server = Server(fs.root, msize=msize)
         listener = await server.listen(addr)
-        print(f"ramfs: serving on {listener.address}", flush=True)
-        await until_stopped()
+        await until_stopped(lambda: print(f"ramfs: serving on {listener.address}", flush=True))
         await server.close()
 
     try:

@@ -250,6 +250,5 @@ class NodeDaemon:
 async def serve_forever(cfg: NodeConfig) -> None:
     node = NodeDaemon(cfg)
     await node.start()
-    print(f"fornax-node {node.name} ({node.id}) serving {node.addr}", flush=True)
-    await until_stopped()
+    await until_stopped(lambda: print(f"fornax-node {node.name} ({node.id}) serving {node.addr}", flush=True))
     await node.stop()

@@ -77,8 +77,8 @@ class SchedDaemon:
 async def serve_forever(cfg: SchedConfig) -> None:
     daemon = SchedDaemon(cfg)
     await daemon.start()
-    print(f"fornax-sched scheduler serving {daemon.addr} (state {cfg.state / 'sched.db'})", flush=True)
-    await until_stopped()
+    await until_stopped(lambda: print(f"fornax-sched scheduler serving {daemon.addr} (state {cfg.state / 'sched.db'})",
+                                      flush=True))
     await daemon.stop()
 
 
