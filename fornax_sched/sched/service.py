@@ -160,17 +160,29 @@ class Scheduler:
             st = self.cluster.add_node(NodeFacts(name, d["cpus"], d["mem"], dict(d.get("labels", {}))), "unknown")
             st.cordoned = bool(d.get("cordoned"))
             self._link(name, d["addr"])
-        for name, d in sorted((await self.store.load("placements")).items(), key=lambda kv: kv[1].get("created", 0)):
-            self.cluster.add(name, request_from_json(d["request"]))
-            self.records[name] = Record(d.get("group", name), d.get("status", "pending"), d.get("cid", ""),
-                                        d.get("since", 0.0), d.get("detail", ""), d.get("created", 0.0))
-            node = d.get("node")
-            if node and node in self.cluster.nodes:
-                self.cluster.assign(name, node, d.get("reason", ""), force=True)
-            elif node:
-                self.records[name].status = "pending"
-            if self.records[name].status == "pending":
-                self._pending[name] = None
+        # Row by row, oldest first, with one copy of each repeated string and request:
+        # replicas share their request, thousands of placements their status.
+        requests: dict[Request, Request] = {}
+        text: dict[str, str] = {}
+
+        def one(v: str) -> str:
+            return text.setdefault(v, v)
+
+        async for rows in self.store.scan("placements", order="created"):
+            for name, d in rows:
+                req = request_from_json(d["request"])
+                req = requests.setdefault(req, req)
+                self.cluster.add(name, req)
+                r = Record(one(d.get("group", name)), one(d.get("status", "pending")), d.get("cid", ""),
+                           d.get("since", 0.0), one(d.get("detail", "")), d.get("created", 0.0))
+                self.records[name] = r
+                node = d.get("node")
+                if node and node in self.cluster.nodes:
+                    self.cluster.assign(name, node, one(d.get("reason", "")), force=True)
+                elif node:
+                    r.status = "pending"
+                if r.status == "pending":
+                    self._pending[name] = None
         for at, line in await self.store.log_tail(LOG_LINES):
             self.lines.append(f"{_stamp(at)} {line}")
         # The policy last: its sandbox starts with the cluster's placements known.

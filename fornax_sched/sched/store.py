@@ -16,7 +16,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +67,8 @@ class Store(Protocol):
     async def apply(self, batch: Batch) -> None: ...
 
     async def load(self, table: str) -> dict[str, Any]: ...
+
+    def scan(self, table: str, order: str = "", size: int = 5000) -> AsyncIterator[list[tuple[str, Any]]]: ...
 
     async def log_tail(self, n: int) -> list[tuple[float, str]]: ...
 
@@ -151,6 +153,32 @@ class SqliteStore:
             return {k: json.loads(v) for k, v in rows}
 
         return await self._run(read)
+
+    async def scan(self, table: str, order: str = "", size: int = 5000) -> AsyncIterator[list[tuple[str, Any]]]:
+        """A table's rows, ``size`` at a time (ordered by the JSON field ``order``, if given), so
+        that a large table is never decoded whole: loading 100,000 placements at once held three
+        times the memory they end up taking."""
+        _check_table(table)
+        if order and not order.isidentifier():
+            raise ValueError(f"bad order field {order!r}")
+        sql = f"SELECT key, value FROM {table}" + (f" ORDER BY json_extract(value, '$.{order}')" if order else "")
+
+        def first() -> sqlite3.Cursor:
+            try:
+                return self._conn().execute(sql)
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read the store {self.path}: {e}") from None
+
+        cur = await self._run(first)
+
+        def more() -> list[tuple[str, Any]]:
+            try:
+                return [(k, json.loads(v)) for k, v in cur.fetchmany(size)]
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read the store {self.path}: {e}") from None
+
+        while rows := await self._run(more):
+            yield rows
 
     async def log_tail(self, n: int) -> list[tuple[float, str]]:
         def read() -> list[tuple[float, str]]:

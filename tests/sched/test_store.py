@@ -39,6 +39,23 @@ def test_batches_round_trip_and_log_is_bounded(tmp_path: Path) -> None:
     run(main())
 
 
+def test_scan_reads_a_table_in_pieces_in_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = await SqliteStore.open(tmp_path / "state.db")
+        b = Batch()
+        for i in range(25):
+            b.put("placements", f"c{i:02d}", {"created": (i * 7) % 25, "i": i})
+        await s.apply(b)
+        pieces = [rows async for rows in s.scan("placements", order="created", size=10)]
+        assert [len(p) for p in pieces] == [10, 10, 5]
+        assert [d["created"] for p in pieces for _, d in p] == list(range(25))
+        assert sorted(k for p in pieces for k, _ in p) == [f"c{i:02d}" for i in range(25)]
+        with pytest.raises(ValueError, match="bad order field"):
+            [rows async for rows in s.scan("placements", order="x'); DROP TABLE placements; --")]
+        await s.close()
+    run(main())
+
+
 def test_a_failing_batch_changes_nothing(tmp_path: Path) -> None:
     async def main() -> None:
         s = await SqliteStore.open(tmp_path / "state.db")
