@@ -21,6 +21,7 @@ run does the native built-in spread decide.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -32,7 +33,7 @@ import sysconfig
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,25 @@ class LuaProgram:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def aside(self) -> Iterator[None]:
+        """Decisions that do not count (a simulation): counters, the failing state, the recent
+        failures and log lines are as before afterwards, and nothing reaches the callbacks."""
+        saved = (dict(self.counters), self.in_a_row, self.failing, self.last_failure, list(self.recent),
+                 list(self.logs), self.on_failure, self.on_log)
+        self.on_failure = self.on_log = None
+        try:
+            yield
+        finally:
+            restarts = self.counters["restarts"]  # a sandbox killed meanwhile was killed for real
+            self.counters, self.in_a_row, self.failing, self.last_failure = saved[0], saved[1], saved[2], saved[3]
+            self.counters["restarts"] = restarts
+            self.recent.clear()
+            self.recent.extend(saved[4])
+            self.logs.clear()
+            self.logs.extend(saved[5])
+            self.on_failure, self.on_log = saved[6], saved[7]
 
     def _ready_box(self) -> Sandbox:
         if self._box is not None:

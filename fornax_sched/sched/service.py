@@ -728,7 +728,9 @@ class Scheduler:
             _, names = self._next_names(req, req.replicas)
         finally:
             self._seq = seq
-        decisions = self.cluster.simulate(names, req)
+        program = self.policies.program
+        with program.aside() if program is not None else contextlib.nullcontext():
+            decisions = self.cluster.simulate(names, req)
         head = f"simulate {lang.format_place(req)} (policy {self.policies.label()}): nothing changed\n"
         return head + "".join(f"{d.name} -> {d.node}: {d.reason}\n" if d.node else f"{d.name} pending: {d.reason}\n"
                               for d in decisions)

@@ -235,6 +235,11 @@ def test_a_failing_policy_falls_back_and_is_reported(cluster: tuple[SchedProc, l
         assert "recent failures:" in text
         assert "policy lua v1 failing: 5 decisions in a row; last: error: line 4: boom asked for" in \
             await read(a, "cluster/scheduler/ctl")
+        # a simulation shows the fallback but counts for nothing
+        before = await read(a, "cluster/scheduler/policy.status")
+        reply = await ctl(a, "simulate place hello name=boom-sim")
+        assert "boom-sim -> fornax-0" in reply and "the policy failed" in reply, reply
+        assert await read(a, "cluster/scheduler/policy.status") == before
         # a good decision clears it
         assert "status=running" in await ctl(a, "place hello name=fine")
         assert status(await read(a, "cluster/scheduler/policy.status"))["state"] == "ok"
