@@ -338,6 +338,37 @@ class Cluster:
                 self.forget(name)
         return out
 
+    def _rebalance_program(self, max_moves: int, per_move: int = 50) -> list[tuple[str, str, str]]:
+        """Rebalance under a program, whose preferences only its decisions show.
+
+        A container moves when the program, placing it afresh (taken off its
+        node), picks another node, and would pick that node again once it is
+        there: a tie that would send it back on the next rebalance is no
+        reason to move.  At most ``per_move`` containers are examined per
+        move allowed (two decisions each), which bounds the time it takes.
+        """
+        moves: list[tuple[str, str, str]] = []
+        examined = 0
+        for name, p in list(self.placements.items()):
+            if len(moves) >= max_moves or examined >= per_move * max_moves:
+                break
+            if p.node is None or not self.nodes[p.node].usable:
+                continue
+            examined += 1
+            src, reason = p.node, p.reason
+            self.unassign(name)
+            d = self.decide(name, p.request)
+            if d.node is not None and d.node != src:
+                self.assign(name, d.node)
+                self.unassign(name)
+                again = self.decide(name, p.request)
+                if again.node == d.node:
+                    self.assign(name, d.node, f"rebalance from {src}")
+                    moves.append((name, src, d.node))
+                    continue
+            self.assign(name, src, reason, force=True)
+        return moves
+
     # ------------------------------------------------------------ plans
     def evacuate(self, node: str) -> list[Decision]:
         """Cordon ``node`` and move everything off it, one decision at a time.
@@ -385,6 +416,8 @@ class Cluster:
         another node and that node would end up no worse off than the one
         it leaves (so spread never oscillates); moves are applied here.
         """
+        if self.program is not None:
+            return self._rebalance_program(max_moves)
         moves: list[tuple[str, str, str]] = []
         for name, p in list(self.placements.items()):
             if len(moves) >= max_moves:
