@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fornax_sched.fs.client import Client  # noqa: E402
-from tests.node.cluster import NodeProc, free_port  # noqa: E402
+from tests.node.cluster import NodeProc, eventually, free_port  # noqa: E402
 from tests.sched.harness import SchedProc  # noqa: E402
 
 CTL = "cluster/scheduler/ctl"
@@ -63,21 +63,6 @@ async def ctl(c: Client, command: str) -> str:
 
 async def read(c: Client, path: str) -> str:
     return (await c.read_file(path)).decode()
-
-
-async def until(what: str, check: Any, timeout: float, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = await check()
-            if value:
-                return value
-            last = value
-        except Exception as e:  # noqa: BLE001 - reported below if it never passes
-            last = e
-        await asyncio.sleep(every)
-    raise RuntimeError(f"{what}: not done within {timeout}s: last {last!r}")
 
 
 def ours_on(text: str) -> dict[str, str]:
@@ -147,7 +132,7 @@ async def failover(sched: SchedProc, nodes: list[NodeProc], count: int, dead: fl
             st = [(await read(c, f"cluster/nodes/{n}/status")).strip() for n in names]
             return len(names) == len(nodes) and all(s == "online" for s in st)
 
-        await until("nodes online", online, 30)
+        await eventually(online, timeout=30, interval=0.05)
         for n in others:
             await ctl(c, f"cordon {n.name}")
         t = time.perf_counter()
@@ -157,7 +142,7 @@ async def failover(sched: SchedProc, nodes: list[NodeProc], count: int, dead: fl
             on = ours_on(await read(c, f"cluster/nodes/{victim.name}/containers"))
             return len(on) == count and all(s == "running" for s in on.values())
 
-        await until(f"{count} running on {victim.name}", all_on_victim, 60)
+        await eventually(all_on_victim, timeout=60, interval=0.05)
         setup_s = time.perf_counter() - t
         before = await node_running(victim.addr)
         for n in others:

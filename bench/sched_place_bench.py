@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fornax_sched.fs.client import Client  # noqa: E402
-from tests.node.cluster import NodeProc, free_port  # noqa: E402
+from tests.node.cluster import NodeProc, eventually, free_port  # noqa: E402
 from tests.sched.harness import SchedProc  # noqa: E402
 
 CTL = "cluster/scheduler/ctl"
@@ -75,21 +74,6 @@ def drain(proc: Any) -> None:
             threading.Thread(target=pipe.read, daemon=True).start()
 
 
-async def retry(what: str, check: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = await check()
-            if value:
-                return value
-            last = value
-        except Exception as e:  # noqa: BLE001 - reported below if it never passes
-            last = e
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{what}: not done within {timeout}s: last {last!r}")
-
-
 async def nodes_online(addr: str, count: int) -> list[str]:
     async def check() -> list[str] | None:
         async with await Client.connect(addr, timeout=5) as c:
@@ -97,7 +81,7 @@ async def nodes_online(addr: str, count: int) -> list[str]:
             st = [(await c.read_file(f"cluster/nodes/{n}/status")).decode().strip() for n in names]
         return names if len(names) == count and all(s == "online" for s in st) else None
 
-    return await retry("nodes online", check)
+    return await eventually(check, timeout=30)
 
 
 class Phase:
@@ -254,7 +238,7 @@ async def clean(sched: str, done: list[tuple[str, str]], nodes: list[str], write
         async with await Client.connect(sched, timeout=10) as c:
             return not await c.ls("cluster/scheduler/placements")
 
-    await retry("placements removed", empty)
+    await eventually(empty, timeout=30)
     left = [(a, kv["id"]) for a in nodes for kv in await node_containers(a)]
     for addr, cid in left:
         async with await Client.connect(addr, timeout=60) as c:
