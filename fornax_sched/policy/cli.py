@@ -94,7 +94,7 @@ def simulate(text: str, cluster: Cluster, where: str, words: list[str]) -> int:
         names = _names(cluster, req.name or req.image, req.replicas, exact=bool(req.name and req.replicas == 1))
         print(f"simulate {lang.format_place(req)} on {where}:")
         for d in cluster.simulate(names, req):
-            print(f"{d.name} -> {d.node}: {d.reason}" if d.node else f"{d.name} pending: {d.reason}")
+            print(d.line())
     finally:
         if loaded.program is not None:
             loaded.program.close()

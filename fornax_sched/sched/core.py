@@ -75,6 +75,10 @@ class Decision:
     reason: str
     candidates: int  # feasible nodes looked at
 
+    def line(self) -> str:
+        """``web-1 -> node-3: why`` or ``web-1 pending: why`` (simulations show these)."""
+        return f"{self.name} -> {self.node}: {self.reason}" if self.node else f"{self.name} pending: {self.reason}"
+
 
 class Program(Protocol):
     """A programmable policy (a Lua program, say) that decides in place of the built-in ranking.

@@ -246,8 +246,8 @@ class Scheduler:
         batch.put("nodes", n.name, {"addr": lk.addr if lk else "", "cpus": n.facts.cpus, "mem": n.facts.mem,
                                     "labels": n.facts.labels, "cordoned": n.cordoned})
 
-    def _next_names(self, req: Request, count: int) -> tuple[str, list[str]]:
-        """The group and container names for ``count`` new replicas of ``req``."""
+    def _next_names(self, req: Request, count: int, take: bool = True) -> tuple[str, list[str]]:
+        """The group and container names for ``count`` new replicas of ``req`` (``take``: use them up)."""
         if req.name and req.replicas == 1 and count == 1:
             if req.name in self.records:
                 raise CommandError(f"container {req.name!r} exists")
@@ -260,7 +260,8 @@ class Scheduler:
             n += 1
             if candidate not in self.records:
                 names.append(candidate)
-        self._seq[stem] = n
+        if take:
+            self._seq[stem] = n
         return (req.name or names[0] if count == 1 else stem), names
 
     # ================================================================ commands
@@ -288,9 +289,14 @@ class Scheduler:
     async def _cmd_place(self, cmd: lang.Command) -> str:
         req = cmd.request
         assert req is not None
+        return await self._place_new(req, req.replicas)
+
+    async def _place_new(self, req: Request, count: int, group: str = "") -> str:
+        """Decide and record ``count`` new replicas of ``req`` (in ``group``, else the one named
+        after it), then start them."""
         async with self._mutate:
-            group, names = self._next_names(req, req.replicas)
-            decisions = self._decide_new(names, req, group)
+            first, names = self._next_names(req, count)
+            decisions = self._decide_new(names, req, group or first)
             batch = Batch()
             self._put_seq(batch, req.name or req.image)
             for name in names:
@@ -543,20 +549,7 @@ class Scheduler:
             return f"{group} scaled to {want}: removed {' '.join(drop) or 'nothing'}\n"
         template = self.cluster.placements[members[0]].request
         req = Request(**{**template.__dict__, "name": group, "replicas": want})
-        async with self._mutate:
-            _, names = self._next_names(req, want - len(members))
-            decisions = self._decide_new(names, req, group)
-            batch = Batch()
-            self._put_seq(batch, group)
-            for name in names:
-                self._put(batch, name)
-            try:
-                await self._commit(batch)
-            except StoreError:
-                for name in names:
-                    self._forget(name)
-                raise
-        return await self._start_new(names, decisions)
+        return await self._place_new(req, want - len(members), group)
 
     # ---------------------------------------------------------------- moving
     async def _cmd_migrate(self, cmd: lang.Command) -> str:
@@ -723,17 +716,12 @@ class Scheduler:
     async def _cmd_simulate(self, cmd: lang.Command) -> str:
         req = cmd.request
         assert req is not None
-        seq = dict(self._seq)
-        try:
-            _, names = self._next_names(req, req.replicas)
-        finally:
-            self._seq = seq
+        _, names = self._next_names(req, req.replicas, take=False)
         program = self.policies.program
         with program.aside() if program is not None else contextlib.nullcontext():
             decisions = self.cluster.simulate(names, req)
         head = f"simulate {lang.format_place(req)} (policy {self.policies.label()}): nothing changed\n"
-        return head + "".join(f"{d.name} -> {d.node}: {d.reason}\n" if d.node else f"{d.name} pending: {d.reason}\n"
-                              for d in decisions)
+        return head + "".join(d.line() + "\n" for d in decisions)
 
     # ================================================================ nodes
     def _try_addr(self, addr: str) -> None:
