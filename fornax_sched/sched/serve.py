@@ -16,7 +16,7 @@ from ..signals import until_stopped
 from ..units import parse_size
 from . import tree
 from .service import Scheduler
-from .store import SqliteStore, StoreError
+from .store import StoreError, open_store
 
 DEFAULT_LISTEN = "tcp!127.0.0.1!5640"
 
@@ -36,6 +36,7 @@ class SchedConfig:
     dead: float = 10.0
     node_timeout: float = 5.0
     policy_limits: Limits = field(default_factory=Limits)
+    fresh: bool = False
 
 
 class SchedDaemon:
@@ -50,8 +51,10 @@ class SchedDaemon:
         self.addr = cfg.listen
 
     async def start(self) -> None:
-        store = await SqliteStore.open(self.cfg.state / "sched.db")
+        store = await open_store(str(self.cfg.state / "sched.db"), fresh=self.cfg.fresh)
         try:
+            # One scheduler per state: a second one would undo the first's work.
+            await store.campaign("scheduler", f"fornax-sched serve on {self.cfg.listen}", ttl=10, wait=False)
             self.sched = Scheduler(store, seeds=self.cfg.nodes, interval=self.cfg.interval,
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
                                    limits=self.cfg.policy_limits)
@@ -89,6 +92,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, help="9P address (default %(default)s: loopback)")
     p.add_argument("--state", type=Path, default=None,
                    help="state directory (default ~/.local/state/fornax-sched/scheduler)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start with a new, empty store; the old store file is kept aside (sched.db.replaced-TIME)")
     p.add_argument("--node", action="append", default=[], metavar="ADDR",
                    help="9P address of a node to start from (repeat); more are found through its peers")
     p.add_argument("--writers", default="",
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = SchedConfig(listen=args.listen, state=args.state or default_state(), nodes=args.node,
                       writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead,
-                      policy_limits=limits)
+                      policy_limits=limits, fresh=args.fresh)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

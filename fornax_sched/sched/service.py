@@ -168,8 +168,9 @@ class Scheduler:
         def one(v: str) -> str:
             return text.setdefault(v, v)
 
-        async for rows in self.store.scan("placements", order="created"):
-            for name, d in rows:
+        async for items in self.store.scan("placements"):
+            for item in items:
+                name, d = item.key, item.value
                 req = request_from_json(d["request"])
                 req = requests.setdefault(req, req)
                 self.cluster.add(name, req)
@@ -183,6 +184,7 @@ class Scheduler:
                     r.status = "pending"
                 if r.status == "pending":
                     self._pending[name] = None
+        self._pending = dict.fromkeys(sorted(self._pending, key=lambda n: self.records[n].created))
         for at, line in await self.store.log_tail(LOG_LINES):
             self.lines.append(f"{_stamp(at)} {line}")
         # The policy last: its sandbox starts with the cluster's placements known.

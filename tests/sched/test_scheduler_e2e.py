@@ -340,5 +340,5 @@ def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
     (state / "sched.db").write_bytes(b"this is not SQLite" * 100)
     run = subprocess.run([sys.executable, "-m", "fornax_sched", "serve", "--listen", "tcp!127.0.0.1!0",
                           "--state", str(state)], capture_output=True, text=True, timeout=30)
-    assert run.returncode == 1 and "file is not a database" in run.stdout + run.stderr, run.stdout + run.stderr
+    assert run.returncode == 1 and "is not a SQLite file" in run.stdout + run.stderr, run.stdout + run.stderr
     assert (state / "sched.db").read_bytes() == b"this is not SQLite" * 100

@@ -1,0 +1,667 @@
+"""The store, written once over a small transactional key-value primitive.
+
+A store kind (SQLite, etcd) implements ``KV``: transactions of compares and
+puts/deletes with a limit on their size, consistent reads, a feed of
+changes, leases and a lock.  ``KVStore`` builds the scheduler's ``Store`` on
+it, so that every kind behaves the same and passes one conformance suite:
+
+- tables and the log as key ranges (``t/TABLE/KEY``, ``l/SEQ``);
+- commits from concurrent writers grouped into one transaction;
+- batches larger than the kind's transaction limit committed in steps that
+  are still all or nothing: the operations are staged under ``s/ID/`` (which
+  no reader looks at), one small transaction then writes the commit marker
+  ``c/ID`` (under the batch's conditions: the commit point), and the
+  operations are rolled forward in pieces.  Until the marker goes, readers
+  see the staged batch laid over the rows and watches deliver it as one
+  change; a writer that opens the store finishes what another left;
+- a bounded log (the oldest lines are deleted in the transaction that adds new ones);
+- leadership: every transaction of a leader carries the compare that
+  guards its leadership, so once it is deposed nothing it sends commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .api import Batch, Conflict, Event, Item, NotLeader, StoreError, check_table
+
+FORMAT = 1
+IDENTITY = "i"
+CHUNK = 256 << 10  # bytes of staged operations per key
+LINE_MAX = 2000  # characters a log line keeps in the store
+
+
+# ---------------------------------------------------------------- the primitive
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    value: str
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: str
+    end: str = ""  # with end: every key in [key, end)
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """The key's revision must be ``revision`` (0: the key must not exist)."""
+
+    key: str
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    start: str
+    end: str
+    limit: int = 0
+    reverse: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    key: str
+    value: str
+    revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    key: str
+    value: str | None  # None: deleted
+    revision: int
+
+
+class Snapshot(Protocol):
+    revision: int
+
+    async def read(self, r: Range) -> list[Row]: ...
+
+
+class Feed(Protocol):
+    """Changes after a revision, one list per transaction."""
+
+    def __aiter__(self) -> AsyncIterator[list[Change]]: ...
+
+    async def close(self) -> None: ...
+
+
+class Hold(Protocol):
+    """A held lock: ``guard`` (if any) goes into every transaction of the holder."""
+
+    identity: str
+    lost: asyncio.Event
+    guard: Compare | None
+
+    async def release(self) -> None: ...
+
+
+class KV(Protocol):
+    kind: str
+    where: str
+    max_ops: int
+    created: bool  # the store did not exist before this open
+
+    async def txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> int | None:
+        """Apply ops atomically if every compare holds: the new revision, or None (nothing written)."""
+        ...
+
+    def snapshot(self) -> AbstractAsyncContextManager[Snapshot]: ...
+
+    def subscribe(self, prefix: str, since: int) -> Feed: ...
+
+    async def grant(self, ttl: float) -> int: ...
+
+    async def keepalive(self, lease: int) -> bool: ...
+
+    async def revoke(self, lease: int) -> None: ...
+
+    async def lock(self, name: str, identity: str, ttl: float, wait: bool) -> Hold: ...
+
+    async def holder(self, name: str) -> str | None: ...
+
+    async def close(self) -> None: ...
+
+
+def prefix_end(prefix: str) -> str:
+    """The first key after every key that starts with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _prefix(p: str) -> Range:
+    return Range(p, prefix_end(p))
+
+
+def _row_key(table: str, key: str) -> str:
+    return f"t/{table}/{key}"
+
+
+def _log_key(seq: int) -> str:
+    return f"l/{seq:016d}"
+
+
+def encode(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"cannot store a value: {e}") from None
+
+
+# ---------------------------------------------------------------- the store
+
+
+class _Lease:
+    def __init__(self, store: KVStore, lease: int, ttl: float) -> None:
+        self._store = store
+        self.id = lease
+        self.ttl = ttl
+
+    async def keepalive(self) -> bool:
+        return await self._store.kv.keepalive(self.id)
+
+    async def revoke(self) -> None:
+        await self._store.kv.revoke(self.id)
+
+
+class _Leadership:
+    def __init__(self, store: KVStore, hold: Hold) -> None:
+        self._store = store
+        self._hold = hold
+        self.identity = hold.identity
+        self.lost = hold.lost
+
+    async def resign(self) -> None:
+        if self._store._hold is self._hold:
+            self._store._hold = None
+        await self._hold.release()
+
+
+@dataclass
+class _Pending:
+    batch: Batch
+    ops: list[Put | Delete]  # the batch's table operations, encoded
+    compares: list[Compare]
+    writes: set[str]  # keys it writes
+    future: asyncio.Future[int]
+
+
+class KVStore:
+    """The scheduler's Store over any KV (see the module docstring)."""
+
+    def __init__(self, kv: KV, cluster: str, *, clock: Callable[[], float] = time.time,
+                 log_keep: int = 100_000) -> None:
+        self.kv = kv
+        self.kind = kv.kind
+        self.where = kv.where
+        self.max_ops = kv.max_ops
+        self.cluster = cluster
+        self.clock = clock
+        self.log_keep = log_keep
+        self._revision = 0
+        self._log_next = 1
+        self._queue: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._hold: Hold | None = None
+        self._unrolled: list[tuple[str, list[Put | Delete]]] = []  # committed staged batches not yet rolled forward
+
+    # ------------------------------------------------------------ opening
+    @classmethod
+    async def open(cls, kv: KV, *, clock: Callable[[], float] = time.time, log_keep: int = 100_000,
+                   cluster: str | None = None) -> KVStore:
+        """The store in ``kv``: a new one if the KV was just created, else the state it holds.
+
+        A KV that exists but holds no identity is refused: it is not a
+        scheduler's store, or it was emptied, and starting afresh on it would
+        forget what should run.
+        """
+        store = cls(kv, "", clock=clock, log_keep=log_keep)
+        async with kv.snapshot() as snap:
+            rows = await snap.read(Range(IDENTITY, IDENTITY + "\0", 1))
+            last = await snap.read(Range("l/", "l0", 1, reverse=True))
+            store._revision = snap.revision
+        if rows:
+            try:
+                ident = json.loads(rows[0].value)
+                store.cluster = str(ident["cluster"])
+            except (ValueError, KeyError, TypeError):
+                raise StoreError(f"the store {kv.where} has an unreadable identity: {rows[0].value[:100]!r}") from None
+        elif kv.created:
+            store.cluster = cluster or secrets.token_hex(8)
+            rev = await kv.txn([Compare(IDENTITY, 0)], [Put(IDENTITY, encode(
+                {"cluster": store.cluster, "created": clock(), "format": FORMAT}))])
+            if rev is None:
+                raise StoreError(f"the store {kv.where} was created twice at once")
+            store._revision = rev
+        else:
+            raise StoreError(f"the store {kv.where} holds no scheduler state (no identity): refusing to start "
+                             "afresh on it; start with --fresh to begin a new store")
+        if last:
+            store._log_next = int(last[0].key[2:]) + 1
+        return store
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    async def close(self) -> None:
+        if self._committer is not None:
+            with contextlib.suppress(Exception):
+                await self._committer
+        if self._hold is not None:
+            with contextlib.suppress(Exception):
+                await self._hold.release()
+            self._hold = None
+        await self.kv.close()
+
+    # ------------------------------------------------------------ reading
+    async def get(self, table: str, key: str) -> Item | None:
+        check_table(table)
+        k = _row_key(table, key)
+        while True:
+            async with self.kv.snapshot() as snap:
+                markers = await snap.read(_prefix("c/"))
+                rows = await snap.read(Range(k, k + "\0", 1))
+                staged = await self._staged(snap, markers)
+            if staged is None:
+                continue  # a staged batch finished meanwhile: read again
+            found = {r.key: r for r in rows}
+            _overlay(found, staged, k, k + "\0")
+            r = found.get(k)
+            return Item(key, json.loads(r.value), r.revision) if r is not None else None
+
+    async def scan(self, table: str, start: str = "", size: int = 5000) -> AsyncIterator[list[Item]]:
+        """A table's rows in key order, from one snapshot, ``size`` at a time."""
+        check_table(table)
+        head = f"t/{table}/"
+        end = prefix_end(head)
+        async with self.kv.snapshot() as snap:
+            markers = await snap.read(_prefix("c/"))
+            staged = await self._staged(snap, markers)
+            if staged is None:  # cannot happen within one snapshot; be safe
+                staged = []
+            cursor = head + start
+            while True:
+                rows = await snap.read(Range(cursor, end, size))
+                if not rows and not staged:
+                    return
+                upto = prefix_end(rows[-1].key + "\0") if len(rows) == size else end
+                found = {r.key: r for r in rows}
+                _overlay(found, staged, cursor, upto)
+                items = [Item(k[len(head):], json.loads(r.value), r.revision) for k, r in sorted(found.items())]
+                if items:
+                    yield items
+                if len(rows) < size:
+                    return
+                cursor = rows[-1].key + "\0"
+
+    async def load(self, table: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async for items in self.scan(table):
+            for it in items:
+                out[it.key] = it.value
+        return out
+
+    async def log_tail(self, n: int) -> list[tuple[float, str]]:
+        async with self.kv.snapshot() as snap:
+            rows = await snap.read(Range("l/", "l0", n, reverse=True))
+        out = []
+        for r in reversed(rows):
+            try:
+                d = json.loads(r.value)
+                out.append((float(d["at"]), str(d["line"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    async def _staged(self, snap: Snapshot, markers: list[Row]) -> list[Put | Delete] | None:
+        """The operations of committed staged batches (in commit order); None if one vanished."""
+        out: list[Put | Delete] = []
+        for m in sorted(markers, key=lambda r: r.revision):
+            bid = m.key[2:]
+            try:
+                chunks = json.loads(m.value)["chunks"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            rows = await snap.read(_prefix(f"s/{bid}/"))
+            if len(rows) != chunks:
+                return None
+            for r in rows:
+                out.extend(_decode_ops(r.value))
+        return out
+
+    # ------------------------------------------------------------ writing
+    async def apply(self, batch: Batch) -> int:
+        if not batch:
+            return self._revision
+        ops: list[Put | Delete] = [Put(_row_key(t, k), encode(v), lease) for t, k, v, lease in batch.puts]
+        ops += [Delete(_row_key(t, k)) for t, k in batch.deletes]
+        compares = [Compare(_row_key(t, k), rev) for t, k, rev in batch.requires]
+        loop = asyncio.get_running_loop()
+        p = _Pending(batch, ops, compares, {op.key for op in ops}, loop.create_future())
+        self._queue.append(p)
+        if self._committer is None or self._committer.done():
+            self._committer = loop.create_task(self._commit_all(), name="store-commit")
+        return await asyncio.shield(p.future)
+
+    async def _commit_all(self) -> None:
+        """Commit what is queued, several batches to a transaction where they fit."""
+        while self._queue:
+            group = self._take_group()
+            try:
+                await self._roll_forward_pending()
+                if len(group) > 1 and await self._commit_together(group):
+                    continue
+                # A condition failed: the batches without conditions together, the others one
+                # at a time, so that only the batch whose condition failed fails.
+                plain = [p for p in group if not p.compares]
+                if len(plain) > 1 and await self._commit_together(plain):
+                    group = [p for p in group if p.compares]
+                for p in group:
+                    if not p.future.done():
+                        await self._commit_one(p)
+            except BaseException as e:  # every batch of the group not yet answered learns why
+                err = e if isinstance(e, StoreError) else StoreError(f"the store {self.where} failed: {e!r}")
+                for p in group:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+                if not isinstance(e, Exception):
+                    raise
+
+    def _take_group(self) -> list[_Pending]:
+        """The first queued batch, and those after it that fit beside it in one transaction
+        and do not depend on what an earlier one writes."""
+        first = self._queue.pop(0)
+        group = [first]
+        ops = self._ops_of(first)
+        written = set(first.writes)
+        while self._queue:
+            nxt = self._queue[0]
+            n = self._ops_of(nxt)
+            if ops + n > self.max_ops or any(c.key in written for c in nxt.compares):
+                break
+            self._queue.pop(0)
+            group.append(nxt)
+            ops += n
+            written |= nxt.writes
+        return group
+
+    @staticmethod
+    def _ops_of(p: _Pending) -> int:
+        return len(p.ops) + len(p.batch.log) + (1 if p.batch.log else 0)
+
+    def _guard(self) -> list[Compare]:
+        hold = self._hold
+        if hold is None:
+            return []
+        if hold.lost.is_set():
+            raise self._deposed()
+        return [hold.guard] if hold.guard is not None else []
+
+    def _deposed(self) -> NotLeader:
+        return NotLeader(f"this scheduler no longer leads the store {self.where}: nothing was written")
+
+    def _log_ops(self, lines: list[str], at: float, first: int) -> list[Put | Delete]:
+        ops: list[Put | Delete] = [Put(_log_key(first + i), encode({"at": at, "line": line[:LINE_MAX]}))
+                                   for i, line in enumerate(lines)]
+        if lines:
+            keep_from = first + len(lines) - self.log_keep
+            if keep_from > 1:
+                ops.append(Delete("l/", _log_key(keep_from)))
+        return ops
+
+    async def _commit_together(self, group: list[_Pending]) -> bool:
+        """One transaction for the group; False if a condition failed (nothing written)."""
+        lines = [line for p in group for line in p.batch.log]
+        ops = [op for p in group for op in p.ops] + self._log_ops(lines, self.clock(), self._log_next)
+        rev = await self.kv.txn(self._guard() + [c for p in group for c in p.compares], ops)
+        if rev is None:
+            if self._hold is not None and self._hold.lost.is_set():
+                raise self._deposed()
+            return False
+        self._committed(rev, len(lines), group)
+        return True
+
+    async def _commit_one(self, p: _Pending) -> None:
+        lines = p.batch.log
+        if self._ops_of(p) > self.max_ops:  # too large for one transaction: in steps
+            rev = await self._commit_staged(p.ops, lines, p.compares)
+        else:
+            rev = await self.kv.txn(self._guard() + p.compares, p.ops + self._log_ops(lines, self.clock(),
+                                                                                        self._log_next))
+        if rev is None:
+            if self._hold is not None and self._hold.lost.is_set():
+                raise self._deposed()
+            p.future.set_exception(Conflict(f"a row this change depends on changed meanwhile "
+                                            f"({_keys(p.compares)}): nothing was written"))
+            return
+        self._committed(rev, len(lines) if self._ops_of(p) <= self.max_ops else 0, [p])
+
+    def _committed(self, rev: int, lines: int, group: list[_Pending]) -> None:
+        self._log_next += lines
+        self._revision = max(self._revision, rev)
+        for p in group:
+            if not p.future.done():
+                p.future.set_result(rev)
+
+    async def _commit_staged(self, ops: list[Put | Delete], lines: list[str],
+                             compares: list[Compare]) -> int | None:
+        """Stage, commit with one small transaction, then roll forward; None if a condition failed."""
+        bid = f"{int(self.clock() * 1000):013d}-{secrets.token_hex(4)}"
+        everything = ops + self._log_ops(lines, self.clock(), self._log_next)
+        chunks = _chunks(everything)
+        stage = [Put(f"s/{bid}/{i:06d}", text) for i, text in enumerate(chunks)]
+        drop = Delete(f"s/{bid}/", prefix_end(f"s/{bid}/"))
+        for i in range(0, len(stage), self.max_ops):
+            if await self.kv.txn([], stage[i:i + self.max_ops]) is None:
+                raise StoreError(f"the store {self.where} refused to stage a batch")
+        try:
+            rev = await self.kv.txn(self._guard() + compares, [Put(f"c/{bid}", encode({"chunks": len(chunks)}))])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.kv.txn([], [drop])
+            raise
+        if rev is None:
+            await self.kv.txn([], [drop])
+            return None
+        # Committed: from here on the batch stands, whatever happens to its roll-forward
+        # (the next commit, or the next writer to open the store, finishes it).
+        self._log_next += len(lines)
+        self._unrolled.append((bid, everything))
+        with contextlib.suppress(StoreError):
+            await self._roll_forward_pending()
+        return rev
+
+    async def _roll_forward_pending(self) -> None:
+        while self._unrolled:
+            bid, ops = self._unrolled[0]
+            await self._roll_forward(bid, ops)
+            self._unrolled.pop(0)
+
+    async def _roll_forward(self, bid: str, ops: list[Put | Delete]) -> None:
+        step = max(1, self.max_ops - 1)
+        marker = f"c/{bid}"
+        chunks = len(_chunks(ops))
+        for i in range(0, len(ops), step):
+            progress = Put(marker, encode({"chunks": chunks, "done": i + step}))
+            rev = await self.kv.txn(self._guard(), ops[i:i + step] + [progress])
+            if rev is None:
+                raise self._deposed()
+            self._revision = max(self._revision, rev)
+        rev = await self.kv.txn(self._guard(), [Delete(marker), Delete(f"s/{bid}/", prefix_end(f"s/{bid}/"))])
+        if rev is None:
+            raise self._deposed()
+        self._revision = max(self._revision, rev)
+
+    async def recover(self) -> int:
+        """Finish staged batches a writer left (rolled forward) and drop stages never committed;
+        the number of batches finished.  A writer calls this before its first commit."""
+        async with self.kv.snapshot() as snap:
+            markers = await snap.read(_prefix("c/"))
+            stages = await snap.read(_prefix("s/"))
+            todo = []
+            for m in sorted(markers, key=lambda r: r.revision):
+                rows = [r for r in stages if r.key.startswith(f"s/{m.key[2:]}/")]
+                todo.append((m.key[2:], [op for r in rows for op in _decode_ops(r.value)]))
+        committed = {bid for bid, _ in todo}
+        for bid, ops in todo:
+            await self._roll_forward(bid, ops)
+        orphans = {r.key.split("/")[1] for r in stages} - committed
+        for bid in orphans:
+            await self.kv.txn(self._guard(), [Delete(f"s/{bid}/", prefix_end(f"s/{bid}/"))])
+        async with self.kv.snapshot() as snap:
+            last = await snap.read(Range("l/", "l0", 1, reverse=True))
+        if last:
+            self._log_next = max(self._log_next, int(last[0].key[2:]) + 1)
+        return len(todo)
+
+    # ------------------------------------------------------------ leases, leadership, watches
+    async def grant(self, ttl: float) -> _Lease:
+        return _Lease(self, await self.kv.grant(ttl), ttl)
+
+    async def campaign(self, name: str, identity: str, ttl: float, wait: bool = True) -> _Leadership:
+        hold = await self.kv.lock(name, identity, ttl, wait)
+        self._hold = hold
+        await self.recover()
+        return _Leadership(self, hold)
+
+    async def leader(self, name: str) -> str | None:
+        return await self.kv.holder(name)
+
+    def watch(self, tables: tuple[str, ...], since: int) -> _Watch:
+        for t in tables:
+            if t != "log":
+                check_table(t)
+        return _Watch(self, tables, since)
+
+
+class _Watch:
+    """Table changes from the KV's feed, with staged batches delivered whole."""
+
+    def __init__(self, store: KVStore, tables: tuple[str, ...], since: int) -> None:
+        self._store = store
+        self._tables = tables
+        self._feed = store.kv.subscribe("", since)
+        self._stages: dict[str, dict[str, str]] = {}  # batch id -> staged chunks seen
+        self._rolling: set[str] = set()  # batches delivered whole, whose roll-forward is skipped
+
+    async def close(self) -> None:
+        await self._feed.close()
+
+    def __aiter__(self) -> AsyncIterator[list[Event]]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[list[Event]]:
+        async for changes in self._feed:
+            out: list[Event] = []
+            skip = False
+            for ch in changes:
+                if ch.key.startswith("s/"):
+                    bid = ch.key.split("/")[1]
+                    if ch.value is not None:
+                        self._stages.setdefault(bid, {})[ch.key] = ch.value
+                elif ch.key.startswith("c/"):
+                    bid = ch.key[2:]
+                    if ch.value is None:
+                        self._rolling.discard(bid)
+                        self._stages.pop(bid, None)
+                        skip = True
+                    elif bid in self._rolling:
+                        skip = True  # a piece of a roll-forward already delivered
+                    else:
+                        ops = await self._ops(bid, json.loads(ch.value).get("chunks", 0))
+                        if ops is not None:
+                            self._rolling.add(bid)
+                            out.extend(self._events_of(
+                                [Change(op.key, op.value if isinstance(op, Put) else None, ch.revision)
+                                 for op in ops if isinstance(op, Put) or not op.end], ch.revision))
+                            skip = True
+            if skip:
+                if out:
+                    yield out
+                continue
+            events = self._events_of(changes, changes[0].revision if changes else 0)
+            if events:
+                yield events
+
+    async def _ops(self, bid: str, chunks: int) -> list[Put | Delete] | None:
+        seen = self._stages.get(bid, {})
+        if len(seen) != chunks:
+            async with self._store.kv.snapshot() as snap:
+                rows = await snap.read(_prefix(f"s/{bid}/"))
+            if len(rows) != chunks:
+                return None  # already rolled forward: its pieces come through as they are
+            seen = {r.key: r.value for r in rows}
+        return [op for _, text in sorted(seen.items()) for op in _decode_ops(text)]
+
+    def _events_of(self, changes: list[Change], revision: int) -> list[Event]:
+        out = []
+        for ch in changes:
+            if ch.key.startswith("t/"):
+                _, table, key = ch.key.split("/", 2)
+            elif ch.key.startswith("l/") and "log" in self._tables:
+                table, key = "log", ch.key[2:]
+            else:
+                continue
+            if table in self._tables:
+                out.append(Event(table, key, json.loads(ch.value) if ch.value is not None else None, ch.revision))
+        return out
+
+
+# ---------------------------------------------------------------- staged operations
+
+
+def _chunks(ops: list[Put | Delete]) -> list[str]:
+    """Operations as JSON texts of at most about CHUNK bytes each."""
+    out: list[str] = []
+    cur: list[list[Any]] = []
+    size = 0
+    for op in ops:
+        enc: list[Any] = ["p", op.key, op.value, op.lease] if isinstance(op, Put) else ["d", op.key, op.end]
+        n = len(op.key) + (len(op.value) if isinstance(op, Put) else 0) + 16
+        if cur and size + n > CHUNK:
+            out.append(json.dumps(cur, separators=(",", ":"), ensure_ascii=False))
+            cur, size = [], 0
+        cur.append(enc)
+        size += n
+    if cur:
+        out.append(json.dumps(cur, separators=(",", ":"), ensure_ascii=False))
+    return out
+
+
+def _decode_ops(text: str) -> list[Put | Delete]:
+    out: list[Put | Delete] = []
+    for enc in json.loads(text):
+        out.append(Put(enc[1], enc[2], enc[3]) if enc[0] == "p" else Delete(enc[1], enc[2]))
+    return out
+
+
+def _overlay(found: dict[str, Row], staged: list[Put | Delete], lo: str, hi: str) -> None:
+    """Lay committed staged operations over rows read in [lo, hi)."""
+    for op in staged:
+        if isinstance(op, Put):
+            if lo <= op.key < hi:
+                found[op.key] = Row(op.key, op.value, 0, op.lease)
+        elif op.end:
+            for k in [k for k in found if op.key <= k < op.end]:
+                del found[k]
+        else:
+            found.pop(op.key, None)
+
+
+def _keys(compares: list[Compare]) -> str:
+    names = [c.key.split("/", 2)[-1] for c in compares]
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
