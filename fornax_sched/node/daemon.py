@@ -194,7 +194,8 @@ class NodeDaemon:
 
     async def _do(self, cmd: ctlparse.Command) -> str:
         if cmd.verb == "run":
-            c = await self.runtime.run(cmd.image, cmd.args, cmd.limits, name=cmd.name)
+            c = await self.runtime.run(cmd.image, cmd.args, cmd.limits, name=cmd.name, labels=cmd.labels,
+                                       env=cmd.env)
             log.info("run %s: container %s pid %s", cmd.image, c.id, c.pid)
             return f"{c.id}\n"
         if cmd.verb in ("stop", "kill", "destroy"):

@@ -313,6 +313,12 @@ def test_errors_change_nothing(rts: Rt, tmp_path: Path) -> None:
             (rt.run("code", limits=Limits(cpus=0)), "bad cpu limit '0'"),
             (rt.run("code", limits=Limits(cpus=-1.5)), "bad cpu limit '-1.5'"),
             (rt.run("code", name="two words"), "bad container name 'two words'"),
+            (rt.run("code", labels={"bad key": "x"}), "bad label key 'bad key'"),
+            (rt.run("code", labels={"k": "two words"}), "bad value 'two words' of label k"),
+            (rt.run("code", labels={"k": "tab\there"}), "bad value 'tab\\there' of label k"),
+            (rt.run("code", env={"FORNAX_CONTAINER": "99"}), "env FORNAX_CONTAINER: FORNAX_ variables"),
+            (rt.run("code", env={"9LIVES": "x"}), "bad env name '9LIVES'"),
+            (rt.run("code", env={"NUL": "a\0b"}), "bad value of env NUL: text without NUL"),
             (rt.stop("42"), "unknown container 42"),
             (rt.kill("42"), "unknown container 42"),
             (rt.destroy("42"), "unknown container 42"),
@@ -587,6 +593,40 @@ def test_shutdown_leaves_no_process(rts: Rt, node: str) -> None:
             assert gone(c.pid) and group_members(c.pid) == []
         await until(lambda: all(gone(c.monitor) for c in cs) and gone(forker), 2, "monitors to be reaped")
         assert cgroups_of(node, rts.state) == []
+    rts.run(main)
+
+
+def test_labels_and_env(rts: Rt) -> None:
+    """Labels are kept with the container (across adoption), shown in status; env reaches the
+    process after the node's FORNAX_* and wins over the daemon's; its values are not kept."""
+    async def main() -> None:
+        rt = await rts()
+        labels = {"owner": "fornax-sched", "fornax.rev": "7"}
+        env = {"GREETING": "hello world", "EMPTY": "", "HOME": "/nowhere", "MULTI": "one\ntwo"}
+        c = await rt.run("hello", labels=labels, env=env, name="labelled")
+        environ = Path(f"/proc/{c.pid}/environ").read_bytes().split(b"\0")
+        for k, v in env.items():
+            assert environ.count(f"{k}={v}".encode()) == 1
+        assert sum(1 for e in environ if e.startswith(b"HOME=")) == 1  # the daemon's HOME is replaced
+        last_fornax = max(i for i, e in enumerate(environ) if e.startswith(b"FORNAX_"))
+        assert min(environ.index(f"{k}={v}".encode()) for k, v in env.items()) > last_fornax
+        assert f"FORNAX_CONTAINER={c.id}".encode() in environ
+        lines = c.status().splitlines()
+        assert lines[-3:] == ["env EMPTY,GREETING,HOME,MULTI", "label.fornax.rev 7", "label.owner fornax-sched"]
+        assert lines[lines.index("backend " + rt.backend) + 1] == "env EMPTY,GREETING,HOME,MULTI"
+        record = (rts.state / "containers" / c.id / "container.json").read_bytes()
+        assert b"hello world" not in record and b"/nowhere" not in record
+        plain = await rt.run("hello")
+        assert not any(k.startswith(("env", "label.")) for k in plain.status().split())
+
+        await rt.detach()  # the daemon goes away; the next one adopts
+        rt2 = await rts()
+        a = rt2.get(c.id)
+        assert (a.state, a.pid, a.labels, a.status()) == ("running", c.pid, labels, c.status())
+        await rt2.stop(a.id)
+        await rt2.shutdown()
+        rt3 = await rts()
+        assert rt3.get(c.id).labels == labels and rt3.get(c.id).status().endswith("label.owner fornax-sched\n")
     rts.run(main)
 
 

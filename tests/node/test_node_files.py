@@ -1,0 +1,99 @@
+"""What a scheduler reads from and writes to one real node daemon, over 9P.
+
+Each section is one thing the scheduler relies on, tested through the ctl
+file and the /cluster tree of a real daemon, across its crashes and restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fornax_sched.fs.client import Client
+from fornax_sched.fs.errors import P9Error
+
+from .cluster import IMAGES, NodeProc, ctl, free_port, read, status
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def images(tmp: Path) -> Path:
+    """The example images, and some that run does not accept (so self/images must not list them)."""
+    d = tmp / "images"
+    shutil.copytree(IMAGES, d)
+    for name, config in {
+        "stubborn": "sh -c \"trap '' TERM; echo stubborn; while :; do sleep 0.1; done\"\n",
+        "quick": "sh -c 'exit \"${1:-0}\"' quick\n",
+        "missing": "no-such-command-anywhere\n",  # its command is not found
+        "empty": "# nothing to run\n",  # no command
+        "x" * 64: "sleep 1\n",  # a name run refuses (at most 63)
+    }.items():
+        (d / name).mkdir()
+        (d / name / "config").write_text(config)
+    (d / "noconfig").mkdir()
+    (d / ".hidden").mkdir()
+    (d / ".hidden" / "config").write_text("sleep 1\n")
+    return d
+
+
+def new_node(tmp: Path, *extra: str) -> NodeProc:
+    return NodeProc("fornax-files", free_port(), free_port(socket.SOCK_DGRAM), tmp / "state",
+                    images=images(tmp), extra=list(extra)).start()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProc]:
+    n = new_node(tmp_path)
+    yield n
+    n.stop()
+
+
+async def st(n: NodeProc, cid: str) -> dict[str, str]:
+    return status(await read(n.addr, f"cluster/containers/{cid}/status"))
+
+
+def pid_environ(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+
+
+# ------------------------------------------------------------ labels and env
+def test_run_with_labels_and_env(node: NodeProc) -> None:
+    async def main() -> None:
+        cid = (await ctl(node.addr, "cluster/ctl", "run hello label=owner=fornax-sched label=fornax.rev=7 "
+                                                   "'env=GREETING=hello world' env=EMPTY= name=web-0")).strip()
+        text = await read(node.addr, f"cluster/containers/{cid}/status")
+        assert text.endswith("env EMPTY,GREETING\nlabel.fornax.rev 7\nlabel.owner fornax-sched\n")
+        assert "hello world" not in text  # env values may be secrets
+        s = status(text)
+        assert (s["state"], s["name"]) == ("running", "web-0")
+        environ = pid_environ(int(s["pid"]))
+        assert "GREETING=hello world" in environ and "EMPTY=" in environ and f"FORNAX_CONTAINER={cid}" in environ
+        assert environ.index("GREETING=hello world") > environ.index("FORNAX_IMAGE=hello")
+
+        # bad labels and env are clear errors and start nothing (9P2000 carries the error text)
+        async with await Client.connect(node.addr, version="9P2000") as c:
+            for cmd, message in [
+                ("run hello env=FORNAX_NODE=elsewhere", "env FORNAX_NODE: FORNAX_ variables are set by the node"),
+                ("run hello label=a=1 label=a=2", "label a given twice"),
+                ("run hello env=A=1 env=A=2", "env A given twice"),
+                ("run hello env=1X=y", "bad env name '1X'"),
+                ("run hello 'label=zone=two words'", "bad value 'two words' of label zone"),
+                ("run hello label=zone", "want label=KEY=VALUE"),
+            ]:
+                with pytest.raises(P9Error, match=message):
+                    await c.write_file("cluster/ctl", cmd.encode())
+            assert [e.name for e in await c.ls("cluster/containers")] == [cid]
+            assert "label=KEY=VALUE" in (await c.read_file("cluster/ctl")).decode()
+        # after "--" they are arguments
+        cid2 = (await ctl(node.addr, "cluster/ctl", "run hello -- label=a=1 env=B=2")).strip()
+        s2 = await st(node, cid2)
+        assert s2["cmd"].endswith(" label=a=1 env=B=2") and "env" not in s2 and "label.a" not in s2
+    run(main())
