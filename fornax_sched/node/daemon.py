@@ -164,6 +164,10 @@ class NodeDaemon:
         }
         return values[what] + "\n"
 
+    def images_text(self) -> str:
+        """self/images: one image name per line, those run would accept (a scheduler checks before placing)."""
+        return "".join(f"{name}\n" for name in self.runtime.images())
+
     def _containers_text(self) -> str:
         running = self.running()
         lines = [f"count {len(running)}"] + [f"{c.id} {c.image} {c.state}" for c in running]

@@ -83,7 +83,7 @@ log = logging.getLogger(__name__)
 
 STATES = ("created", "running", "stopped", "exited", "failed")
 LOST = "lost while the node was down"
-_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # (what the ctl parser takes)
 LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,62}")  # node and container labels alike
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_LABELS = 64  # per container
@@ -284,11 +284,26 @@ class Runtime:
 
     # ------------------------------------------------------------ queries
     def images(self) -> builtins.list[str]:
+        """The images run() would accept (a usable name, a config whose command is found), sorted.
+
+        Checked in full, not just listed: a scheduler refuses a place up front
+        when no node has the image, which only helps if "has" means "runs".
+        """
         try:
-            return sorted(d.name for d in self._images.iterdir()
-                          if _IMAGE.fullmatch(d.name) and (d / "config").is_file())
+            names = sorted(d.name for d in self._images.iterdir())
         except OSError:
             return []
+        out = []
+        for name in names:
+            if not _IMAGE.fullmatch(name) or not (self._images / name / "config").is_file():
+                continue
+            try:
+                argv, cwd = self._image_cmd(name)
+                _resolve(argv[0], cwd, os.environ.get("PATH", os.defpath), name)
+            except ContainerError:
+                continue
+            out.append(name)
+        return out
 
     def get(self, id: str) -> Container:
         c = self._containers.get(id)

@@ -97,3 +97,24 @@ def test_run_with_labels_and_env(node: NodeProc) -> None:
         s2 = await st(node, cid2)
         assert s2["cmd"].endswith(" label=a=1 env=B=2") and "env" not in s2 and "label.a" not in s2
     run(main())
+
+
+# ------------------------------------------------------------ self/images
+def test_images_lists_what_run_accepts(node: NodeProc) -> None:
+    async def main() -> None:
+        listed = (await read(node.addr, "cluster/self/images")).splitlines()
+        assert listed == ["hello", "quick", "stubborn", "web"]
+        for image in listed:
+            cid = (await ctl(node.addr, "cluster/ctl", f"run {image}")).strip()
+            assert (await st(node, cid))["image"] == image
+        async with await Client.connect(node.addr) as c:
+            for image in ["missing", "empty", "x" * 64, "noconfig", ".hidden", "nosuchimage"]:
+                with pytest.raises(P9Error):
+                    await c.write_file("cluster/ctl", f"run {image}".encode())
+        # the file follows the images directory, without a restart
+        (node.images / "late").mkdir()
+        (node.images / "late" / "config").write_text("sleep 1\n")
+        assert "late" in (await read(node.addr, "cluster/self/images")).splitlines()
+        shutil.rmtree(node.images / "web")
+        assert "web" not in (await read(node.addr, "cluster/self/images")).splitlines()
+    run(main())

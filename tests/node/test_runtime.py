@@ -338,6 +338,9 @@ def test_errors_change_nothing(rts: Rt, tmp_path: Path) -> None:
         (rts.images / "missing" / "config").write_text("no-such-command-here x\n")
         with pytest.raises(ContainerError, match="command 'no-such-command-here' not found"):
             await rt.run("missing")
+        # images() lists only what run() takes: neither of those, nor a directory without config
+        (rts.images / "noconfig").mkdir()
+        assert rt.images() == sorted(IMAGES.keys() | {"hello"})
         assert snapshot() == before and cgroups_of(rt.node, rts.state) == groups
         assert [c.id for c in rt.list()] == ["1"]
         with pytest.raises(ContainerError, match="unknown limits backend 'zfs'"):
