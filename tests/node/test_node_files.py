@@ -18,7 +18,7 @@ import pytest
 from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
-from .cluster import IMAGES, NodeProc, ctl, free_port, read, status
+from .cluster import IMAGES, NodeProc, ctl, eventually, free_port, read, status
 
 
 def run(coro: Any) -> Any:
@@ -117,4 +117,60 @@ def test_images_lists_what_run_accepts(node: NodeProc) -> None:
         assert "late" in (await read(node.addr, "cluster/self/images")).splitlines()
         shutil.rmtree(node.images / "web")
         assert "web" not in (await read(node.addr, "cluster/self/images")).splitlines()
+    run(main())
+
+
+# ------------------------------------------------------------ self/containers
+def blocks(listing: str) -> list[str]:
+    """self/containers cut into one status text per container (each block ends in a blank line)."""
+    assert listing == "" or listing.endswith("\n\n"), listing[-200:]
+    return [b + "\n" for b in listing[:-2].split("\n\n")] if listing else []
+
+
+def test_containers_is_every_status_in_one_read(node: NodeProc) -> None:
+    async def main() -> None:
+        assert await read(node.addr, "cluster/self/containers") == ""
+        ids = [(await ctl(node.addr, "cluster/ctl", "run quick 3")).strip() for _ in range(9)]
+        ids.append((await ctl(node.addr, "cluster/ctl", "run hello label=owner=sched 'env=A=x y'")).strip())
+        ids.append((await ctl(node.addr, "cluster/ctl", "run stubborn")).strip())  # id 11: "11" sorts after "9"
+        await ctl(node.addr, "cluster/ctl", f"kill {ids[-1]}")
+
+        async def quick_ended() -> bool:
+            return [(await st(node, cid))["state"] for cid in ids[:9]] == ["failed"] * 9
+        await eventually(quick_ended, 10)
+
+        async with await Client.connect(node.addr) as c:
+            listing = (await c.read_file("cluster/self/containers")).decode()
+            one_by_one = [(await c.read_file(f"cluster/containers/{cid}/status")).decode() for cid in ids]
+        assert blocks(listing) == one_by_one
+        assert [status(b)["id"] for b in blocks(listing)] == [str(i) for i in range(1, 12)]
+        assert status(blocks(listing)[9])["label.owner"] == "sched"
+
+        await ctl(node.addr, "cluster/ctl", f"destroy {ids[0]}")
+        assert [status(b)["id"] for b in blocks(await read(node.addr, "cluster/self/containers"))] == ids[1:]
+    run(main())
+
+
+def test_containers_stays_whole_while_containers_start(node: NodeProc) -> None:
+    """Each read is one snapshot: every block a whole status, whatever starts meanwhile."""
+    async def main() -> None:
+        async def runs() -> None:
+            async with await Client.connect(node.addr) as c:
+                for i in range(20):
+                    await c.write_file("cluster/ctl", f"run hello name=n{i} label=i={i}".encode())
+
+        async def reads() -> int:
+            seen = 0
+            async with await Client.connect(node.addr) as c:
+                while seen < 20:
+                    bs = blocks((await c.read_file("cluster/self/containers")).decode())
+                    for b in bs:
+                        s = status(b)
+                        assert s["state"] in ("created", "running") and s["name"] == f"n{int(s['id']) - 1}"
+                        assert s["label.i"] == str(int(s["id"]) - 1)
+                    seen = len(bs)
+            return seen
+
+        _, seen = await asyncio.gather(runs(), reads())
+        assert seen == 20
     run(main())
