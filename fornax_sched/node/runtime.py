@@ -38,8 +38,10 @@ rlimits a failed allocation is recognised by the program's last words
 
 Stop: SIGTERM to the process group, SIGKILL (group and cgroup) after the
 grace; the intent is saved first, so the end reads "stopped" even across a
-restart.  When a container's main process ends, the rest of its group is
-killed too.
+restart, with the reason given: a user's stop ("stopped by request") and the
+node's own shutdown ("stopped: node shutting down") must stay apart, since a
+scheduler re-places only the second.  When a container's main process ends,
+the rest of its group is killed too.
 
 State directory layout::
 
@@ -83,6 +85,8 @@ log = logging.getLogger(__name__)
 
 STATES = ("created", "running", "stopped", "exited", "failed")
 LOST = "lost while the node was down"
+STOPPED = "stopped by request"  # a stop written by a user (or a scheduler)
+SHUTDOWN = "stopped: node shutting down"  # the daemon's own clean shutdown
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # (what the ctl parser takes)
 LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,62}")  # node and container labels alike
 ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -217,6 +221,7 @@ class Runtime:
         self._b: rt_cgroup.Backend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._shutting_down = False  # run() refuses: nothing may start that shutdown() would not stop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._forker = Forker()
 
@@ -260,9 +265,15 @@ class Runtime:
         return lines
 
     async def shutdown(self) -> None:
-        """Stop every running container (TERM, KILL after grace) and stop watching."""
-        ids = [cid for cid in self._watches]
-        results = await asyncio.gather(*(self.stop(cid) for cid in ids), return_exceptions=True)
+        """Stop every running container (TERM, KILL after grace) and stop watching.
+
+        Their reason is SHUTDOWN, not a user's STOPPED: the node going down is
+        not someone asking.  Containers still starting are stopped too, and
+        run() refuses from now on, so that none is left behind.
+        """
+        self._shutting_down = True
+        ids = sorted(set(self._watches) | set(self._starting), key=int)
+        results = await asyncio.gather(*(self.stop(cid, reason=SHUTDOWN) for cid in ids), return_exceptions=True)
         for cid, r in zip(ids, results, strict=True):
             if isinstance(r, BaseException):
                 log.warning("container %s: stop at shutdown failed: %s", cid, r)
@@ -351,6 +362,8 @@ class Runtime:
         Names need not be unique (ids are); env values are passed, not kept.
         """
         b = self._ready()
+        if self._shutting_down:
+            raise ContainerError("the node is shutting down")
         labels = check_labels(labels or {})
         user_env = check_env(env or {})
         limits = replace(limits) if limits is not None else Limits()
@@ -475,20 +488,26 @@ class Runtime:
             self._loop.remove_reader(sock.fileno())
 
     # ------------------------------------------------------------ stop, kill, destroy
-    async def stop(self, id: str, grace: float | None = None) -> Container:
-        """SIGTERM to the container's process group, SIGKILL after grace; ends "stopped"."""
+    async def stop(self, id: str, grace: float | None = None, reason: str = STOPPED) -> Container:
+        """SIGTERM to the container's process group, SIGKILL after grace; ends "stopped".
+
+        ``reason`` is what its status will say; a stop already under way (an
+        adopted one, say) keeps the reason it started with.
+        """
         c = self.get(id)
         grace = self.grace if grace is None else grace
         w = await self._live(c)
         if w is None:
             return c
-        self._mark_stopping(c, "stopped by request")
+        self._mark_stopping(c, reason)
         self._signal(c, signal.SIGTERM)
         try:
             await asyncio.wait_for(w.done.wait(), grace)
         except TimeoutError:
-            c.stop_reason = f"stopped by request (killed after {grace:.3g}s grace)"
-            self._save(c)
+            base = c.stop_reason or reason
+            if "(killed after" not in base:
+                c.stop_reason = f"{base} (killed after {grace:.3g}s grace)"
+                self._save(c)
             await self._kill_and_wait(c, w)
         return c
 
@@ -634,7 +653,7 @@ class Runtime:
             c.state = "failed"
             c.reason = f"memory limit {format_size(mem)} exceeded" if mem else "out of memory"
         elif c.stopping is not None:
-            c.state, c.reason = "stopped", c.stop_reason or "stopped by request"
+            c.state, c.reason = "stopped", c.stop_reason or STOPPED
         elif c.exit_code == 0:
             c.state, c.reason = "exited", ""
         elif c.exit_code is not None:

@@ -7,8 +7,10 @@ file and the /cluster tree of a real daemon, across its crashes and restarts.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ import pytest
 from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
-from .cluster import IMAGES, NodeProc, ctl, eventually, free_port, read, status
+from .cluster import IMAGES, NodeProc, alive, ctl, eventually, free_port, read, status
+
+SHUTDOWN = "stopped: node shutting down"
 
 
 def run(coro: Any) -> Any:
@@ -97,6 +101,65 @@ def test_run_with_labels_and_env(node: NodeProc) -> None:
         s2 = await st(node, cid2)
         assert s2["cmd"].endswith(" label=a=1 env=B=2") and "env" not in s2 and "label.a" not in s2
     run(main())
+
+
+def test_labels_survive_crash_and_restart_and_shutdown_is_not_a_user_stop(node: NodeProc) -> None:
+    async def main() -> None:
+        a = (await ctl(node.addr, "cluster/ctl", "run hello label=owner=sched label=rev=3 env=TOKEN=s3cret")).strip()
+        b = (await ctl(node.addr, "cluster/ctl", "run hello label=owner=sched")).strip()
+        await ctl(node.addr, "cluster/ctl", f"stop {b}")
+        before = await st(node, a)
+
+        node.kill9()  # the daemon crashes; its containers run on
+        node.start()
+        s = await st(node, a)
+        assert s == before and alive(int(s["pid"]))  # adopted, with its labels and env keys
+        assert (s["label.owner"], s["label.rev"], s["env"]) == ("sched", "3", "TOKEN")
+        sb = await st(node, b)
+        assert (sb["state"], sb["reason"], sb["label.owner"]) == ("stopped", "stopped by request", "sched")
+
+        assert node.stop() == 0  # SIGTERM: a clean shutdown stops a
+        assert not alive(int(s["pid"]))
+        node.start()
+        s = await st(node, a)
+        assert (s["state"], s["reason"], s["label.owner"], s["env"]) == ("stopped", SHUTDOWN, "sched", "TOKEN")
+        assert (await st(node, b))["reason"] == "stopped by request"
+        record = (node.state / "containers" / a / "container.json").read_text()
+        assert "s3cret" not in record
+    run(main())
+
+
+def test_shutdown_cut_short_by_kill9_still_reads_shutdown(tmp_path: Path) -> None:
+    """The daemon dies (kill -9) while its shutdown waits out a container's grace: the
+    next daemon finishes that stop, and the reason is still the shutdown's."""
+    n = new_node(tmp_path, "--grace", "60")
+    try:
+        cid = run(ctl(n.addr, "cluster/ctl", "run stubborn label=owner=sched")).strip()
+        record = n.state / "containers" / cid / "container.json"
+
+        async def trap_set() -> bool:
+            return "stubborn" in await read(n.addr, f"cluster/containers/{cid}/log")
+        run(eventually(trap_set, 10, 0.05))
+        pid = int(run(st(n, cid))["pid"])
+        assert n.proc is not None
+        n.proc.terminate()
+        deadline = time.monotonic() + 10
+        while json.loads(record.read_text()).get("stopping") is None:  # the shutdown's intent, saved first
+            assert time.monotonic() < deadline, "the shutdown did not record its stop"
+            time.sleep(0.02)
+        n.kill9()
+        assert alive(pid)  # it ignores SIGTERM, and nobody sent SIGKILL yet
+        n.extra = ["--grace", "0.2"]
+        n.start()
+
+        async def stopped() -> dict[str, str] | None:
+            s = await st(n, cid)
+            return s if s["state"] == "stopped" else None
+        s = run(eventually(stopped, 10))
+        assert s["reason"].startswith(SHUTDOWN + " (killed after"), s
+        assert s["label.owner"] == "sched" and not alive(pid)
+    finally:
+        n.stop()
 
 
 # ------------------------------------------------------------ self/images

@@ -25,7 +25,17 @@ from typing import Any
 import pytest
 
 from fornax_sched.node import rt_cgroup
-from fornax_sched.node.runtime import LOST, Container, ContainerError, Limits, Runtime, format_size, parse_size
+from fornax_sched.node.runtime import (
+    LOST,
+    SHUTDOWN,
+    STOPPED,
+    Container,
+    ContainerError,
+    Limits,
+    Runtime,
+    format_size,
+    parse_size,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "images"
@@ -596,6 +606,35 @@ def test_shutdown_leaves_no_process(rts: Rt, node: str) -> None:
             assert gone(c.pid) and group_members(c.pid) == []
         await until(lambda: all(gone(c.monitor) for c in cs) and gone(forker), 2, "monitors to be reaped")
         assert cgroups_of(node, rts.state) == []
+    rts.run(main)
+
+
+def test_shutdown_is_not_a_user_stop(rts: Rt) -> None:
+    """A scheduler re-places what the node's shutdown stopped, never what a user stopped:
+    the two reasons differ, and a later daemon reads the same ones."""
+    async def main() -> None:
+        rt = await rts(grace=0.3)
+        by_user = await rt.stop((await rt.run("hello")).id)
+        hello, stubborn = await rt.run("hello"), await rt.run("stubborn")
+        await until(lambda: b"stubborn" in rt.log(stubborn.id), what="the trap to be set")
+        starting = asyncio.ensure_future(rt.run("ticker"))  # still starting when shutdown begins
+        await asyncio.sleep(0)
+        shut = asyncio.ensure_future(rt.shutdown())
+        await asyncio.sleep(0)
+        with pytest.raises(ContainerError, match="^the node is shutting down$"):
+            await rt.run("hello")  # nothing may start that the shutdown would not stop
+        ticker = await starting
+        await shut
+        reasons = {c.id: (c.state, c.reason) for c in rt.list()}
+        assert reasons == {
+            by_user.id: ("stopped", STOPPED),
+            hello.id: ("stopped", SHUTDOWN),
+            stubborn.id: ("stopped", f"{SHUTDOWN} (killed after 0.3s grace)"),
+            ticker.id: ("stopped", SHUTDOWN),
+        }
+        assert gone(ticker.pid) and gone(stubborn.pid)
+        rt2 = await rts()
+        assert {c.id: (c.state, c.reason) for c in rt2.list()} == reasons
     rts.run(main)
 
 
