@@ -237,3 +237,22 @@ def test_containers_stays_whole_while_containers_start(node: NodeProc) -> None:
         _, seen = await asyncio.gather(runs(), reads())
         assert seen == 20
     run(main())
+
+
+# ------------------------------------------------------------ names
+def test_names_may_repeat_and_hide_nothing(node: NodeProc) -> None:
+    """Ids, not names, identify containers: two may share a name (given, or given and default)."""
+    async def main() -> None:
+        one = (await ctl(node.addr, "cluster/ctl", "run hello name=web")).strip()
+        two = (await ctl(node.addr, "cluster/ctl", "run hello name=web")).strip()
+        three = (await ctl(node.addr, "cluster/ctl", "run hello name=hello-4")).strip()
+        four = (await ctl(node.addr, "cluster/ctl", "run hello")).strip()  # default name hello-4
+        assert (one, two, three, four) == ("1", "2", "3", "4")
+        names = {cid: (await st(node, cid))["name"] for cid in (one, two, three, four)}
+        assert names == {"1": "web", "2": "web", "3": "hello-4", "4": "hello-4"}
+        listing = await read(node.addr, f"cluster/nodes/{node.id}/containers")
+        assert listing.splitlines()[0] == "count 4"
+        assert [status(b)["id"] for b in blocks(await read(node.addr, "cluster/self/containers"))] == list(names)
+        await ctl(node.addr, "cluster/ctl", f"stop {one}")
+        assert ((await st(node, one))["state"], (await st(node, two))["state"]) == ("stopped", "running")
+    run(main())
