@@ -3,12 +3,13 @@
 One command per write, plain words:
 
     join | leave | name NAME
-    run IMAGE [ARG ...] [mem=SIZE] [cpu=N] [name=NAME]
+    run IMAGE [ARG ...] [mem=SIZE] [cpu=N] [name=NAME] [label=KEY=VALUE ...] [env=KEY=VALUE ...]
     stop ID | kill ID | destroy ID
     label KEY=VALUE | unlabel KEY
 
 Trailing ``key=value`` words with a known key are options of ``run``; ``--``
 ends the arguments, so an argument that looks like an option can be passed.
+``label=`` and ``env=`` may be repeated, once per key.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from .runtime import ContainerError, Limits, parse_size
+from .runtime import LABEL_KEY, ContainerError, Limits, check_env, check_labels, parse_size
 
-RUN_OPTIONS = ("mem", "cpu", "name")
+RUN_OPTIONS = ("mem", "cpu", "name", "label", "env")
+REPEATABLE = ("label", "env")  # KEY=VALUE options, once per key
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
+RUN_USAGE = "run IMAGE [ARG ...] [mem=SIZE] [cpu=N] [name=NAME] [label=KEY=VALUE ...] [env=KEY=VALUE ...]"
 
-USAGE = """commands:
-  run IMAGE [ARG ...] [mem=SIZE] [cpu=N] [name=NAME]
+USAGE = f"""commands:
+  {RUN_USAGE}
   stop ID | kill ID | destroy ID
   name NAME | join | leave
   label KEY=VALUE | unlabel KEY
@@ -42,6 +44,8 @@ class Command:
     args: list[str] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
     name: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # run's label= options
+    env: dict[str, str] = field(default_factory=dict)  # run's env= options
     target: str = ""  # container id, node name, label key
     value: str = ""  # label value
 
@@ -71,7 +75,7 @@ def parse(text: str) -> Command:
     if verb == "label":
         _arity(verb, rest, 1, "KEY=VALUE")
         key, sep, value = rest[0].partition("=")
-        if not sep or not _LABEL_KEY.match(key) or not value or " " in value:
+        if not sep or not LABEL_KEY.fullmatch(key) or not value or " " in value:
             raise CtlError(f"bad label {rest[0]!r}: want KEY=VALUE")
         return Command(verb, target=key, value=value)
     if verb == "unlabel":
@@ -87,11 +91,12 @@ def _arity(verb: str, rest: list[str], n: int, what: str = "") -> None:
 
 def _run(words: list[str]) -> Command:
     if not words:
-        raise CtlError("usage: run IMAGE [ARG ...] [mem=SIZE] [cpu=N] [name=NAME]")
+        raise CtlError(f"usage: {RUN_USAGE}")
     image, rest = words[0], words[1:]
     if not _NAME.match(image):
         raise CtlError(f"bad image name {image!r}")
     options: dict[str, str] = {}
+    pairs: dict[str, dict[str, str]] = {k: {} for k in REPEATABLE}
     if "--" in rest:
         cut = rest.index("--")
         args, tail = rest[:cut], rest[cut + 1 :]
@@ -101,10 +106,23 @@ def _run(words: list[str]) -> Command:
         options_words, args = _split_options(rest)
     for w in options_words:
         key, _, value = w.partition("=")
+        if key in pairs:
+            k, sep, v = value.partition("=")
+            if not sep or not k:
+                raise CtlError(f"bad {w!r}: want {key}=KEY=VALUE")
+            if k in pairs[key]:
+                raise CtlError(f"{key} {k} given twice")
+            pairs[key][k] = v
+            continue
         if key in options:
             raise CtlError(f"{key}= given twice")
         options[key] = value
     cmd = Command("run", image=image, args=args)
+    try:
+        cmd.labels = check_labels(pairs["label"])
+        cmd.env = check_env(pairs["env"])
+    except ContainerError as e:
+        raise CtlError(str(e)) from None
     try:
         if "mem" in options:
             cmd.limits.mem = parse_size(options["mem"])

@@ -164,6 +164,18 @@ class NodeDaemon:
         }
         return values[what] + "\n"
 
+    def images_text(self) -> str:
+        """self/images: one image name per line, those run would accept (a scheduler checks before placing)."""
+        return "".join(f"{name}\n" for name in self.runtime.images())
+
+    def all_status_text(self) -> str:
+        """self/containers: every container's status, each followed by a blank line, in id order.
+
+        The same text as each containers/ID/status, made from the same records
+        at the same moment, so one read gives a scheduler the whole node.
+        """
+        return "".join(c.status() + "\n" for c in self.runtime.list())
+
     def _containers_text(self) -> str:
         running = self.running()
         lines = [f"count {len(running)}"] + [f"{c.id} {c.image} {c.state}" for c in running]
@@ -194,7 +206,8 @@ class NodeDaemon:
 
     async def _do(self, cmd: ctlparse.Command) -> str:
         if cmd.verb == "run":
-            c = await self.runtime.run(cmd.image, cmd.args, cmd.limits, name=cmd.name)
+            c = await self.runtime.run(cmd.image, cmd.args, cmd.limits, name=cmd.name, labels=cmd.labels,
+                                       env=cmd.env)
             log.info("run %s: container %s pid %s", cmd.image, c.id, c.pid)
             return f"{c.id}\n"
         if cmd.verb in ("stop", "kill", "destroy"):

@@ -3,9 +3,12 @@
 An image is a directory ``<images>/<name>/`` with a ``config`` file (one
 command line, shlex-split, ``#`` lines ignored; run arguments are appended)
 and an optional ``rootfs/``, the working directory when present (else the
-image directory).  The container gets FORNAX_CONTAINER, FORNAX_NODE and
-FORNAX_IMAGE in its environment, stdin from /dev/null, stdout+stderr into its
-log, and a session (hence process group) of its own.
+image directory).  The container gets the daemon's environment, then
+FORNAX_CONTAINER, FORNAX_NODE and FORNAX_IMAGE, then the run's own variables
+(which may not set FORNAX_*: those tell a container where it is), stdin from
+/dev/null, stdout+stderr into its log, and a session (hence process group)
+of its own.  Labels are the run's ``key value`` tags, kept in the record:
+they are how a scheduler tells its containers from those a user started.
 
 Why a monitor per container (see rt_monitor): the daemon may be killed and
 restarted on the same state directory.  Each container's parent is a small
@@ -35,8 +38,10 @@ rlimits a failed allocation is recognised by the program's last words
 
 Stop: SIGTERM to the process group, SIGKILL (group and cgroup) after the
 grace; the intent is saved first, so the end reads "stopped" even across a
-restart.  When a container's main process ends, the rest of its group is
-killed too.
+restart, with the reason given: a user's stop ("stopped by request") and the
+node's own shutdown ("stopped: node shutting down") must stay apart, since a
+scheduler re-places only the second.  When a container's main process ends,
+the rest of its group is killed too.
 
 State directory layout::
 
@@ -66,7 +71,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -80,7 +85,15 @@ log = logging.getLogger(__name__)
 
 STATES = ("created", "running", "stopped", "exited", "failed")
 LOST = "lost while the node was down"
-_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+STOPPED = "stopped by request"  # a stop written by a user (or a scheduler)
+SHUTDOWN = "stopped: node shutting down"  # the daemon's own clean shutdown
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # (what the ctl parser takes)
+LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,62}")  # node and container labels alike
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_LABELS = 64  # per container
+MAX_LABEL_VALUE = 255  # characters
+MAX_ENV = 256  # variables per container
+MAX_ENV_BYTES = 64 << 10  # of the run's own variables, "KEY=VALUE\0" each
 MIN_MEM = 1 << 20  # below this not even a shell starts
 REPORT_TIMEOUT = 10.0  # seconds for a monitor to say it started the container
 
@@ -131,9 +144,15 @@ class Container:
     monitor_start: int | None = None
     stopping: float | None = None  # when we asked it to stop (persisted: a restart still knows)
     stop_reason: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    env_keys: list[str] = field(default_factory=list)  # the run's own variables; values are not kept (secrets)
 
     def status(self) -> str:
-        """``key value`` lines; keys without a value are left out (exit_code until it exited)."""
+        """``key value`` lines; keys without a value are left out (exit_code until it exited).
+
+        New keys go after the old ones (``env``, then one ``label.KEY`` line
+        per label), so a reader that knows only the old keys is unaffected.
+        """
         rows: list[tuple[str, object]] = [
             ("id", self.id), ("name", self.name), ("image", self.image), ("state", self.state),
             ("pid", self.pid), ("exit_code", self.exit_code), ("signal", self.signal),
@@ -142,7 +161,9 @@ class Container:
             ("mem", format_size(self.limits.mem) if self.limits.mem is not None else None),
             ("cpus", f"{self.limits.cpus:g}" if self.limits.cpus is not None else None),
             ("reason", self.reason or None), ("note", self.note or None), ("backend", self.backend or None),
+            ("env", ",".join(sorted(self.env_keys)) or None),
         ]
+        rows += [(f"label.{k}", v) for k, v in sorted(self.labels.items())]
         return "".join(f"{k} {_oneline(str(v))}\n" for k, v in rows if v is not None)
 
     def to_json(self) -> bytes:
@@ -156,6 +177,8 @@ class Container:
         known = {f.name for f in fields(cls)}
         raw = {k: v for k, v in raw.items() if k in known}
         raw["limits"] = Limits(**(raw.get("limits") or {}))
+        raw["labels"] = dict(raw.get("labels") or {})  # (records older than labels have none)
+        raw["env_keys"] = list(raw.get("env_keys") or [])
         return cls(**raw)
 
 
@@ -198,6 +221,7 @@ class Runtime:
         self._b: rt_cgroup.Backend | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._shutting_down = False  # run() refuses: nothing may start that shutdown() would not stop
         self._tasks: set[asyncio.Task[Any]] = set()
         self._forker = Forker()
 
@@ -241,9 +265,15 @@ class Runtime:
         return lines
 
     async def shutdown(self) -> None:
-        """Stop every running container (TERM, KILL after grace) and stop watching."""
-        ids = [cid for cid in self._watches]
-        results = await asyncio.gather(*(self.stop(cid) for cid in ids), return_exceptions=True)
+        """Stop every running container (TERM, KILL after grace) and stop watching.
+
+        Their reason is SHUTDOWN, not a user's STOPPED: the node going down is
+        not someone asking.  Containers still starting are stopped too, and
+        run() refuses from now on, so that none is left behind.
+        """
+        self._shutting_down = True
+        ids = sorted(set(self._watches) | set(self._starting), key=int)
+        results = await asyncio.gather(*(self.stop(cid, reason=SHUTDOWN) for cid in ids), return_exceptions=True)
         for cid, r in zip(ids, results, strict=True):
             if isinstance(r, BaseException):
                 log.warning("container %s: stop at shutdown failed: %s", cid, r)
@@ -265,11 +295,26 @@ class Runtime:
 
     # ------------------------------------------------------------ queries
     def images(self) -> builtins.list[str]:
+        """The images run() would accept (a usable name, a config whose command is found), sorted.
+
+        Checked in full, not just listed: a scheduler refuses a place up front
+        when no node has the image, which only helps if "has" means "runs".
+        """
         try:
-            return sorted(d.name for d in self._images.iterdir()
-                          if _IMAGE.fullmatch(d.name) and (d / "config").is_file())
+            names = sorted(d.name for d in self._images.iterdir())
         except OSError:
             return []
+        out = []
+        for name in names:
+            if not _IMAGE.fullmatch(name) or not (self._images / name / "config").is_file():
+                continue
+            try:
+                argv, cwd = self._image_cmd(name)
+                _resolve(argv[0], cwd, os.environ.get("PATH", os.defpath), name)
+            except ContainerError:
+                continue
+            out.append(name)
+        return out
 
     def get(self, id: str) -> Container:
         c = self._containers.get(id)
@@ -307,14 +352,20 @@ class Runtime:
 
     # ------------------------------------------------------------ run
     async def run(self, image: str, args: Sequence[str] = (), limits: Limits | None = None,
-                  name: str | None = None) -> Container:
+                  name: str | None = None, labels: Mapping[str, str] | None = None,
+                  env: Mapping[str, str] | None = None) -> Container:
         """Start a container; returns once its process exists (state running, pid set).
 
-        Errors in the request (image, limits, name, command) raise ContainerError
-        before anything is written.  If the command then cannot be executed,
-        the container is returned in state "failed" with the reason.
+        Errors in the request (image, limits, name, labels, env, command) raise
+        ContainerError before anything is written.  If the command then cannot
+        be executed, the container is returned in state "failed" with the reason.
+        Names need not be unique (ids are); env values are passed, not kept.
         """
         b = self._ready()
+        if self._shutting_down:
+            raise ContainerError("the node is shutting down")
+        labels = check_labels(labels or {})
+        user_env = check_env(env or {})
         limits = replace(limits) if limits is not None else Limits()
         argv, cwd = self._image_cmd(image)
         for a in args:
@@ -324,8 +375,8 @@ class Runtime:
         _check_limits(limits)
         if name is not None and not re.fullmatch(r"[^\s/]{1,64}", name):
             raise ContainerError(f"bad container name {name!r}")
-        env = dict(os.environ)
-        exe = _resolve(argv[0], cwd, env.get("PATH", os.defpath), image)
+        # The image's command is found with the node's PATH: the image is the node's, not the run's.
+        exe = _resolve(argv[0], cwd, os.environ.get("PATH", os.defpath), image)
 
         cid = str(self._next)
         try:
@@ -333,10 +384,13 @@ class Runtime:
         except OSError as e:
             raise ContainerError(f"cannot set up limits: {e.strerror or e}") from None
         self._next += 1  # persisted by the record itself; next_id only matters once records are destroyed
+        # The run's variables come last and win over the daemon's (check_env refused FORNAX_*).
+        env = {k: v for k, v in os.environ.items() if k not in user_env}
         env.update(FORNAX_CONTAINER=cid, FORNAX_NODE=self.node, FORNAX_IMAGE=image)
+        env.update(user_env)
         c = Container(id=cid, name=name or f"{image}-{cid}", image=image, cmd=argv, created=time.time(),
                       limits=limits, node=self.node, backend=b.kind, note="; ".join(groups.notes),
-                      cgroups=groups.dirs)
+                      cgroups=groups.dirs, labels=labels, env_keys=list(user_env))
         try:
             (self._containers_dir() / cid).mkdir()
             self._save(c)
@@ -434,20 +488,26 @@ class Runtime:
             self._loop.remove_reader(sock.fileno())
 
     # ------------------------------------------------------------ stop, kill, destroy
-    async def stop(self, id: str, grace: float | None = None) -> Container:
-        """SIGTERM to the container's process group, SIGKILL after grace; ends "stopped"."""
+    async def stop(self, id: str, grace: float | None = None, reason: str = STOPPED) -> Container:
+        """SIGTERM to the container's process group, SIGKILL after grace; ends "stopped".
+
+        ``reason`` is what its status will say; a stop already under way (an
+        adopted one, say) keeps the reason it started with.
+        """
         c = self.get(id)
         grace = self.grace if grace is None else grace
         w = await self._live(c)
         if w is None:
             return c
-        self._mark_stopping(c, "stopped by request")
+        self._mark_stopping(c, reason)
         self._signal(c, signal.SIGTERM)
         try:
             await asyncio.wait_for(w.done.wait(), grace)
         except TimeoutError:
-            c.stop_reason = f"stopped by request (killed after {grace:.3g}s grace)"
-            self._save(c)
+            base = c.stop_reason or reason
+            if "(killed after" not in base:
+                c.stop_reason = f"{base} (killed after {grace:.3g}s grace)"
+                self._save(c)
             await self._kill_and_wait(c, w)
         return c
 
@@ -593,7 +653,7 @@ class Runtime:
             c.state = "failed"
             c.reason = f"memory limit {format_size(mem)} exceeded" if mem else "out of memory"
         elif c.stopping is not None:
-            c.state, c.reason = "stopped", c.stop_reason or "stopped by request"
+            c.state, c.reason = "stopped", c.stop_reason or STOPPED
         elif c.exit_code == 0:
             c.state, c.reason = "exited", ""
         elif c.exit_code is not None:
@@ -673,6 +733,47 @@ class Runtime:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+
+
+def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """A copy of a run's labels; ContainerError if one is malformed or there are too many.
+
+    A value is one word of printable characters, so its ``label.KEY VALUE``
+    status line reads back exactly.
+    """
+    if len(labels) > MAX_LABELS:
+        raise ContainerError(f"too many labels: {len(labels)} (at most {MAX_LABELS})")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not LABEL_KEY.fullmatch(k):
+            raise ContainerError(f"bad label key {k!r}: letters, digits, '.', '_', '/' and '-', "
+                                 f"at most 63, starting with a letter or digit")
+        if not isinstance(v, str) or not 0 < len(v) <= MAX_LABEL_VALUE or not v.isprintable() \
+                or any(ch.isspace() for ch in v):
+            raise ContainerError(f"bad value {v!r} of label {k}: one word of printable characters, "
+                                 f"at most {MAX_LABEL_VALUE}")
+    return dict(labels)
+
+
+def check_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of a run's own environment variables; ContainerError if one cannot be passed.
+
+    FORNAX_* are refused: they are how a container learns where it runs,
+    and a user's value would lie about that.
+    """
+    if len(env) > MAX_ENV:
+        raise ContainerError(f"too many env variables: {len(env)} (at most {MAX_ENV})")
+    size = 0
+    for k, v in env.items():
+        if not isinstance(k, str) or not ENV_KEY.fullmatch(k):
+            raise ContainerError(f"bad env name {k!r}: want [A-Za-z_][A-Za-z0-9_]*")
+        if k.startswith("FORNAX_"):
+            raise ContainerError(f"env {k}: FORNAX_ variables are set by the node and cannot be given")
+        if not isinstance(v, str) or "\0" in v:
+            raise ContainerError(f"bad value of env {k}: text without NUL")
+        size += len(k.encode()) + len(v.encode(errors="surrogateescape")) + 2
+    if size > MAX_ENV_BYTES:
+        raise ContainerError(f"env too large: {size} bytes (at most {format_size(MAX_ENV_BYTES)})")
+    return dict(env)
 
 
 def _check_limits(limits: Limits) -> None:

@@ -30,6 +30,8 @@ def build(node: NodeDaemon) -> Dir:
         ro("name", lambda ctx: node.name + "\n"),
         ro("addr", lambda ctx: node.addr + "\n"),
         ro("resources", lambda ctx: node.resources_text()),
+        ro("images", lambda ctx: node.images_text()),
+        ro("containers", lambda ctx: node.all_status_text()),
     ], uid=owner)
 
     def peer_dir(peer_id: str) -> Node | None:

@@ -25,7 +25,17 @@ from typing import Any
 import pytest
 
 from fornax_sched.node import rt_cgroup
-from fornax_sched.node.runtime import LOST, Container, ContainerError, Limits, Runtime, format_size, parse_size
+from fornax_sched.node.runtime import (
+    LOST,
+    SHUTDOWN,
+    STOPPED,
+    Container,
+    ContainerError,
+    Limits,
+    Runtime,
+    format_size,
+    parse_size,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "images"
@@ -313,6 +323,12 @@ def test_errors_change_nothing(rts: Rt, tmp_path: Path) -> None:
             (rt.run("code", limits=Limits(cpus=0)), "bad cpu limit '0'"),
             (rt.run("code", limits=Limits(cpus=-1.5)), "bad cpu limit '-1.5'"),
             (rt.run("code", name="two words"), "bad container name 'two words'"),
+            (rt.run("code", labels={"bad key": "x"}), "bad label key 'bad key'"),
+            (rt.run("code", labels={"k": "two words"}), "bad value 'two words' of label k"),
+            (rt.run("code", labels={"k": "tab\there"}), "bad value 'tab\\there' of label k"),
+            (rt.run("code", env={"FORNAX_CONTAINER": "99"}), "env FORNAX_CONTAINER: FORNAX_ variables"),
+            (rt.run("code", env={"9LIVES": "x"}), "bad env name '9LIVES'"),
+            (rt.run("code", env={"NUL": "a\0b"}), "bad value of env NUL: text without NUL"),
             (rt.stop("42"), "unknown container 42"),
             (rt.kill("42"), "unknown container 42"),
             (rt.destroy("42"), "unknown container 42"),
@@ -332,6 +348,9 @@ def test_errors_change_nothing(rts: Rt, tmp_path: Path) -> None:
         (rts.images / "missing" / "config").write_text("no-such-command-here x\n")
         with pytest.raises(ContainerError, match="command 'no-such-command-here' not found"):
             await rt.run("missing")
+        # images() lists only what run() takes: neither of those, nor a directory without config
+        (rts.images / "noconfig").mkdir()
+        assert rt.images() == sorted(IMAGES.keys() | {"hello"})
         assert snapshot() == before and cgroups_of(rt.node, rts.state) == groups
         assert [c.id for c in rt.list()] == ["1"]
         with pytest.raises(ContainerError, match="unknown limits backend 'zfs'"):
@@ -587,6 +606,69 @@ def test_shutdown_leaves_no_process(rts: Rt, node: str) -> None:
             assert gone(c.pid) and group_members(c.pid) == []
         await until(lambda: all(gone(c.monitor) for c in cs) and gone(forker), 2, "monitors to be reaped")
         assert cgroups_of(node, rts.state) == []
+    rts.run(main)
+
+
+def test_shutdown_is_not_a_user_stop(rts: Rt) -> None:
+    """A scheduler re-places what the node's shutdown stopped, never what a user stopped:
+    the two reasons differ, and a later daemon reads the same ones."""
+    async def main() -> None:
+        rt = await rts(grace=0.3)
+        by_user = await rt.stop((await rt.run("hello")).id)
+        hello, stubborn = await rt.run("hello"), await rt.run("stubborn")
+        await until(lambda: b"stubborn" in rt.log(stubborn.id), what="the trap to be set")
+        starting = asyncio.ensure_future(rt.run("ticker"))  # still starting when shutdown begins
+        await asyncio.sleep(0)
+        shut = asyncio.ensure_future(rt.shutdown())
+        await asyncio.sleep(0)
+        with pytest.raises(ContainerError, match="^the node is shutting down$"):
+            await rt.run("hello")  # nothing may start that the shutdown would not stop
+        ticker = await starting
+        await shut
+        reasons = {c.id: (c.state, c.reason) for c in rt.list()}
+        assert reasons == {
+            by_user.id: ("stopped", STOPPED),
+            hello.id: ("stopped", SHUTDOWN),
+            stubborn.id: ("stopped", f"{SHUTDOWN} (killed after 0.3s grace)"),
+            ticker.id: ("stopped", SHUTDOWN),
+        }
+        assert gone(ticker.pid) and gone(stubborn.pid)
+        rt2 = await rts()
+        assert {c.id: (c.state, c.reason) for c in rt2.list()} == reasons
+    rts.run(main)
+
+
+def test_labels_and_env(rts: Rt) -> None:
+    """Labels are kept with the container (across adoption), shown in status; env reaches the
+    process after the node's FORNAX_* and wins over the daemon's; its values are not kept."""
+    async def main() -> None:
+        rt = await rts()
+        labels = {"owner": "fornax-sched", "fornax.rev": "7"}
+        env = {"GREETING": "hello world", "EMPTY": "", "HOME": "/nowhere", "MULTI": "one\ntwo"}
+        c = await rt.run("hello", labels=labels, env=env, name="labelled")
+        environ = Path(f"/proc/{c.pid}/environ").read_bytes().split(b"\0")
+        for k, v in env.items():
+            assert environ.count(f"{k}={v}".encode()) == 1
+        assert sum(1 for e in environ if e.startswith(b"HOME=")) == 1  # the daemon's HOME is replaced
+        last_fornax = max(i for i, e in enumerate(environ) if e.startswith(b"FORNAX_"))
+        assert min(environ.index(f"{k}={v}".encode()) for k, v in env.items()) > last_fornax
+        assert f"FORNAX_CONTAINER={c.id}".encode() in environ
+        lines = c.status().splitlines()
+        assert lines[-3:] == ["env EMPTY,GREETING,HOME,MULTI", "label.fornax.rev 7", "label.owner fornax-sched"]
+        assert lines[lines.index("backend " + rt.backend) + 1] == "env EMPTY,GREETING,HOME,MULTI"
+        record = (rts.state / "containers" / c.id / "container.json").read_bytes()
+        assert b"hello world" not in record and b"/nowhere" not in record
+        plain = await rt.run("hello")
+        assert not any(k.startswith(("env", "label.")) for k in plain.status().split())
+
+        await rt.detach()  # the daemon goes away; the next one adopts
+        rt2 = await rts()
+        a = rt2.get(c.id)
+        assert (a.state, a.pid, a.labels, a.status()) == ("running", c.pid, labels, c.status())
+        await rt2.stop(a.id)
+        await rt2.shutdown()
+        rt3 = await rts()
+        assert rt3.get(c.id).labels == labels and rt3.get(c.id).status().endswith("label.owner fornax-sched\n")
     rts.run(main)
 
 

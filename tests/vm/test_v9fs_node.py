@@ -2,8 +2,9 @@
 
 One node daemon, one boot: the guest mounts the node with 9p2000.L (the
 Linux default) and with 9p2000, and does what a user would from a shell:
-list the nodes, run a container by writing ctl, read its status and log,
-stop it, and get an error for a bad command.
+list the nodes and the images, run a container with a label and env by
+writing ctl, read its status, the node's listing and its log, stop it, and
+get an error for a bad command.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ for M in L p9; do
   C=/mnt/$M/cluster
   echo "@@ $M name $(cat $C/self/name)"
   echo "@@ $M nodes $(ls $C/nodes | wc -l)"
-  echo run hello name=from-$M > $C/ctl; echo "@@ $M run-rc $?"
+  echo "@@ $M images $(cat $C/self/images | tr '\n' ' ')"
+  echo run hello name=from-$M label=mount=$M env=SECRET=xyz > $C/ctl; echo "@@ $M run-rc $?"
   ID=$(ls $C/containers | sort -n | tail -1)
   echo "@@ $M id $ID"
   echo "@@ $M state $(grep '^state ' $C/containers/$ID/status | cut -d' ' -f2)"
   echo "@@ $M cname $(grep '^name ' $C/containers/$ID/status | cut -d' ' -f2)"
+  echo "@@ $M label $(grep '^label.mount ' $C/containers/$ID/status | cut -d' ' -f2)"
+  echo "@@ $M envkeys $(grep '^env ' $C/containers/$ID/status | cut -d' ' -f2)"
+  echo "@@ $M listed $(grep -c '^id ' $C/self/containers) $(grep -c '^label.mount ' $C/self/containers)"
   sleep 0.5
   echo "@@ $M log $(head -1 $C/containers/$ID/log)"
   echo stop > $C/containers/$ID/ctl; echo "@@ $M stop-rc $?"
@@ -42,6 +47,7 @@ for M in L p9; do
   ERR=$(echo dance 2>&1 >$C/ctl); echo "@@ $M bad-rc $?"
   echo "@@ $M bad-msg $ERR"
   ERR=$(echo run nosuchimage 2>&1 >$C/ctl); echo "@@ $M noimage-rc $?"
+  ERR=$(echo run hello env=FORNAX_NODE=x 2>&1 >$C/ctl); echo "@@ $M fornaxenv-rc $?"
 done
 exit 0
 """
@@ -73,11 +79,15 @@ def test_shell_drives_the_node(guest: tuple[NodeProc, GuestRun, dict[str, str]],
     assert got["name"] == "fornax-vm"
     assert got["nodes"] == "1"
     assert got["run-rc"] == "0"
+    assert got["images"] == "hello web"
     assert got["state"] == "running" and got["cname"] == f"from-{mount}"
+    assert got["label"] == mount and got["envkeys"] == "SECRET"
+    n = "1" if mount == "L" else "2"  # (L runs first; each run adds one container with a label)
+    assert got["listed"] == f"{n} {n}"
     assert got["log"] == f"hello from fornax container {got['id']}"
     assert got["stop-rc"] == "0" and got["stopped"] == "stopped"
-    assert got["bad-rc"] != "0" and got["noimage-rc"] != "0"
+    assert got["bad-rc"] != "0" and got["noimage-rc"] != "0" and got["fornaxenv-rc"] != "0"
     if mount == "L":  # 9P2000.L carries an errno: EINVAL
         assert "Invalid argument" in got["bad-msg"]
     st = status(asyncio.run(read(node.addr, f"cluster/containers/{got['id']}/status")))
-    assert st["state"] == "stopped" and st["name"] == f"from-{mount}"
+    assert st["state"] == "stopped" and st["name"] == f"from-{mount}" and st["label.mount"] == mount
