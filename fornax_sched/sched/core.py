@@ -21,7 +21,8 @@ the usual decision looks at a handful of nodes, not all of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Protocol
@@ -104,6 +105,30 @@ class Cluster:
         self.changed: set[str] = set()  # nodes changed since the program last looked
         # index: affinity class -> container count -> node names (insertion-ordered)
         self._index: dict[int, dict[int, dict[str, None]]] = {}
+        self._journal: list[Callable[[], object]] | None = None  # undo steps while a draft is open
+
+    # ------------------------------------------------------------ drafts
+    @contextmanager
+    def draft(self) -> Iterator[Cluster]:
+        """Changes made inside are undone on leaving: a planner decides against the cluster
+        (each decision seeing the ones before it) and the cluster is as it was afterwards.
+
+        What the draft undoes is the state decisions depend on (assignments, reservations,
+        statuses, cordons, placements); the order nodes are visited in may differ.
+        """
+        if self._journal is not None:
+            raise RuntimeError("a draft is already open")
+        self._journal = []
+        try:
+            yield self
+        finally:
+            journal, self._journal = self._journal, None
+            for undo in reversed(journal):
+                undo()
+
+    def _undo(self, step: Callable[[], object]) -> None:
+        if self._journal is not None:
+            self._journal.append(step)
 
     # ------------------------------------------------------------ policy
     def set_policy(self, policy: Policy) -> None:
@@ -150,6 +175,12 @@ class Cluster:
     # ------------------------------------------------------------ nodes
     def add_node(self, facts: NodeFacts, status: str = USABLE) -> NodeState:
         old = self.nodes.get(facts.name)
+        if self._journal is not None:
+            if old is None:
+                self._undo(lambda: self.remove_node(facts.name))
+            else:
+                was_facts, was_status = old.facts, old.status
+                self._undo(lambda: self.add_node(was_facts, was_status))
         if old is not None:
             self._unindex(old)
             old.facts = facts
@@ -165,15 +196,23 @@ class Cluster:
         return n
 
     def set_status(self, name: str, status: str) -> None:
-        self._node(name).status = status
+        n = self._node(name)
+        was = n.status
+        self._undo(lambda: self.set_status(name, was))
+        n.status = status
         self._changed(name)
 
     def cordon(self, name: str, on: bool = True) -> None:
-        self._node(name).cordoned = on
+        n = self._node(name)
+        was = n.cordoned
+        self._undo(lambda: self.cordon(name, was))
+        n.cordoned = on
         self._changed(name)
 
     def remove_node(self, name: str) -> list[str]:
         """Forget a node; returns the placements that were on it (now pending)."""
+        if self._journal is not None:
+            raise RuntimeError("remove_node cannot be undone: not in a draft")
         n = self._node(name)
         moved = list(n.containers)
         for p in moved:
@@ -196,7 +235,14 @@ class Cluster:
             raise KeyError(f"container {name!r} exists")
         p = Placement(name, request, None, "not yet placed")
         self.placements[name] = p
+        self._undo(lambda: self.forget(name))
         return p
+
+    def set_reason(self, name: str, reason: str) -> None:
+        p = self.placements[name]
+        was = p.reason
+        self._undo(lambda: setattr(p, "reason", was))
+        p.reason = reason
 
     def assign(self, name: str, node: str, reason: str = "", force: bool = False) -> None:
         """Put a placement on a node, reserving its cpu and memory there.
@@ -207,11 +253,16 @@ class Cluster:
         p = self.placements[name]
         n = self._node(node)
         if p.node == node:
+            if reason:
+                self.set_reason(name, reason)
             return
         if not force and not n.room_for(p.request):
             raise ValueError(f"{node} has no room for {name}")
         if p.node is not None:
             self.unassign(name)
+        if self._journal is not None:
+            was = p.reason
+            self._undo(lambda: self.unassign(name, was))
         self._unindex(n)
         n.containers[name] = None
         n.used_cpus += p.request.cpus
@@ -226,6 +277,9 @@ class Cluster:
         p = self.placements[name]
         if p.node is None:
             return
+        if self._journal is not None:
+            was_node, was_reason = p.node, p.reason
+            self._undo(lambda: self.assign(name, was_node, was_reason, force=True))
         n = self.nodes.get(p.node)
         if n is not None:
             self._unindex(n)
@@ -239,7 +293,8 @@ class Cluster:
 
     def forget(self, name: str) -> None:
         self.unassign(name)
-        del self.placements[name]
+        p = self.placements.pop(name)
+        self._undo(lambda: self.placements.__setitem__(name, p))
 
     def pending(self) -> list[Placement]:
         return [p for p in self.placements.values() if p.node is None]
@@ -320,7 +375,7 @@ class Cluster:
         self.add(name, req)
         d = self.decide(name, req)
         if d.node is None:
-            self.placements[name].reason = d.reason
+            self.set_reason(name, d.reason)
         else:
             self.assign(name, d.node, d.reason)
         return d
@@ -342,7 +397,8 @@ class Cluster:
                 self.forget(name)
         return out
 
-    def _rebalance_program(self, max_moves: int, per_move: int = 50) -> list[tuple[str, str, str]]:
+    def _rebalance_program(self, max_moves: int, movable: Callable[[str], bool],
+                           per_move: int = 50) -> list[tuple[str, str, str]]:
         """Rebalance under a program, whose preferences only its decisions show.
 
         A container moves when the program, placing it afresh (taken off its
@@ -356,7 +412,7 @@ class Cluster:
         for name, p in list(self.placements.items()):
             if len(moves) >= max_moves or examined >= per_move * max_moves:
                 break
-            if p.node is None or not self.nodes[p.node].usable:
+            if p.node is None or not self.nodes[p.node].usable or not movable(name):
                 continue
             examined += 1
             src, reason = p.node, p.reason
@@ -399,34 +455,35 @@ class Cluster:
             if d.node is not None:
                 self.assign(p.name, d.node, d.reason)
             else:
-                p.reason = d.reason
+                self.set_reason(p.name, d.reason)
             out.append(d)
         return out
 
     def node_lost(self, node: str) -> list[str]:
         """A node went dead: its placements become pending (retry_pending re-places them)."""
         n = self._node(node)
-        n.status = "dead"
-        self._changed(node)
+        self.set_status(node, "dead")
         names = list(n.containers)
         for name in names:
             self.unassign(name, reason=f"node {node} died")
         return names
 
-    def rebalance(self, max_moves: int) -> list[tuple[str, str, str]]:
+    def rebalance(self, max_moves: int, movable: Callable[[str], bool] = lambda name: True,
+                  ) -> list[tuple[str, str, str]]:
         """Up to ``max_moves`` (container, from, to) moves toward what the policy prefers.
 
         A container moves when the policy, deciding afresh, would put it on
         another node and that node would end up no worse off than the one
         it leaves (so spread never oscillates); moves are applied here.
+        Only containers ``movable`` allows are considered.
         """
         if self.program is not None:
-            return self._rebalance_program(max_moves)
+            return self._rebalance_program(max_moves, movable)
         moves: list[tuple[str, str, str]] = []
         for name, p in list(self.placements.items()):
             if len(moves) >= max_moves:
                 break
-            if p.node is None:
+            if p.node is None or not movable(name):
                 continue
             src = self.nodes[p.node]
             d = self.decide(name, p.request, exclude=[p.node])

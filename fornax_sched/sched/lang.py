@@ -10,7 +10,8 @@ ctl, one command per write::
   policy history | policy restore VERSION
 
 CONSTRAINT is ``cpu>=N``, ``mem>=SIZE`` (or ``cpu=N``, ``mem=SIZE``, which
-need no quoting in a shell), ``KEY=VALUE`` (a node label),
+need no quoting in a shell), ``KEY=VALUE`` (a node label some node has;
+``label:KEY=VALUE`` for one no node has yet, to wait for it),
 ``node=GLOB`` / ``node!=GLOB`` (node names to use / avoid),
 ``anti-affinity=GLOB`` (no node already running a container whose name
 matches), ``name=NAME`` and ``replicas=N``.  Words after ``--`` are passed
@@ -38,7 +39,7 @@ LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 MAX_REPLICAS = 1000
 
 USAGE = """commands:
-  place IMAGE [cpu>=N] [mem>=SIZE] [KEY=VALUE] [node=GLOB] [node!=GLOB] [anti-affinity=GLOB]
+  place IMAGE [cpu>=N] [mem>=SIZE] [KEY=VALUE] [label:KEY=VALUE] [node=GLOB] [node!=GLOB] [anti-affinity=GLOB]
               [name=NAME] [replicas=N] [-- ARG ...]
   migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
   stop CONTAINER | start CONTAINER | remove CONTAINER
@@ -59,6 +60,7 @@ class Command:
     targets: list[str] = field(default_factory=list)  # containers, nodes
     count: int = 0  # rebalance moves, scale replicas, policy version
     user: str = ""  # who wrote it (set by the service)
+    marked: tuple[str, ...] = ()  # label keys written label:KEY=VALUE (no node need have them yet)
 
 
 _ARITY = {
@@ -74,7 +76,8 @@ def parse_command(text: str) -> Command:
         raise LangError("empty command\n" + USAGE)
     verb, rest = words[0], words[1:]
     if verb == "place":
-        return Command("place", request=parse_place(rest))
+        req, marked = parse_place_marked(rest)
+        return Command("place", request=req, marked=marked)
     if verb in _ARITY:
         what, n = _ARITY[verb]
         if len(rest) != n:
@@ -94,7 +97,8 @@ def parse_command(text: str) -> Command:
     if verb == "simulate":
         if not rest or rest[0] != "place":
             raise LangError("usage: simulate place IMAGE [CONSTRAINT ...]")
-        return Command(verb, request=parse_place(rest[1:]))
+        req, marked = parse_place_marked(rest[1:])
+        return Command(verb, request=req, marked=marked)
     if verb == "policy":
         if rest == ["history"]:
             return Command(verb, targets=["history"])
@@ -105,6 +109,11 @@ def parse_command(text: str) -> Command:
 
 
 def parse_place(words: list[str]) -> Request:
+    return parse_place_marked(words)[0]
+
+
+def parse_place_marked(words: list[str]) -> tuple[Request, tuple[str, ...]]:
+    """A place's request, and the label keys marked ``label:KEY=VALUE`` (meant even if no node has them)."""
     if not words:
         raise LangError("usage: place IMAGE [CONSTRAINT ...] [-- ARG ...]")
     image = _name(words[0], "image")
@@ -118,9 +127,19 @@ def parse_place(words: list[str]) -> Request:
     include: list[str] = []
     exclude: list[str] = []
     avoid: list[str] = []
+    marked: list[str] = []
     seen: set[str] = set()
     for w in rest:
+        explicit = w.startswith("label:")
+        if explicit:
+            w = w[len("label:"):]
         key, op, value = _split(w)
+        if explicit:
+            if op != "=" or not LABEL_KEY.match(key) or not value or " " in value:
+                raise LangError(f"bad label constraint {'label:' + w!r}: want label:KEY=VALUE")
+            labels.append((key, value))
+            marked.append(key)
+            continue
         if key in ("cpu", "mem", "name", "replicas") and key in seen:
             raise LangError(f"{key} given twice")
         seen.add(key)
@@ -145,7 +164,8 @@ def parse_place(words: list[str]) -> Request:
                             "KEY=VALUE, node=GLOB, "
                             "node!=GLOB, anti-affinity=GLOB, name=NAME or replicas=N (arguments go after --)")
     return Request(image=image, args=tuple(args), name=name, replicas=replicas, cpus=cpus, mem=mem,
-                   labels=tuple(labels), include=tuple(include), exclude=tuple(exclude), avoid=tuple(avoid))
+                   labels=tuple(labels), include=tuple(include), exclude=tuple(exclude),
+                   avoid=tuple(avoid)), tuple(marked)
 
 
 def parse_policy(text: str) -> Policy:

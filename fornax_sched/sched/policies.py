@@ -21,7 +21,6 @@ from typing import Any
 from ..policy import Limits, Loaded, LuaProgram, PolicyError, SandboxError, compile_policy, load_policy
 from .core import Cluster
 from .model import Policy
-from .store import Batch
 
 HISTORY = 20  # versions kept
 
@@ -126,37 +125,24 @@ class Policies:
         """Compile, start and dry-run ``text`` against the cluster; PolicyError says why not."""
         return load_policy(text, self.cluster, limits=self.limits, on_failure=self._failed, on_log=self._logged)
 
-    def activate(self, loaded: Loaded, at: float, by: str) -> tuple[Batch, Callable[[], None], Callable[[], None]]:
-        """Make ``loaded`` the active policy, as a new version.
-
-        Returns the batch that records it, then ``undo`` (if that batch cannot
-        be made durable) and ``done`` (once it is: the old sandbox goes).
-        """
-        before = (self.active, self.lua, self.program, self.load_error, self.cluster.policy, self.cluster.program)
+    def plan_version(self, loaded: Loaded, at: float, by: str) -> tuple[Version, list[tuple[str, str, Any]]]:
+        """The new version for ``loaded`` and the rows that record it (nothing changes here)."""
         n = max(self.versions, default=0) + 1
         v = Version(n, at, loaded.kind, loaded.source, by, loaded.name)
-        self.versions[n] = v
+        rows: list[tuple[str, str, Any]] = [("policies", f"v{n}", asdict(v)), ("policies", "active", {"n": n})]
+        keep = sorted([*self.versions, n])[-HISTORY:]
+        rows += [("policies", f"v{old}", None) for old in sorted(self.versions) if old not in keep]
+        return v, rows
+
+    def install(self, v: Version, loaded: Loaded) -> LuaProgram | None:
+        """Make the recorded version ``v`` active (on the decider's thread, once its rows are durable);
+        the program it replaces, for the caller to close."""
+        old = self.program
+        self.versions[v.n] = v
+        for gone in sorted(self.versions)[:-HISTORY]:
+            del self.versions[gone]
         self._install(v, loaded)
-        batch = Batch().put("policies", f"v{n}", asdict(v)).put("policies", "active", {"n": n})
-        dropped = sorted(self.versions)[:-HISTORY]
-        for old in dropped:
-            batch.delete("policies", f"v{old}")
-
-        def undo() -> None:
-            del self.versions[n]
-            self.active, self.lua, self.program, self.load_error = before[:4]
-            self.cluster.set_policy(before[4])
-            self.cluster.set_program(before[5])
-            if loaded.program is not None:
-                loaded.program.close()
-
-        def done() -> None:
-            for old in dropped:
-                self.versions.pop(old, None)
-            if before[2] is not None and before[2] is not self.program:
-                before[2].close()
-
-        return batch, undo, done
+        return old if old is not None and old is not self.program else None
 
     def _install(self, v: Version, loaded: Loaded) -> None:
         self.active, self.lua, self.program, self.load_error = v, loaded.lua, loaded.program, ""

@@ -1,26 +1,21 @@
-"""The scheduler service: the pure core, the store and the node backends, joined.
+"""The scheduler service: planners, the store and the nodes, driven.
 
-Every command follows one rule: *decide, record durably, then act*.  The
-core decides (no I/O); the change and its log lines go to the store in one
-batch, and only when that batch is durable does the command touch a node
-or answer its writer.  A crash at any point therefore leaves a record that
-says what should be true, and the reconciler makes it so.
+Every change follows one path, ``_execute``: a planner (plans.py,
+reconcile.py) computes a Plan from the state and ``now``; its rows and log
+lines are committed to the store in one batch; only then are they applied
+to memory (this state, and the decider's copy) and only then does
+``_act`` touch nodes.  A failed commit changes nothing anywhere, and a
+command answers with the store's reason.  Planners that decide run on the
+decider's thread (decider.py), so no policy ever holds the event loop.
+One lock orders planning and committing; acting on nodes happens outside
+it, concurrently.
 
-The reconciler is one task per node.  Each round it lists the node's
-containers (by name: the scheduler passes its own names to the node's
-``run``) and compares them with the placements:
-
-- a placement meant for the node that is not running there is started;
-- a container running there under a name placed on another node (a dead
-  node that came back, a migration interrupted by a crash) or being
-  removed is stopped and destroyed: every container runs exactly once;
-- what the node says about a container (running, exited, failed and why)
-  becomes the placement's status.
-
-A node that cannot be reached for ``dead_after`` seconds, or that its
-peers' gossip reports dead while it cannot be reached, is dead: its
-placements are decided again and started elsewhere.  Nodes come from the
-``--node`` seeds, from the store, and from the nodes' own /cluster/nodes.
+Three kinds of loop keep the world moving toward the state: one per node
+(list its containers, plan what the listing means, act: reconcile.py), a
+liveness ticker (online, suspect, dead from the times of the last answers:
+liveness.py; a dead node's containers are decided again), and housekeeping
+(pending placements when capacity may have appeared, log lines not yet
+stored).
 """
 
 from __future__ import annotations
@@ -29,114 +24,102 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..policy import Limits, PolicyError
 from ..units import format_size
-from . import lang
-from .backends import Backend, BackendError, ContainerInfo, FornaxNode, NodeRefused, NodeUnreachable
-from .core import Cluster, Decision, NodeState, Placement
-from .model import NodeFacts, Request
+from . import lang, plans, reconcile
+from .backends import (
+    CLUSTER_LABEL,
+    Backend,
+    BackendError,
+    Discovery,
+    NodeInfo,
+    NodeRefused,
+    NodeUnreachable,
+    NoSuchContainer,
+    Spec,
+    connect,
+)
+from .decider import Decider
+from .liveness import Liveness, Transition
+from .logbook import LogBook, capped
+from .model import Request
+from .plans import CommandError, Plan, Stop
 from .policies import Policies
+from .state import State, stamp
 from .store import Batch, Store, StoreError
 
 log = logging.getLogger("fornax_sched.sched")
 
-ALIVE = ("created", "running")  # container states that count as running on a node
-TERMINAL = ("stopped", "exited", "failed")
 LOG_LINES = 10_000  # log lines kept in memory for the log file (the store keeps more)
+QUOTE = 120  # characters of a refused command quoted in the log
 
-
-class CommandError(Exception):
-    """A command that cannot be carried out; the message is what its writer reads."""
-
-
-@dataclass
-class Record:
-    """What the scheduler keeps about one placement beyond the core's view."""
-
-    group: str  # the replica set it belongs to (scale works on groups)
-    status: str = "pending"  # pending starting running stopping stopped exited failed removing
-    cid: str = ""  # the node's id for the container
-    since: float = 0.0  # when the status last changed
-    detail: str = ""  # the node's reason (exit code, memory limit) or why it is pending
-    created: float = 0.0
+__all__ = ["CommandError", "Scheduler"]
 
 
 @dataclass
-class NodeLink:
-    """The scheduler's connection to one node and what it knows of its health."""
+class Link:
+    """The scheduler's connection to one node."""
 
     backend: Backend
     addr: str
-    last_ok: float = 0.0  # last successful contact (0: never)
-    last_error: str = ""
-    peers_say_dead: bool = False
     task: asyncio.Task[None] | None = None
     rounds: int = 0
-    ignored: set[str] = field(default_factory=set)  # foreign container names already logged
 
 
-def _stamp(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+@dataclass
+class Outcome:
+    """What acting on a plan's nodes gave: the refusals of starts, by name."""
 
-
-def request_to_json(r: Request) -> dict[str, Any]:
-    return {"image": r.image, "args": list(r.args), "name": r.name, "replicas": r.replicas, "cpus": r.cpus,
-            "mem": r.mem, "labels": [list(kv) for kv in r.labels], "include": list(r.include),
-            "exclude": list(r.exclude), "avoid": list(r.avoid)}
-
-
-def request_from_json(d: dict[str, Any]) -> Request:
-    return Request(image=d["image"], args=tuple(d.get("args", ())), name=d.get("name", ""),
-                   replicas=int(d.get("replicas", 1)), cpus=float(d.get("cpus", 0)), mem=int(d.get("mem", 0)),
-                   labels=tuple((k, v) for k, v in d.get("labels", ())), include=tuple(d.get("include", ())),
-                   exclude=tuple(d.get("exclude", ())), avoid=tuple(d.get("avoid", ())))
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class Scheduler:
-    """One scheduler: its cluster state, its store, its nodes."""
+    """One scheduler: its state, its store, its nodes."""
 
     def __init__(self, store: Store, *, seeds: Iterable[str] = (), interval: float = 1.0,
                  dead_after: float = 10.0, node_timeout: float = 5.0,
-                 connect: Callable[[str], Backend] | None = None,
-                 clock: Callable[[], float] = time.time, limits: Limits | None = None) -> None:
+                 connect: Callable[[str], Backend] | None = None, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic, limits: Limits | None = None,
+                 budget: float = 1.0) -> None:
         self.store = store
-        self.cluster = Cluster()
-        self.policies = Policies(self.cluster, self.note, limits=limits)
-        self.records: dict[str, Record] = {}
-        self.links: dict[str, NodeLink] = {}  # by node name
+        self.state = State()  # committed: what the file tree reads
+        self.decider = Decider(budget=budget, monotonic=monotonic)
+        self.policies = Policies(self.decider.state.cluster, self._note_from_thread, limits=limits)
+        self.book = LogBook(LOG_LINES)
+        self.liveness = Liveness(suspect_after=min(dead_after, max(node_timeout + interval, 3 * interval)),
+                                 dead_after=dead_after)
+        self.links: dict[str, Link] = {}  # by node name
         self.seeds = list(seeds)
         self.interval = interval
-        self.dead_after = dead_after
         self.node_timeout = node_timeout
-        self.connect = connect or (lambda addr: FornaxNode(addr, timeout=node_timeout))
+        self.connect = connect or (lambda addr: _connect(addr, node_timeout))
         self.clock = clock
-        self.lines: deque[str] = deque(maxlen=LOG_LINES)
-        self._unsaved: list[str] = []  # log lines not yet in the store
-        self._seq: dict[str, int] = {}  # next replica number per name stem
-        # Placements a command is acting on, from the decision to start them (or the stop) until the
-        # node has answered, with when that began: the reconciler keeps off them.
-        self._busy: dict[str, float] = {}
-        self._pending: dict[str, None] = {}  # names whose status is pending, oldest first
-        self._acted: dict[str, float] = {}  # when a command last acted on a placement (monotonic)
-        self._mutate = asyncio.Lock()  # one decide-and-record at a time
-        self._pending_kick = asyncio.Event()
+        self.monotonic = monotonic
+        self._mutate = asyncio.Lock()  # one plan-and-commit at a time
+        self._unsaved: list[str] = []  # log lines noted outside a plan, not yet in the store
+        # Placements being acted on (name -> [actions under way, since when]), and when each
+        # was last acted on: a listing that began before cannot show what was done.
+        self._busy: dict[str, list[float]] = {}
+        self._acted: dict[str, float] = {}
+        self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._addrs: set[str] = set()  # addresses known or being tried
+        self._addrs: set[str] = set()
+        self._store_error = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self.started = self.clock()
+        self.started = clock()
 
     # ================================================================ life
     async def start(self) -> None:
-        """Load the state, then start following every known node."""
+        self._loop = asyncio.get_running_loop()
         await self._load()
         for addr in self.seeds:
             self._try_addr(addr)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="sched-housekeeping"))
+        self._tasks.append(asyncio.create_task(self._ticker(), name="sched-liveness"))
 
     async def close(self) -> None:
         self._closing = True
@@ -146,132 +129,202 @@ class Scheduler:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        await self._flush_log()
+        with contextlib.suppress(StoreError):
+            await self._flush_log()
         for lk in self.links.values():
             with contextlib.suppress(Exception):
                 await lk.backend.close()
-        self.policies.close()
+        await self.decider.call(lambda st: self.policies.close())
+        self.decider.close()
 
     async def _load(self) -> None:
-        meta = await self.store.load("meta")
-        self._seq = dict(meta.get("seq", {}))  # stores from before one row a stem
-        self._seq.update({k[4:]: int(v) for k, v in meta.items() if k.startswith("seq/")})
-        for name, d in (await self.store.load("nodes")).items():
-            st = self.cluster.add_node(NodeFacts(name, d["cpus"], d["mem"], dict(d.get("labels", {}))), "unknown")
-            st.cordoned = bool(d.get("cordoned"))
-            self._link(name, d["addr"])
-        # Row by row, oldest first, with one copy of each repeated string and request:
-        # replicas share their request, thousands of placements their status.
-        requests: dict[Request, Request] = {}
-        text: dict[str, str] = {}
-
-        def one(v: str) -> str:
-            return text.setdefault(v, v)
-
-        async for items in self.store.scan("placements"):
-            for item in items:
-                name, d = item.key, item.value
-                req = request_from_json(d["request"])
-                req = requests.setdefault(req, req)
-                self.cluster.add(name, req)
-                r = Record(one(d.get("group", name)), one(d.get("status", "pending")), d.get("cid", ""),
-                           d.get("since", 0.0), one(d.get("detail", "")), d.get("created", 0.0))
-                self.records[name] = r
-                node = d.get("node")
-                if node and node in self.cluster.nodes:
-                    self.cluster.assign(name, node, one(d.get("reason", "")), force=True)
-                elif node:
-                    r.status = "pending"
-                if r.status == "pending":
-                    self._pending[name] = None
-        self._pending = dict.fromkeys(sorted(self._pending, key=lambda n: self.records[n].created))
+        """Read the store into both copies of the state, a few thousand rows at a time."""
+        for table in ("nodes", "meta", "policies", "placements"):
+            async for items in self.store.scan(table):
+                rows = [(table, it.key, it.value) for it in items]
+                self.state.apply(rows)
+                self.decider.apply(rows)
+        self.state.sort_pending()
+        await self.decider.call(lambda st: st.sort_pending())
         for at, line in await self.store.log_tail(LOG_LINES):
-            self.lines.append(f"{_stamp(at)} {line}")
+            self.book.add(f"{stamp(at)} {line}")
+        now = self.monotonic()
+        for name, meta in self.state.nodes.items():
+            self.liveness.add(name, now)
+            if meta.addr:
+                self._link(name, meta.addr)
         # The policy last: its sandbox starts with the cluster's placements known.
-        self.policies.load(await self.store.load("policies"), self.clock())
-        self.note(f"scheduler started: {len(self.cluster.nodes)} nodes, {len(self.records)} placements "
+        await self.decider.call(lambda st: self.policies.load(dict(st.policies), self.clock()))
+        self.note(f"scheduler started: {len(self.state.cluster.nodes)} nodes, {len(self.state.records)} placements "
                   f"from the store, policy {self.policies.label()}")
 
     # ================================================================ the log
     def note(self, line: str) -> None:
-        """One log line: kept in memory for the log file and saved with the next batch."""
-        self.lines.append(f"{_stamp(self.clock())} {line}")
+        """A log line outside a plan: in memory now, in the store with the next commit."""
+        line = capped(line)
+        self.book.add(f"{stamp(self.clock())} {line}")
         self._unsaved.append(line)
         log.info("%s", line)
 
-    async def _commit(self, batch: Batch) -> None:
-        """Make a batch (and the log lines noted so far) durable; StoreError if it cannot."""
-        lines, self._unsaved = self._unsaved, []
-        batch.log[:0] = lines
-        try:
-            await self.store.apply(batch)
-        except StoreError:
-            self._unsaved[:0] = lines
-            raise
+    def _note_from_thread(self, line: str) -> None:
+        """What the policy says, from the decider's thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.note, line)
 
     async def _flush_log(self) -> None:
         if self._unsaved:
-            with contextlib.suppress(StoreError):
-                await self._commit(Batch())
+            async with self._mutate:
+                await self._execute(Plan(self.clock()))
 
-    # ================================================================ records
-    def _put(self, batch: Batch, name: str) -> None:
-        p = self.cluster.placements[name]
-        r = self.records[name]
-        batch.put("placements", name, {
-            "request": request_to_json(p.request), "node": p.node, "reason": p.reason, "group": r.group,
-            "status": r.status, "cid": r.cid, "since": r.since, "detail": r.detail,
-            "created": r.created})
+    def _store_failed(self, e: StoreError) -> None:
+        """A store failure outside a command: logged once until it changes."""
+        if str(e) != self._store_error:
+            self._store_error = str(e)
+            log.error("%s", e)
+            self.note(f"store: {e}")
 
-    def _set(self, name: str, status: str, detail: str = "", cid: str | None = None) -> bool:
-        """Change a placement's status; True if anything changed."""
-        r = self.records[name]
-        if status == "starting":
-            # Whoever decided this starts it next: until then a node's reconciler,
-            # whose listing cannot show it yet, must not start it as well.
-            self._claim(name)
-        if status == "pending":
-            self._pending[name] = None
+    # ================================================================ the one path of change
+    async def _execute(self, plan: Plan) -> None:
+        """Commit a plan's rows and log, then make them true in memory.  The caller holds _mutate.
+
+        StoreError if the store cannot take it: then nothing changed.
+        """
+        lines = [capped(line) for line in plan.log]
+        if plan.durable or self._unsaved:
+            batch = Batch()
+            for table, key, value in plan.rows():
+                if value is None:
+                    batch.delete(table, key)
+                else:
+                    batch.put(table, key, value)
+            batch.log = self._unsaved + lines
+            await self.store.apply(batch)
+            self._unsaved = []
+            self._store_error = ""
+        rows = plan.rows()
+        self.state.apply(rows)
+        for node, status in plan.statuses:
+            self.state.set_status(node, status)
+        for node, names in plan.foreign.items():
+            self.state.observe_foreign(node, names)
+        self.decider.apply(rows, plan.statuses, plan.foreign)
+        now = self.clock()
+        for line in lines:
+            self.book.add(f"{stamp(now)} {line}")
+            log.info("%s", line)
+        self._claim(_acting(plan))
+        if plan.kick:
+            self._kick.set()
+
+    async def _commit(self, plan: Plan) -> None:
+        async with self._mutate:
+            await self._execute(plan)
+
+    async def _decide_and_commit(self, planner: Callable[[State, Callable[[], bool]], Plan]) -> Plan:
+        async with self._mutate:
+            plan = await self.decider.plan(planner)
+            await self._execute(plan)
+        return plan
+
+    # ================================================================ acting on nodes
+    async def _act(self, plan: Plan) -> Outcome:
+        """Carry out a committed plan on the nodes: its stops, then its starts, each concurrently.
+        Its placements stay claimed (the reconcilers keep off them) until all of it is done."""
+        out = Outcome()
+        try:
+            if plan.stops:
+                await asyncio.gather(*(self._stop(s) for s in plan.stops))
+            if plan.starts:
+                results = await asyncio.gather(*(self._start(name) for name in plan.starts))
+                out.refused = {name: err for name, err in zip(plan.starts, results, strict=True) if err}
+        finally:
+            self._release(_acting(plan))
+        return out
+
+    def _spec(self, name: str, req: Request) -> Spec:
+        return Spec(name, req.image, req.args, req.cpus, req.mem,
+                    labels=((CLUSTER_LABEL, self.store.cluster),)).with_revision()
+
+    async def _start(self, name: str) -> str | None:
+        """Run one placement on its node; the node's refusal, if it refused."""
+        p = self.state.cluster.placements.get(name)
+        r = self.state.records.get(name)
+        lk = self.links.get(p.node) if p is not None and p.node is not None else None
+        if p is None or r is None or p.node is None or lk is None or r.want != "run":
+            return None
+        node = p.node
+        refused = None
+        try:
+            cid = await lk.backend.run(self._spec(name, p.request))
+        except NodeRefused as e:
+            refused = str(e)
+            obs = plans.plan_refused(self.state, name, node, refused, self.clock())
+        except NodeUnreachable as e:
+            obs = plans.plan_unreachable(self.state, name, node, str(e), self.clock())
         else:
-            self._pending.pop(name, None)
-        if cid is not None and cid != r.cid:
-            r.cid = cid
-        elif r.status == status and r.detail == detail:
-            return False
-        if r.status != status:
-            r.since = self.clock()
-        r.status, r.detail = status, detail
-        return True
+            obs = plans.plan_started(self.state, name, node, cid, self.clock())
+        await self._observe(obs, name)
+        return refused
 
-    def _put_node(self, batch: Batch, n: NodeState) -> None:
-        lk = self.links.get(n.name)
-        batch.put("nodes", n.name, {"addr": lk.addr if lk else "", "cpus": n.facts.cpus, "mem": n.facts.mem,
-                                    "labels": n.facts.labels, "cordoned": n.cordoned})
+    async def _stop(self, s: Stop) -> None:
+        lk = self.links.get(s.node)
+        err = ""
+        if lk is not None and s.cid:
+            try:
+                await lk.backend.stop(s.cid)
+                if s.destroy:
+                    await lk.backend.destroy(s.cid)
+            except NoSuchContainer:
+                pass  # already gone: what we wanted
+            except BackendError as e:
+                err = str(e)
+        await self._observe(plans.plan_stopped(self.state, s, err, self.clock()), s.name)
 
-    def _next_names(self, req: Request, count: int, take: bool = True) -> tuple[str, list[str]]:
-        """The group and container names for ``count`` new replicas of ``req`` (``take``: use them up)."""
-        if req.name and req.replicas == 1 and count == 1:
-            if req.name in self.records:
-                raise CommandError(f"container {req.name!r} exists")
-            return req.name, [req.name]
-        stem = req.name or req.image
-        n = self._seq.get(stem, 1)
-        names: list[str] = []
-        while len(names) < count:
-            candidate = f"{stem}-{n}"
-            n += 1
-            if candidate not in self.records:
-                names.append(candidate)
-        if take:
-            self._seq[stem] = n
-        return (req.name or names[0] if count == 1 else stem), names
+    async def _observe(self, plan: Plan, name: str) -> None:
+        """Commit what acting showed, then act on it (a start that must be stopped again)."""
+        try:
+            await self._commit(plan)
+        except StoreError as e:
+            self._store_failed(e)
+            return
+        if plan.stops or plan.starts:
+            await self._act(plan)
+
+    def _claim(self, names: set[str]) -> None:
+        at = self.monotonic()
+        for name in names:
+            held = self._busy.setdefault(name, [0.0, at])
+            held[0] += 1
+            held[1] = at
+
+    def _release(self, names: set[str]) -> None:
+        at = self.monotonic()
+        for name in names:
+            held = self._busy.get(name)
+            if held is not None:
+                held[0] -= 1
+                if held[0] <= 0:
+                    del self._busy[name]
+            self._acted[name] = at
+
+    def _busy_now(self) -> frozenset[str]:
+        """Names being acted on; a claim older than any action can take lapses (nothing stays stuck)."""
+        now = self.monotonic()
+        limit = now - (4 * self.node_timeout + 10)
+        for name in [n for n, (_, at) in self._busy.items() if at < limit]:
+            del self._busy[name]
+        if len(self._acted) > 10_000:  # no listing takes this long: forget old marks
+            self._acted = {n: at for n, at in self._acted.items() if at > limit}
+        return frozenset(self._busy)
 
     # ================================================================ commands
     async def command(self, text: str, user: str = "-") -> str:
         """Carry out one ctl command; the answer is what a read of ctl gives back.
 
-        A refused command is logged with the reason: a 9P2000.L client sees
-        only the errno, and the log is where its user finds the words.
+        A refused command is logged with the reason (quoted in part): a
+        9P2000.L client sees only the errno, and the log is where its user
+        finds the words.
         """
         try:
             try:
@@ -285,400 +338,121 @@ class Scheduler:
             except StoreError as e:
                 raise CommandError(f"nothing changed: {e}") from None
         except CommandError as e:
-            self.note(f"refused {text.strip()[:200]!r}: {str(e).splitlines()[0]}")
+            quoted = text.strip()
+            quoted = quoted if len(quoted) <= QUOTE else quoted[:QUOTE] + f"... ({len(quoted)} characters)"
+            self.note(f"refused {quoted!r}: {str(e).splitlines()[0] if str(e) else ''}")
             raise
+
+    def _label(self) -> str:
+        return self.policies.label()
 
     async def _cmd_place(self, cmd: lang.Command) -> str:
         req = cmd.request
         assert req is not None
-        return await self._place_new(req, req.replicas)
+        label, marked = self._label(), tuple(cmd.marked)
+        plan = await self._decide_and_commit(
+            lambda st, left: plans.plan_place(st, req, req.replicas, self.clock(), label, marked=marked))
+        return await self._finish_place(plan)
 
-    async def _place_new(self, req: Request, count: int, group: str = "") -> str:
-        """Decide and record ``count`` new replicas of ``req`` (in ``group``, else the one named
-        after it), then start them."""
-        async with self._mutate:
-            first, names = self._next_names(req, count)
-            decisions = self._decide_new(names, req, group or first)
-            batch = Batch()
-            self._put_seq(batch, req.name or req.image)
-            for name in names:
-                self._put(batch, name)
-            try:
-                await self._commit(batch)
-            except StoreError:
-                for name in names:
-                    self._forget(name)
-                raise
-        return await self._start_new(names, decisions)
+    async def _finish_place(self, plan: Plan) -> str:
+        """Start what a place decided; if the nodes refused every one (a bad image, say), that is the error."""
+        out = await self._act(plan)
+        if out.refused and len(out.refused) == len(plan.report):
+            undo = Plan(self.clock())
+            for name in plan.report:
+                if name in self.state.records:
+                    undo.delete("placements", name)
+            undo.note(f"place refused by the nodes, nothing kept: {next(iter(out.refused.values()))}")
+            await self._commit(undo)
+            raise CommandError(next(iter(out.refused.values())))
+        return plan.answer + "".join(self._answer(name) for name in plan.report)
 
-    async def _start_new(self, names: list[str], decisions: list[Decision]) -> str:
-        """Start new placements; if the nodes refused every one (a bad image, say), that is the error."""
-        started = await self._start_all([d.name for d in decisions if d.node is not None])
-        refused = [e for n, e in started.items() if e and n not in self.records]
-        if refused and len(refused) == len(names):
-            raise CommandError(refused[0])
-        return "".join(self._answer(name, started.get(name)) for name in names)
-
-    def _decide_new(self, names: list[str], req: Request, group: str) -> list[Decision]:
-        out = []
-        now = self.clock()
-        for name in names:
-            d = self.cluster.place(name, req)
-            self.records[name] = Record(group, "starting" if d.node else "pending", since=now,
-                                        detail="" if d.node else d.reason, created=now)
-            if d.node:
-                self._claim(name)  # ours to start: see _set
-            else:
-                self._pending[name] = None
-            self._decided(d, f"place {name} ({lang.format_place(req)})")
-            out.append(d)
-        return out
-
-    def _decided(self, d: Decision, what: str) -> None:
-        policy = self.policies.label()
-        if d.node is None:
-            self.note(f"{what}: pending: {d.reason} (policy {policy})")
-        else:
-            self.note(f"{what}: -> {d.node}: {d.reason} (policy {policy})")
-
-    def _answer(self, name: str, error: str | None) -> str:
-        p = self.cluster.placements.get(name)
-        r = self.records.get(name)
+    def _answer(self, name: str) -> str:
+        p = self.state.cluster.placements.get(name)
+        r = self.state.records.get(name)
         if p is None or r is None:
-            return f"{name} removed: {error}\n"
+            return f"{name} removed\n"
         tail = f" ({r.detail})" if r.detail else ""
         return f"{name} node={p.node or '-'} status={r.status}{tail}\n"
 
-    def _forget(self, name: str) -> None:
-        if name in self.cluster.placements:
-            self.cluster.forget(name)
-        self.records.pop(name, None)
-        self._acted.pop(name, None)
-        self._busy.pop(name, None)
-        self._pending.pop(name, None)
-
-    # ---------------------------------------------------------------- acting on nodes
-    async def _start_all(self, names: list[str]) -> dict[str, str | None]:
-        """Start placements on their nodes, concurrently; returns errors by name."""
-        results = await asyncio.gather(*(self._start(n) for n in names))
-        return dict(zip(names, results, strict=True))
-
-    async def _start(self, name: str) -> str | None:
-        """Run one placement on its node.  A refusal (a bad image, say) removes the
-        placement durably and returns the node's words; an unreachable node leaves
-        it starting, for the reconciler or the dead-node logic to finish."""
-        p = self.cluster.placements.get(name)
-        lk = self.links.get(p.node) if p is not None and p.node is not None else None
-        if p is None or p.node is None or lk is None:
-            self._done(name)
-            return None if p is None or p.node is None else f"no connection to {p.node}"
-        node = p.node
-        self._claim(name)
-        try:
-            req = p.request
-            cid = await lk.backend.run(req.image, req.args, req.cpus, req.mem, name)
-        except NodeRefused as e:
-            self._done(name)
-            self.note(f"start {name} on {node}: refused: {e}")
-            async with self._mutate:
-                batch = Batch().delete("placements", name)
-                self._forget(name)
-                await self._commit_quietly(batch)
-            self._kick()
-            return str(e)
-        except NodeUnreachable as e:
-            self.note(f"start {name} on {node}: {e}; will retry")
-            self._set(name, "starting", f"node unreachable: {lk.last_error or e}")
-            return str(e)
-        finally:
-            self._done(name)
-        if self.cluster.placements.get(name) is p and p.node == node:
-            self._set(name, "running", "", cid)
-            self.note(f"started {name} on {node} as container {cid}")
-            await self._save(name)
-        return None
-
-    def _claim(self, name: str) -> None:
-        self._busy[name] = time.monotonic()
-
-    def _is_busy(self, name: str) -> bool:
-        """A command is acting on ``name``.  A claim older than any start or stop can take
-        (a command that failed between deciding and acting) lapses, so nothing stays stuck."""
-        at = self._busy.get(name)
-        return at is not None and time.monotonic() - at < 4 * self.node_timeout + 10
-
-    def _done(self, name: str) -> None:
-        """A command finished acting on ``name``: a listing taken before now is stale for it."""
-        self._busy.pop(name, None)
-        self._acted[name] = time.monotonic()
-
-    def _put_seq(self, batch: Batch, stem: str) -> None:
-        """The next replica number of one stem: a row each, so a place writes a few bytes."""
-        if stem in self._seq:
-            batch.put("meta", f"seq/{stem}", self._seq[stem])
-
-    async def _save(self, *names: str) -> None:
-        """Record status changes; they are facts the nodes also hold, so a failure is only logged."""
-        batch = Batch()
-        for name in names:
-            if name in self.records:
-                self._put(batch, name)
-        await self._commit_quietly(batch)
-
-    async def _commit_quietly(self, batch: Batch) -> None:
-        try:
-            await self._commit(batch)
-        except StoreError as e:
-            log.error("%s", e)
-            self.note(f"store: {e}")
-
-    async def _stop_on(self, node: str, name: str, cid: str, destroy: bool) -> str | None:
-        """Stop (and destroy) a container on a node; returns an error or None."""
-        lk = self.links.get(node)
-        if lk is None or not cid:
-            return None
-        try:
-            await lk.backend.stop(cid)
-            if destroy:
-                await lk.backend.destroy(cid)
-        except NodeRefused as e:
-            if "no container" not in str(e) and "unknown container" not in str(e):
-                return str(e)
-        except NodeUnreachable as e:
-            return str(e)
-        return None
-
-    # ---------------------------------------------------------------- container commands
-    def _placement(self, name: str) -> Placement:
-        p = self.cluster.placements.get(name)
-        if p is None:
-            raise CommandError(f"no container {name!r}")
-        return p
+    async def _run_plan(self, plan: Plan) -> str:
+        await self._act(plan)
+        return plan.answer + "".join(self._answer(name) for name in plan.report)
 
     async def _cmd_stop(self, cmd: lang.Command) -> str:
         name = cmd.targets[0]
-        p = self._placement(name)
-        r = self.records[name]
-        if r.status in TERMINAL:
-            return f"{name} already {r.status}\n"
         async with self._mutate:
-            self._set(name, "stopping")
-            self.note(f"stop {name} on {p.node or '-'}")
-            await self._save_or_fail(name)
-        if p.node is None:
-            self._set(name, "stopped")
-        else:
-            self._claim(name)
-            try:
-                err = await self._stop_on(p.node, name, r.cid, destroy=False)
-            finally:
-                self._done(name)
-            if err:
-                self.note(f"stop {name}: {err}; will retry")
-                return f"{name} status=stopping ({err})\n"
-            self._set(name, "stopped")
-        self.note(f"stopped {name}")
-        await self._save(name)
-        return self._answer(name, None)
-
-    async def _save_or_fail(self, name: str) -> None:
-        batch = Batch()
-        self._put(batch, name)
-        await self._commit(batch)
+            plan = plans.plan_stop(self.state, name, self.clock(), cmd.user or "-")
+            await self._execute(plan)
+        return await self._run_plan(plan)
 
     async def _cmd_start(self, cmd: lang.Command) -> str:
         name = cmd.targets[0]
-        p = self._placement(name)
-        r = self.records[name]
-        if r.status in ("running", "starting"):
-            return f"{name} already {r.status}\n"
-        async with self._mutate:
-            old_node, old_cid = p.node, r.cid
-            if p.node is None or not self.cluster.nodes[p.node].usable:
-                self.cluster.unassign(name)
-                d = self.cluster.decide(name, p.request)
-                if d.node is not None:
-                    self.cluster.assign(name, d.node, d.reason)
-                self._decided(d, f"start {name}")
-            self._set(name, "starting" if p.node else "pending", "", cid="")
-            await self._save_or_fail(name)
-        if old_node and old_cid:  # the stopped instance goes before the new one starts
-            await self._stop_on(old_node, name, old_cid, destroy=True)
-        err = await self._start(name)
-        return self._answer(name, err)
+        plans.placement(self.state, name)
+        label = self._label()
+        plan = await self._decide_and_commit(lambda st, left: plans.plan_start(st, name, self.clock(), label))
+        return await self._run_plan(plan)
 
     async def _cmd_remove(self, cmd: lang.Command) -> str:
-        name = cmd.targets[0]
-        self._placement(name)
-        await self._remove(name)
-        return f"removed {name}\n"
-
-    async def _remove(self, name: str) -> None:
-        p = self.cluster.placements[name]
-        r = self.records[name]
         async with self._mutate:
-            self._set(name, "removing")
-            self.note(f"remove {name} from {p.node or '-'}")
-            await self._save_or_fail(name)
-        if p.node is not None:
-            self._claim(name)
-            try:
-                err = await self._stop_on(p.node, name, r.cid, destroy=True)
-            finally:
-                self._done(name)
-            if err:  # the reconciler finishes it when the node answers
-                self.note(f"remove {name}: {err}; will retry")
-                return
-        await self._drop(name)
-
-    async def _drop(self, name: str) -> None:
-        async with self._mutate:
-            self._forget(name)
-            batch = Batch().delete("placements", name)
-            self.note(f"removed {name}")
-            await self._commit_quietly(batch)
-        self._kick()
+            plan = plans.plan_remove(self.state, cmd.targets[0], self.clock())
+            await self._execute(plan)
+        await self._act(plan)
+        return plan.answer
 
     async def _cmd_scale(self, cmd: lang.Command) -> str:
         group, want = cmd.targets[0], cmd.count
-        members = [n for n, r in self.records.items() if r.group == group and r.status != "removing"]
-        if not members:
-            raise CommandError(f"no group {group!r}: scale works on containers placed with name=")
-        if want <= len(members):
-            drop = sorted(members, key=_replica_order)[want:]
-            for name in drop:
-                await self._remove(name)
-            return f"{group} scaled to {want}: removed {' '.join(drop) or 'nothing'}\n"
-        template = self.cluster.placements[members[0]].request
-        req = Request(**{**template.__dict__, "name": group, "replicas": want})
-        return await self._place_new(req, want - len(members), group)
+        label = self._label()
+        plan = await self._decide_and_commit(lambda st, left: plans.plan_scale(st, group, want, self.clock(), label))
+        if plan.answer:  # scaled down
+            await self._act(plan)
+            return plan.answer
+        return await self._finish_place(plan)
 
-    # ---------------------------------------------------------------- moving
     async def _cmd_migrate(self, cmd: lang.Command) -> str:
         name, src, dst = cmd.targets
-        p = self._placement(name)
-        for node in (src, dst):
-            if node not in self.cluster.nodes:
-                raise CommandError(f"no node {node!r}")
-        if p.node != src:
-            raise CommandError(f"{name} is on {p.node or 'no node (pending)'}, not {src}")
-        if src == dst:
-            raise CommandError(f"{name} is already on {dst}")
-        n = self.cluster.nodes[dst]
-        if not n.usable:
-            raise CommandError(f"{dst} is {'cordoned' if n.cordoned else n.status}")
-        if not self.cluster.feasible(n, p.request):
-            raise CommandError(f"{name} does not fit on {dst} ({self._fit_report(n, p.request)})")
         async with self._mutate:
-            self.cluster.assign(name, dst, f"migrated from {src}")
-            self.note(f"migrate {name}: {src} -> {dst}")
-            old_cid = self.records[name].cid
-            self._set(name, "starting", "", cid="")
-            batch = Batch()
-            self._put(batch, name)
-            try:
-                await self._commit(batch)
-            except StoreError:
-                self.cluster.assign(name, src, p.reason, force=True)
-                raise
-        err = await self._move(name, src, old_cid)
-        return self._answer(name, err)
-
-    def _fit_report(self, n: NodeState, req: Request) -> str:
-        free_cpu = n.facts.cpus - n.used_cpus
-        free_mem = n.facts.mem - n.used_mem
-        if not req.allows(n.facts):
-            return f"constraints {req.constraints()} exclude it"
-        if req.avoid and n.runs_any(req.avoid):
-            return f"it runs a container matching {' '.join(req.avoid)}"
-        return f"free cpu {free_cpu:g}, mem {format_size(max(free_mem, 0))}"
-
-    async def _move(self, name: str, src: str, old_cid: str) -> str | None:
-        """Stop on the source, then start on the target (already recorded)."""
-        self._claim(name)
-        try:
-            err = await self._stop_on(src, name, old_cid, destroy=True)
-            if err:
-                self.note(f"move {name}: stop on {src}: {err}; the reconciler stops it when {src} answers")
-        finally:
-            self._done(name)
-        return await self._start(name)
+            plan = plans.plan_migrate(self.state, name, src, dst, self.clock())
+            await self._execute(plan)
+        return await self._run_plan(plan)
 
     async def _cmd_evacuate(self, cmd: lang.Command) -> str:
         node = cmd.targets[0]
-        if node not in self.cluster.nodes:
-            raise CommandError(f"no node {node!r}")
-        async with self._mutate:
-            before = {n: (self.cluster.placements[n].node, self.records[n].cid)
-                      for n in self.cluster.nodes[node].containers}
-            was_cordoned = self.cluster.nodes[node].cordoned
-            decisions = self.cluster.evacuate(node)
-            self.note(f"evacuate {node}: cordoned; {len(decisions)} containers to move")
-            batch = Batch()
-            self._put_node(batch, self.cluster.nodes[node])
-            for d in decisions:
-                self._decided(d, f"evacuate {d.name}")
-                self._set(d.name, "starting" if d.node else "pending", "" if d.node else d.reason, cid="")
-                self._put(batch, d.name)
-            try:
-                await self._commit(batch)
-            except StoreError:
-                self.cluster.cordon(node, was_cordoned)
-                for name, (home, _) in before.items():
-                    if home is not None:
-                        self.cluster.assign(name, home, force=True)
-                raise
-        errors = await asyncio.gather(*(self._move(d.name, node, before[d.name][1]) if d.node
-                                        else self._stop_on(node, d.name, before[d.name][1], destroy=True)
-                                        for d in decisions))
-        moved = [f"{d.name} -> {d.node}" for d in decisions if d.node]
-        pending = [d.name for d in decisions if not d.node]
-        out = f"evacuated {node}: {len(moved)} moved, {len(pending)} pending\n"
-        out += "".join(f"{m}\n" for m in moved)
-        out += "".join(f"{n} pending: {self.records[n].detail}\n" for n in pending if n in self.records)
-        out += "".join(f"error: {e}\n" for e in errors if e)
-        return out
+        plans.node_of(self.state, node)
+        label = self._label()
+        plan = await self._decide_and_commit(lambda st, left: plans.plan_evacuate(st, node, self.clock(), label))
+        await self._act(plan)
+        return plan.answer
 
     async def _cmd_rebalance(self, cmd: lang.Command) -> str:
         limit = cmd.count or 10
-        async with self._mutate:
-            before = {n: (p.node, self.records[n].cid) for n, p in self.cluster.placements.items()
-                      if p.node and not self._is_busy(n) and self.records[n].status == "running"}
-            moves = [m for m in self.cluster.rebalance(limit)]
-            batch = Batch()
-            for name, src, dst in moves:
-                self.note(f"rebalance {name}: {src} -> {dst} (policy {self.policies.label()})")
-                self._set(name, "starting", "", cid="")
-                self._put(batch, name)
-            try:
-                await self._commit(batch)
-            except StoreError:
-                for name, src, _ in moves:
-                    self.cluster.assign(name, src, force=True)
-                raise
-        await asyncio.gather(*(self._move(name, src, before.get(name, (None, ""))[1]) for name, src, _ in moves))
-        return f"rebalanced: {len(moves)} moved\n" + "".join(f"{n} {s} -> {d}\n" for n, s, d in moves)
+        label = self._label()
+        busy = self._busy_now()
+        plan = await self._decide_and_commit(
+            lambda st, left: plans.plan_rebalance(st, limit, self.clock(), label, busy))
+        await self._act(plan)
+        return plan.answer
 
     async def _cmd_cordon(self, cmd: lang.Command, on: bool = True) -> str:
-        node = cmd.targets[0]
-        if node not in self.cluster.nodes:
-            raise CommandError(f"no node {node!r}")
         async with self._mutate:
-            self.cluster.cordon(node, on)
-            self.note(f"{'cordon' if on else 'uncordon'} {node}")
-            batch = Batch()
-            self._put_node(batch, self.cluster.nodes[node])
-            try:
-                await self._commit(batch)
-            except StoreError:
-                self.cluster.cordon(node, not on)
-                raise
-        if not on:
-            self._kick()
-        return f"{node} {'cordoned' if on else 'uncordoned'}\n"
+            plan = plans.plan_cordon(self.state, cmd.targets[0], on, self.clock())
+            await self._execute(plan)
+        return plan.answer
 
     async def _cmd_uncordon(self, cmd: lang.Command) -> str:
         return await self._cmd_cordon(cmd, on=False)
+
+    async def _cmd_simulate(self, cmd: lang.Command) -> str:
+        req = cmd.request
+        assert req is not None
+        label, marked = self._label(), tuple(cmd.marked)
+        program = self.policies.program
+
+        def simulate(st: State, left: Callable[[], bool]) -> str:
+            with program.aside() if program is not None else contextlib.nullcontext():
+                return plans.plan_simulate(st, req, self.clock(), label, marked)
+
+        return await self.decider.plan(simulate)
 
     # ================================================================ policy
     def policy_text(self) -> str:
@@ -687,43 +461,35 @@ class Scheduler:
     async def set_policy(self, text: str, by: str = "-") -> str:
         """Check a policy (syntax, then a dry run) and make it active; CommandError if it is refused."""
         try:
-            loaded = self.policies.check(text)
+            loaded = await self.decider.call(lambda st: self.policies.check(text))
         except PolicyError as e:
             self.note(f"policy refused: {str(e).splitlines()[0]}")
             raise CommandError(f"policy refused, the old one stays: {e}") from None
         async with self._mutate:
-            batch, undo, done = self.policies.activate(loaded, self.clock(), by)
-            v = self.policies.active
-            assert v is not None
-            self.note(f"policy v{v.n} ({v.kind}, by {by}): {v.title() if v.kind != 'rules' else _one_line(text)}")
+            v, rows = self.policies.plan_version(loaded, self.clock(), by)
+            plan = Plan(self.clock(), kick=True)
+            for table, key, value in rows:
+                plan.put(table, key, value)
+            plan.note(f"policy v{v.n} ({v.kind}, by {by}): {v.title() if v.kind != 'rules' else _one_line(text)}")
             try:
-                await self._commit(batch)
-            except StoreError:
-                undo()
+                await self._execute(plan)
+            except BaseException:
+                if loaded.program is not None:
+                    loaded.program.close()
                 raise
-            done()
-        self._kick()
+            old = await self.decider.call(lambda st: self.policies.install(v, loaded))
+        if old is not None:
+            old.close()
         return f"policy v{v.n} active: {self.policies.label()}\n"
 
     async def _cmd_policy(self, cmd: lang.Command) -> str:
-        what = cmd.targets[0]
-        if what == "history":
+        if cmd.targets[0] == "history":
             return self.policies.history_text()
         try:
             source = self.policies.source_of(cmd.count)
         except KeyError as e:
             raise CommandError(str(e.args[0])) from None
         return await self.set_policy(source, by=f"{cmd.user or '-'}: restore of v{cmd.count}")
-
-    async def _cmd_simulate(self, cmd: lang.Command) -> str:
-        req = cmd.request
-        assert req is not None
-        _, names = self._next_names(req, req.replicas, take=False)
-        program = self.policies.program
-        with program.aside() if program is not None else contextlib.nullcontext():
-            decisions = self.cluster.simulate(names, req)
-        head = f"simulate {lang.format_place(req)} (policy {self.policies.label()}): nothing changed\n"
-        return head + "".join(d.line() + "\n" for d in decisions)
 
     # ================================================================ nodes
     def _try_addr(self, addr: str) -> None:
@@ -734,7 +500,11 @@ class Scheduler:
         self._tasks.append(asyncio.create_task(self._discover(addr), name=f"sched-discover-{addr}"))
 
     async def _discover(self, addr: str) -> None:
-        backend = self.connect(addr)
+        try:
+            backend = self.connect(addr)
+        except ValueError as e:
+            self.note(f"node at {addr}: {e}")
+            return
         while not self._closing:
             try:
                 info = await backend.info()
@@ -753,257 +523,168 @@ class Scheduler:
             if existing.task:
                 existing.task.cancel()
             await existing.backend.close()
+        self.liveness.add(info.name, self.monotonic())
         lk = self._link(info.name, addr, backend)
-        await self._node_online(info.name, info, lk)
+        await self._node_info(info.name, info, lk)
 
-    def _link(self, name: str, addr: str, backend: Backend | None = None) -> NodeLink:
+    def _link(self, name: str, addr: str, backend: Backend | None = None) -> Link:
         self._addrs.add(addr)
-        lk = NodeLink(backend or self.connect(addr), addr)
+        if backend is None:
+            try:
+                backend = self.connect(addr)
+            except ValueError as e:
+                self.note(f"node {name} at {addr}: {e}")
+                raise
+        lk = Link(backend, addr)
         self.links[name] = lk
         lk.task = asyncio.create_task(self._follow(name, lk), name=f"sched-node-{name}")
         return lk
 
-    async def _node_online(self, name: str, info: Any, lk: NodeLink) -> None:
-        facts = NodeFacts(name, info.cpus, info.mem, dict(info.labels))
-        known = self.cluster.nodes.get(name)
-        if known is not None and known.facts == facts and known.status == "online":
+    async def _node_info(self, name: str, info: NodeInfo, lk: Link) -> None:
+        """Record what a node says of itself, if it changed."""
+        known = self.state.cluster.nodes.get(name)
+        meta = self.state.nodes.get(name)
+        row = {"addr": lk.addr, "kind": info.kind, "cpus": info.cpus, "mem": info.mem, "labels": dict(info.labels),
+               "cordoned": known.cordoned if known else False,
+               "images": list(info.images) if info.images is not None else None}
+        if known is not None and meta is not None and self.state.node_row(name) == row:
             return
-        was = known.status if known else None
+        plan = Plan(self.clock())
+        plan.put("nodes", name, row)
+        if known is None:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
+            plan.note(f"node {name} ({info.kind}) at {lk.addr}: cpus {info.cpus:g}, mem {format_size(info.mem)}"
+                      + (f", labels {labels}" if labels else ""))
+        plan.kick = True
         async with self._mutate:
-            n = self.cluster.add_node(facts, "online")
-            batch = Batch()
-            self._put_node(batch, n)
-            if was != "online":
-                self.note(f"node {name} online at {lk.addr}: cpus {facts.cpus:g}, mem {format_size(facts.mem)}"
-                          + (f", labels {_labels(facts.labels)}" if facts.labels else "")
-                          + (f" (was {was})" if was else ""))
-            await self._commit_quietly(batch)
-        self._kick()
+            await self._execute(plan)
 
-    async def _follow(self, name: str, lk: NodeLink) -> None:
-        """The reconciler of one node: poll, compare, act, every interval."""
+    async def _follow(self, name: str, lk: Link) -> None:
+        """The reconciler of one node: look, plan, act, every interval."""
         while not self._closing:
             try:
                 await self._round(name, lk)
             except asyncio.CancelledError:
                 raise
+            except StoreError as e:
+                self._store_failed(e)
             except Exception:  # a bug must not stop following the node
                 log.exception("following node %s", name)
             await asyncio.sleep(self.interval)
 
-    async def _round(self, name: str, lk: NodeLink) -> None:
-        now = self.clock()
+    async def _round(self, name: str, lk: Link) -> None:
+        listed = self.monotonic()
         try:
-            if lk.rounds % 10 == 0 or self.cluster.nodes.get(name) is None or \
-                    self.cluster.nodes[name].status != "online":
+            if lk.rounds % 10 == 0 or self.liveness.status(name) != "online":
                 info = await lk.backend.info()
                 if info.name != name:
                     self.note(f"node at {lk.addr} now calls itself {info.name}, not {name}")
-                await self._node_online(name, info, lk)
-            listed = time.monotonic()
-            found = await lk.backend.containers()
-            if lk.rounds % 5 == 0:
-                await self._learn_peers(lk)
+                await self._node_info(name, info, lk)
+            listed = self.monotonic()
+            found = await lk.backend.list()
+            if lk.rounds % 5 == 0 and isinstance(lk.backend, Discovery):
+                await self._learn_peers(lk.backend)
         except BackendError as e:
-            lk.last_error = str(e)
-            await self._unreachable(name, lk, now)
+            await self._transitions(self.liveness.failed(name, self.monotonic(), str(e)))
             return
         finally:
             lk.rounds += 1
-        lk.last_ok = now
-        lk.last_error = ""
-        await self._reconcile(name, found, listed)
+        await self._transitions(self.liveness.ok(name, self.monotonic()))
+        async with self._mutate:
+            plan = reconcile.plan_node(self.state, name, found, cluster=self.store.cluster, now=self.clock(),
+                                       listed_at=listed, busy=self._busy_now(), acted=self._acted)
+            if plan:
+                await self._execute(plan)
+        if plan.stops or plan.starts:
+            await self._act(plan)
 
-    async def _learn_peers(self, lk: NodeLink) -> None:
-        for peer in await lk.backend.peers():
+    async def _learn_peers(self, backend: Discovery) -> None:
+        now = self.monotonic()
+        for peer in await backend.peers():
             if peer.name in self.links:
-                self.links[peer.name].peers_say_dead = peer.status == "dead"
+                await self._transitions(self.liveness.peers_say(peer.name, peer.status, now))
             elif peer.addr and peer.status != "dead":
                 self._try_addr(peer.addr)
 
-    async def _unreachable(self, name: str, lk: NodeLink, now: float) -> None:
-        n = self.cluster.nodes.get(name)
-        if n is None or n.status == "dead":
-            return
-        since = lk.last_ok or self.started
-        if now - since >= self.dead_after or (lk.peers_say_dead and lk.last_ok == 0.0):
-            await self._node_dead(name, f"unreachable for {now - since:.1f}s: {lk.last_error}")
-        elif n.status != "suspect":
-            self.cluster.set_status(name, "suspect")
-            self.note(f"node {name} suspect: {lk.last_error}")
+    async def _ticker(self) -> None:
+        """Time passing: nodes that fell silent become suspect, then dead, whatever their calls do."""
+        while not self._closing:
+            await asyncio.sleep(min(self.interval, 1.0))
+            try:
+                await self._transitions(self.liveness.tick(self.monotonic()))
+            except asyncio.CancelledError:
+                raise
+            except StoreError as e:
+                self._store_failed(e)
+            except Exception:
+                log.exception("liveness")
 
-    async def _node_dead(self, name: str, why: str) -> None:
-        """Place everything of a dead node again, elsewhere."""
-        async with self._mutate:
-            lost = self.cluster.node_lost(name)
-            self.note(f"node {name} dead ({why}): {len(lost)} containers to place again")
-            batch = Batch()
-            again: list[str] = []
-            gone: list[str] = []
-            for cname in lost:
-                r = self.records[cname]
-                if r.status == "removing":
-                    gone.append(cname)
-                    continue
-                if r.status in TERMINAL or r.status == "stopping":  # it had ended: it stays ended, nowhere
-                    self._set(cname, "stopped" if r.status == "stopping" else r.status, f"was on {name}, which died")
-                    self._put(batch, cname)
-                    continue
-                d = self.cluster.decide(cname, self.cluster.placements[cname].request)
-                if d.node is not None:
-                    self.cluster.assign(cname, d.node, f"{name} died; {d.reason}")
-                    again.append(cname)
-                self._decided(d, f"re-place {cname}")
-                self._set(cname, "starting" if d.node else "pending", "" if d.node else d.reason, cid="")
-                self._put(batch, cname)
-            for cname in gone:
-                self._forget(cname)
-                batch.delete("placements", cname)
-            await self._commit_quietly(batch)
-        await self._start_all(again)
-
-    async def _reconcile(self, node: str, found: list[ContainerInfo], listed: float) -> None:
-        """Compare what ``node`` runs (as listed at ``listed``) with what should run there, and act.
-
-        A placement a command is acting on, or acted on since the listing
-        began, is left alone: the listing may not show what that command did.
-        """
-        def fresh(name: str) -> bool:
-            return not self._is_busy(name) and self._acted.get(name, -1.0) < listed
-
-        alive: dict[str, ContainerInfo] = {}
-        ended: dict[str, ContainerInfo] = {}
-        copies: dict[str, list[ContainerInfo]] = {}  # every live instance of each name
-        for item in sorted(found, key=lambda i: (len(i.id), i.id)):  # the newest instance of a name wins
-            (alive if item.state in ALIVE else ended)[item.name] = item
-            if item.state in ALIVE:
-                copies.setdefault(item.name, []).append(item)
-        changed: list[str] = []
-        to_start: list[str] = []
-        to_stop: list[tuple[str, ContainerInfo]] = []
-        n = self.cluster.nodes.get(node)
-        mine = list(n.containers) if n is not None else []
-        for name in mine:
-            if not fresh(name):
+    async def _transitions(self, moves: list[Transition]) -> None:
+        for t in moves:
+            if t.now == "dead":
+                label = self._label()
+                plan = await self._decide_and_commit(
+                    lambda st, left, t=t, label=label: plans.plan_node_dead(  # type: ignore[misc]
+                        st, t.node, t.why, self.clock(), label))
+                await self._act(plan)
                 continue
-            r = self.records[name]
-            c = alive.get(name)
-            if r.status == "removing" or r.status == "stopping":
-                if c is not None:
-                    to_stop.append((name, c))
-                elif r.status == "removing":
-                    await self._drop(name)
-                elif self._set(name, "stopped"):
-                    changed.append(name)
-            elif c is not None:
-                keep = next((i for i in copies[name] if i.id == r.cid), c)
-                if self._set(name, "running", "", cid=keep.id):
-                    changed.append(name)
-                for extra in copies[name]:
-                    if extra is not keep:  # started twice here: one instance is enough
-                        to_stop.append((name, extra))
-                        self.note(f"{name} runs twice on {node} (containers {keep.id} and {extra.id}): "
-                                  f"stopping {extra.id}")
-            elif r.status == "starting":
-                to_start.append(name)
-            elif r.status == "running":
-                e = ended.get(name)
-                if e is not None:
-                    how = f"exit code {e.exit_code}" if e.exit_code is not None else ""
-                    detail = ", ".join(x for x in (how, e.reason) if x)
-                    self._set(name, e.state, detail, cid=e.id)
-                    self.note(f"{name} on {node}: {e.state}" + (f" ({detail})" if detail else ""))
-                else:  # the node lost it (state wiped): it should run, so run it again
-                    self._set(name, "starting", f"lost on {node}", cid="")
-                    self.note(f"{name}: not found on {node}; starting it again")
-                    to_start.append(name)
-                changed.append(name)
-        for cname, info in alive.items():
-            p = self.cluster.placements.get(cname)
-            if p is None or not fresh(cname) or p.node == node:
-                if p is None:
-                    self._foreign(node, cname)
-                continue
-            to_stop.append((cname, info))
-            self.note(f"{cname} also runs on {node} (placed on {p.node or 'no node'}): stopping it there")
-        for cname, info in to_stop:
-            err = await self._stop_on(node, cname, info.id, destroy=True)
-            if err:
-                self.note(f"stop {cname} on {node}: {err}")
-        if changed:
-            await self._save(*changed)
-        if to_start:
-            await self._start_all(to_start)
-
-    def _foreign(self, node: str, cname: str) -> None:
-        lk = self.links.get(node)
-        if lk is not None and cname not in lk.ignored:
-            lk.ignored.add(cname)
-            self.note(f"{cname} on {node} was not placed by this scheduler; left alone")
+            plan = Plan(self.clock(), statuses=[(t.node, t.now)], kick=t.now == "online")
+            if t.now == "online":
+                lk = self.links.get(t.node)
+                self.note(f"node {t.node} online" + (f" at {lk.addr}" if lk else "") + f" (was {t.was})")
+            else:
+                self.note(f"node {t.node} {t.now}: {t.why}")
+            async with self._mutate:
+                await self._execute(plan)
 
     # ================================================================ pending work
-    def _kick(self) -> None:
-        self._pending_kick.set()
-
     async def _housekeeping(self) -> None:
-        """Place pending containers when capacity may have appeared; save the log."""
+        """Place pending containers when capacity may have appeared (and now and then); save the log."""
+        quiet = max(self.interval, 0.5)
+        idle = 0.0
         while not self._closing:
+            kicked = False
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._pending_kick.wait(), timeout=max(self.interval, 0.5))
-            self._pending_kick.clear()
+                await asyncio.wait_for(self._kick.wait(), timeout=quiet)
+                kicked = True
+            self._kick.clear()
+            idle = 0.0 if kicked else idle + quiet
             try:
-                await self._place_pending()
+                if self.state.pending and (kicked or idle >= 5 * quiet):
+                    idle = 0.0
+                    label = self._label()
+                    plan = await self._decide_and_commit(
+                        lambda st, left, label=label: plans.plan_pending(  # type: ignore[misc]
+                            st, self.clock(), label, left))
+                    await self._act(plan)
                 await self._flush_log()
             except asyncio.CancelledError:
                 raise
+            except StoreError as e:
+                self._store_failed(e)
             except Exception:
                 log.exception("housekeeping")
-
-    async def _place_pending(self) -> None:
-        if not self._pending:
-            return
-        async with self._mutate:
-            placed = []
-            batch = Batch()
-            for name in list(self._pending):
-                p = self.cluster.placements[name]
-                r = self.records[name]
-                if r.status != "pending" or p.node is not None:
-                    continue
-                d = self.cluster.decide(p.name, p.request)
-                if d.node is None:
-                    if r.detail != d.reason:
-                        r.detail = d.reason
-                        self._put(batch, p.name)
-                    continue
-                self.cluster.assign(p.name, d.node, d.reason)
-                self._decided(d, f"place pending {p.name}")
-                self._set(p.name, "starting", "", cid="")
-                self._put(batch, p.name)
-                placed.append(p.name)
-            if not batch:
-                return
-            await self._commit_quietly(batch)
-        await self._start_all(placed)
 
     # ================================================================ views
     def summary(self) -> str:
         counts: dict[str, int] = {}
-        for r in self.records.values():
+        for r in self.state.records.values():
             counts[r.status] = counts.get(r.status, 0) + 1
         nodes: dict[str, int] = {}
-        for n in self.cluster.nodes.values():
+        for n in self.state.cluster.nodes.values():
             nodes[n.status] = nodes.get(n.status, 0) + 1
-        return (f"nodes {len(self.cluster.nodes)}" + "".join(f" {k} {v}" for k, v in sorted(nodes.items()))
-                + f"\nplacements {len(self.records)}" + "".join(f" {k} {v}" for k, v in sorted(counts.items()))
+        return (f"nodes {len(self.state.cluster.nodes)}" + "".join(f" {k} {v}" for k, v in sorted(nodes.items()))
+                + f"\nplacements {len(self.state.records)}"
+                + "".join(f" {k} {v}" for k, v in sorted(counts.items()))
                 + f"\npolicy {self.policies.label()}" + (f" {h}" if (h := self.policies.health()) else "")
+                + f"\nstore {self.store.kind} {self.store.where} cluster {self.store.cluster}"
                 + f"\n\n{lang.USAGE}")
 
     def placement_text(self, name: str) -> str:
-        p = self.cluster.placements[name]
-        r = self.records[name]
+        p = self.state.cluster.placements[name]
+        r = self.state.records[name]
         lines = [f"node={p.node or '-'} image={p.request.image} status={r.status}",
-                 f"group={r.group}", f"cid={r.cid or '-'}", f"since={_stamp(r.since)}"]
+                 f"want={r.want}", f"group={r.group}", f"cid={r.cid or '-'}", f"since={stamp(r.since)}"]
         cons = p.request.constraints()
         if cons:
             lines.append(f"constraints={cons}")
@@ -1016,12 +697,14 @@ class Scheduler:
         return "\n".join(lines) + "\n"
 
     def node_field(self, name: str, what: str) -> str:
-        n = self.cluster.nodes[name]
-        lk = self.links.get(name)
+        n = self.state.cluster.nodes[name]
+        meta = self.state.nodes.get(name)
         if what == "status":
             return n.status + (" cordoned" if n.cordoned else "") + "\n"
         if what == "addr":
-            return (lk.addr if lk else "") + "\n"
+            return (meta.addr if meta else "") + "\n"
+        if what == "kind":
+            return (meta.kind if meta else "") + "\n"
         if what == "resources":
             f = n.facts
             lines = [f"cpus {f.cpus:g}", f"mem {format_size(f.mem)}", f"cpus_reserved {n.used_cpus:g}",
@@ -1029,27 +712,31 @@ class Scheduler:
             lines += [f"label.{k} {v}" for k, v in sorted(f.labels.items())]
             return "\n".join(lines) + "\n"
         if what == "containers":
-            return "".join(f"{c} {self.cluster.placements[c].request.image} {self.records[c].status}\n"
+            return "".join(f"{c} {self.state.cluster.placements[c].request.image} {self.state.records[c].status}\n"
                            for c in n.containers)
         if what == "health":
-            seen = f"last contact {_stamp(lk.last_ok)}" if lk and lk.last_ok else "never reached"
-            err = f"\nlast error {lk.last_error}" if lk and lk.last_error else ""
-            return f"{seen}{err}\n"
+            last = self.liveness.last_ok(name)
+            seen = f"last contact {_ago(self.monotonic() - last)} ago" if last is not None else "not reached yet"
+            err = self.liveness.last_error(name)
+            return f"{seen}" + (f"\nlast error {err}" if err else "") + "\n"
         raise KeyError(what)
 
     def log_text(self) -> str:
-        return "".join(line + "\n" for line in self.lines)
+        return self.book.text()
+
+
+def _acting(plan: Plan) -> set[str]:
+    return {*plan.starts, *(s.name for s in plan.stops)}
+
+
+def _connect(addr: str, timeout: float) -> Backend:
+    return connect(addr, timeout=timeout)
 
 
 def _one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())[:200]
 
 
-def _labels(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
-def _replica_order(name: str) -> tuple[int, str]:
-    stem, _, n = name.rpartition("-")
-    return (int(n), stem) if n.isdigit() else (0, name)
+def _ago(seconds: float) -> str:
+    return f"{seconds:.1f}s"
 

@@ -7,17 +7,19 @@
     /cluster/scheduler/history/N      the policy versions kept (ctl: policy restore N)
     /cluster/scheduler/placements/C   one file per container
     /cluster/scheduler/log            decisions and actions, one timestamped line each
-    /cluster/nodes/N/{status,addr,resources,containers,health}
+    /cluster/nodes/N/{status,kind,addr,resources,containers,health}
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import Awaitable, Callable
 
 from ..fs.errors import P9Error
-from ..fs.tree import Ctx, Dir, DocumentFile, DynamicDir, File, Node
+from ..fs.tree import Ctx, Dir, DocumentFile, DynamicDir, File, Handle, Node
 from ..policy.loader import MAX_POLICY
+from .logbook import LogBook
 from .service import CommandError, Scheduler
 
 WRITERS = "writers"  # the group whose members may write ctl and policy
@@ -53,13 +55,42 @@ class PolicyFile(DocumentFile):
         return _refusal(self.name, self.writers, ctx) if need & 2 else super().refusal(ctx, need)
 
 
+class LogFile(File):
+    """The log, read straight from the LogBook at byte offsets: an open holds no copy of it."""
+
+    def __init__(self, name: str, book: LogBook, uid: str) -> None:
+        super().__init__(name, read=lambda ctx: "", uid=uid, mode=0o444)
+        self.book = book
+
+    def length(self, ctx: Ctx) -> int:
+        return 0  # a stream: its length is what reads return (as for Plan 9's synthetic files)
+
+    def open(self, ctx: Ctx, mode: int) -> Handle:
+        return _LogHandle(self.book)
+
+
+class _LogHandle(Handle):
+    __slots__ = ("book", "base")
+
+    def __init__(self, book: LogBook) -> None:
+        self.book = book
+        self.base = book.start  # offsets count from where the log began at open
+
+    def read(self, offset: int, count: int) -> bytes:
+        return self.book.read(self.base + offset, count)
+
+
 def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
     def ro(name: str, text: Callable[[Ctx], str]) -> File:
         return File(name, read=text, uid=owner)
 
     async def ctl(ctx: Ctx, data: bytes) -> str:
+        # A command runs to its end even if its writer goes away (a flushed write, a dropped
+        # connection): what it committed is acted on, and the claims it holds are released.
+        task = asyncio.ensure_future(sched.command(data.decode("utf-8", "replace"), ctx.user))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its writer may be gone
         try:
-            return await sched.command(data.decode("utf-8", "replace"), ctx.user)
+            return await asyncio.shield(task)
         except CommandError as e:
             raise P9Error(str(e), errno.EINVAL) from None
 
@@ -77,7 +108,7 @@ def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
 
     def node_dir(name: str) -> Node | None:
         return Dir(name, [ro(what, lambda ctx, what=what: sched.node_field(name, what))  # type: ignore[misc]
-                          for what in ("status", "addr", "resources", "containers", "health")], uid=owner)
+                          for what in ("status", "kind", "addr", "resources", "containers", "health")], uid=owner)
 
     scheduler = Dir("scheduler", [
         ControlFile("ctl", lambda ctx: sched.summary(), ctl, owner, writers),
@@ -86,10 +117,10 @@ def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
         ro("policy.status", lambda ctx: sched.policies.status_text()),
         DynamicDir("history", names=lambda ctx: [str(n) for n in sorted(sched.policies.versions)], make=version,
                    exists=lambda n: n.isdigit() and int(n) in sched.policies.versions, uid=owner),
-        DynamicDir("placements", names=lambda ctx: list(sched.records), make=placement,
-                   exists=lambda n: n in sched.records, uid=owner),
-        ro("log", lambda ctx: sched.log_text()),
+        DynamicDir("placements", names=lambda ctx: list(sched.state.records), make=placement,
+                   exists=lambda n: n in sched.state.records, uid=owner),
+        LogFile("log", sched.book, owner),
     ], uid=owner)
-    nodes = DynamicDir("nodes", names=lambda ctx: list(sched.cluster.nodes), make=node_dir,
-                       exists=lambda n: n in sched.cluster.nodes, uid=owner)
+    nodes = DynamicDir("nodes", names=lambda ctx: list(sched.state.cluster.nodes), make=node_dir,
+                       exists=lambda n: n in sched.state.cluster.nodes, uid=owner)
     return Dir("", [Dir("cluster", [scheduler, nodes], uid=owner)], uid=owner)

@@ -78,12 +78,10 @@ async def placement(addr: str, name: str) -> dict[str, str]:
 async def running_on(node: NodeProc) -> dict[str, str]:
     """What a node itself says it runs: container name -> node's id (running ones only)."""
     out = {}
-    async with await Client.connect(node.addr, timeout=5) as c:
-        for e in await c.ls("cluster/containers"):
-            text = (await c.read_file(f"cluster/containers/{e.name}/status")).decode()
-            kv = dict(line.partition(" ")[::2] for line in text.splitlines())
-            if kv.get("state") == "running":
-                out[kv["name"]] = e.name
+    for text in (await read(node.addr, "cluster/self/containers")).split("\n\n"):
+        kv = dict(line.partition(" ")[::2] for line in text.splitlines())
+        if kv.get("state") == "running":
+            out[kv["name"]] = kv["id"]
     return out
 
 

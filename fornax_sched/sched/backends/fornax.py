@@ -1,0 +1,188 @@
+"""A Fornax node, driven by mounting its /cluster tree over 9P (the Fornax "mount").
+
+One 9P connection per node (9P2000.u: the node's error text travels with
+the errno, so a user sees the node's words), opened on first use and again
+after it breaks.  Every call is bounded by the client's timeout, flush
+included, so a hung node (SIGSTOP, a dead link) is an error after at most
+``timeout``, never a wait without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import errno
+import shlex
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ...fs.client import Client
+from ...fs.errors import P9Error
+from ...units import SizeError, format_size, parse_size
+from .base import ContainerInfo, Health, NodeInfo, NodeRefused, NodeUnreachable, NoSuchContainer, PeerInfo, Spec
+
+T = TypeVar("T")
+
+
+def parse_kv(text: str) -> dict[str, str]:
+    """``key value`` lines into a dict (later keys win)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key:
+            out[key] = value.strip()
+    return out
+
+
+def container_of(kv: dict[str, str]) -> ContainerInfo:
+    """A container's ``status`` lines as a ContainerInfo (labels from ``label.KEY VALUE`` lines)."""
+    code = kv.get("exit_code")
+    labels = {k[len("label."):]: v for k, v in kv.items() if k.startswith("label.")}
+    return ContainerInfo(kv.get("id", ""), kv.get("name", ""), kv.get("image", ""), kv.get("state", "unknown"),
+                         int(code) if code and code.lstrip("-").isdigit() else None, kv.get("reason", ""), labels)
+
+
+class FornaxNode:
+    """The Backend (and Discovery) of a Fornax node at a 9P dial string (``tcp!host!port``)."""
+
+    kind = "fornax"
+
+    def __init__(self, addr: str, name: str = "", *, timeout: float = 5.0, version: str = "9P2000.u") -> None:
+        self.addr = addr
+        self.name = name or addr
+        self.timeout = timeout
+        self.version = version
+        self._client: Client | None = None
+        self._connecting = asyncio.Lock()
+        self._listing: bool | None = None  # whether the node serves /cluster/self/containers
+
+    def _where(self) -> str:
+        return f"node {self.name}" + (f" at {self.addr}" if self.name != self.addr else "")
+
+    async def _c(self) -> Client:
+        c = self._client
+        if c is not None and c._gone is None:
+            return c
+        async with self._connecting:
+            c = self._client
+            if c is None or c._gone is not None:
+                try:
+                    c = await Client.connect(self.addr, version=self.version, timeout=self.timeout)
+                    if self.name == self.addr:  # learn what the node calls itself
+                        self.name = (await c.read_file("cluster/self/name")).decode().strip() or self.addr
+                except (ConnectionError, TimeoutError, OSError) as e:
+                    raise NodeUnreachable(f"{self._where()}: {e or 'timed out'}") from None
+                except P9Error as e:
+                    raise NodeUnreachable(f"{self._where()}: {e}") from None
+                self._client = c
+            return c
+
+    async def _do(self, what: str, op: Callable[[Client], Awaitable[T]]) -> T:
+        c = await self._c()
+        try:
+            return await op(c)
+        except P9Error as e:
+            if e.errno == errno.ENOENT or "unknown container" in str(e):
+                raise NoSuchContainer(f"{self._where()}: {what}: {e}") from None
+            raise NodeRefused(f"{self._where()}: {what}: {e}") from None
+        except (ConnectionError, TimeoutError, OSError) as e:
+            self._client = None
+            await c.close()
+            raise NodeUnreachable(f"{self._where()}: {what}: {e or 'timed out'}") from None
+
+    async def _read(self, path: str) -> str:
+        data = await self._do(f"read {path}", lambda c: c.read_file(path))
+        return data.decode("utf-8", "replace")
+
+    async def _ctl(self, path: str, command: str, what: str) -> str:
+        data = await self._do(what, lambda c: c.write_file(path, command.encode(), read_reply=True))
+        return data.decode("utf-8", "replace")
+
+    # ------------------------------------------------------------ about the node
+    async def info(self) -> NodeInfo:
+        res = parse_kv(await self._read("cluster/self/resources"))
+        node_id = (await self._read("cluster/self/id")).strip()
+        name = (await self._read("cluster/self/name")).strip()
+        self.name = name or self.name
+        try:
+            mem = parse_size(res.get("mem", "0"), "mem", allow_zero=True)
+            free = parse_size(res.get("mem_free", "0"), "mem_free", allow_zero=True)
+            cpus = float(res.get("cpus", "0"))
+        except (SizeError, ValueError) as e:
+            raise NodeRefused(f"{self._where()}: unreadable resources: {e}") from None
+        labels = {k[len("label."):]: v for k, v in res.items() if k.startswith("label.")}
+        try:
+            images: tuple[str, ...] | None = tuple(
+                line.strip() for line in (await self._read("cluster/self/images")).splitlines() if line.strip())
+        except NoSuchContainer:  # (ENOENT) a node that does not list its images
+            images = None
+        return NodeInfo(node_id, name, self.addr, cpus, mem, free, labels, images, self.kind)
+
+    async def health(self) -> Health:
+        res = parse_kv(await self._read("cluster/self/resources"))
+        try:
+            load = float(res["load"]) if "load" in res else None
+            free = parse_size(res["mem_free"], "mem_free", allow_zero=True) if "mem_free" in res else None
+            count = int(res["containers"]) if res.get("containers", "").isdigit() else None
+        except (SizeError, ValueError) as e:
+            return Health(False, f"unreadable resources: {e}")
+        return Health(True, "", load, free, count)
+
+    # ------------------------------------------------------------ containers
+    async def run(self, spec: Spec) -> str:
+        options = ([f"mem={format_size(spec.mem)}"] if spec.mem else []) + ([f"cpu={spec.cpus:g}"] if spec.cpus else [])
+        options.append(f"name={spec.name}")
+        options += [f"label={k}={v}" for k, v in spec.labels]
+        options += [f"env={k}={v}" for k, v in spec.env]
+        # Options go before "--", so no argument is ever taken for one.
+        words = ["run", spec.image, *options, "--", *spec.args] if spec.args else ["run", spec.image, *options]
+        cid = (await self._ctl("cluster/ctl", " ".join(shlex.quote(w) for w in words), f"run {spec.name}")).strip()
+        if not cid.isdigit():
+            raise NodeRefused(f"{self._where()}: run answered {cid!r}, not a container id")
+        return cid
+
+    async def stop(self, cid: str) -> None:
+        await self._ctl("cluster/ctl", f"stop {cid}", f"stop container {cid}")
+
+    async def destroy(self, cid: str) -> None:
+        await self._ctl("cluster/ctl", f"destroy {cid}", f"destroy container {cid}")
+
+    async def status(self, cid: str) -> ContainerInfo:
+        return container_of(parse_kv(await self._read(f"cluster/containers/{cid}/status")))
+
+    async def list(self) -> list[ContainerInfo]:
+        if self._listing is not False:
+            try:
+                text = await self._read("cluster/self/containers")
+            except NoSuchContainer:  # an older node: one read per container
+                self._listing = False
+            else:
+                self._listing = True
+                return [container_of(parse_kv(block)) for block in text.split("\n\n") if block.strip()]
+        entries = await self._do("list containers", lambda c: c.ls("cluster/containers"))
+        out = []
+        for e in entries:
+            try:
+                out.append(await self.status(e.name))
+            except NoSuchContainer:
+                continue  # destroyed while we listed
+        return out
+
+    # ------------------------------------------------------------ discovery
+    async def peers(self) -> builtins.list[PeerInfo]:
+        entries = await self._do("list nodes", lambda c: c.ls("cluster/nodes"))
+        out = []
+        for e in entries:
+            try:
+                name = (await self._read(f"cluster/nodes/{e.name}/name")).strip()
+                addr = (await self._read(f"cluster/nodes/{e.name}/addr")).strip()
+                status = (await self._read(f"cluster/nodes/{e.name}/status")).strip()
+            except NoSuchContainer:
+                continue  # the peer went away while we listed
+            out.append(PeerInfo(e.name, name, addr, status))
+        return out
+
+    async def close(self) -> None:
+        c, self._client = self._client, None
+        if c is not None:
+            await c.close()

@@ -1,0 +1,112 @@
+"""Whether each node is online, suspect or dead, from the times of its last answers.
+
+A pure table in the manner of ``node.gossip.PeerTable``: the service tells
+it when a node answered (``ok``) or failed (``failed``) and what its peers'
+gossip says (``peers_say``), and asks ``tick(now)`` what changed.  Time is
+only what the caller passes in.  Nothing here waits for a node: a node
+whose calls hang (a SIGSTOPped daemon) stops answering, and the table
+declares it suspect, then dead, from the clock alone.
+
+- ``unknown``: known from the store, not yet reached since the start;
+- ``online``: answered within ``suspect_after``;
+- ``suspect``: a call failed, or no answer for ``suspect_after``;
+- ``dead``: no answer for ``dead_after`` (counted from the start for a node
+  never reached), or never reached since the start while its peers say it
+  is dead.  Its containers are placed again elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    node: str
+    was: str
+    now: str
+    why: str
+
+
+@dataclass(slots=True)
+class _Seen:
+    status: str = "unknown"
+    last_ok: float | None = None  # None: not reached since the start
+    last_error: str = ""
+    peers_dead: bool = False
+    added: float = 0.0
+
+
+class Liveness:
+    def __init__(self, *, suspect_after: float, dead_after: float) -> None:
+        if not 0 < suspect_after <= dead_after:
+            raise ValueError("want 0 < suspect_after <= dead_after")
+        self.suspect_after = suspect_after
+        self.dead_after = dead_after
+        self._nodes: dict[str, _Seen] = {}
+
+    def add(self, node: str, now: float) -> None:
+        self._nodes.setdefault(node, _Seen(added=now))
+
+    def forget(self, node: str) -> None:
+        self._nodes.pop(node, None)
+
+    def status(self, node: str) -> str:
+        s = self._nodes.get(node)
+        return s.status if s is not None else "unknown"
+
+    def last_ok(self, node: str) -> float | None:
+        s = self._nodes.get(node)
+        return s.last_ok if s is not None else None
+
+    def last_error(self, node: str) -> str:
+        s = self._nodes.get(node)
+        return s.last_error if s is not None else ""
+
+    # ------------------------------------------------------------ what happened
+    def ok(self, node: str, now: float) -> list[Transition]:
+        s = self._nodes.setdefault(node, _Seen(added=now))
+        s.last_ok = now if s.last_ok is None else max(s.last_ok, now)
+        s.last_error = ""
+        s.peers_dead = False
+        return self._move(node, s, "online", "answering")
+
+    def failed(self, node: str, now: float, error: str) -> list[Transition]:
+        s = self._nodes.setdefault(node, _Seen(added=now))
+        s.last_error = error
+        out = []
+        if s.status in ("online", "unknown"):
+            out = self._move(node, s, "suspect", error)
+        return out + self.tick(now, only=node)
+
+    def peers_say(self, node: str, status: str, now: float) -> list[Transition]:
+        s = self._nodes.get(node)
+        if s is None:
+            return []
+        s.peers_dead = status == "dead"
+        return self.tick(now, only=node)
+
+    def tick(self, now: float, only: str | None = None) -> list[Transition]:
+        """What the passing of time means: nodes that fell silent become suspect, then dead."""
+        out: list[Transition] = []
+        items = [(only, self._nodes[only])] if only is not None and only in self._nodes else self._nodes.items()
+        for node, s in list(items):
+            if s.status == "dead":
+                continue
+            since = s.last_ok if s.last_ok is not None else s.added
+            silent = now - since
+            why = s.last_error or f"no answer for {silent:.1f}s"
+            if silent >= self.dead_after:
+                out += self._move(node, s, "dead", f"unreachable for {silent:.1f}s: {why}")
+            elif s.last_ok is None and s.peers_dead:
+                out += self._move(node, s, "dead", f"never reached, and its peers say it is dead: {why}")
+            elif s.status == "online" and silent >= self.suspect_after:
+                out += self._move(node, s, "suspect", why)
+        return out
+
+    @staticmethod
+    def _move(node: str, s: _Seen, status: str, why: str) -> list[Transition]:
+        if s.status == status:
+            return []
+        was, s.status = s.status, status
+        return [Transition(node, was, status, why)]

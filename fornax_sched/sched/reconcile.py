@@ -1,0 +1,137 @@
+"""What a node's listing means: a pure planner, one node at a time.
+
+Given the state, what one node says it runs (listed starting at
+``listed_at``) and the names some command is acting on, ``plan_node``
+returns the plan that moves what the node runs toward what should run
+there.  The rules, in the manner of a Kubernetes controller (safe to
+repeat, so a lost round costs nothing):
+
+- A container is *ours* when it carries this store's cluster label (or,
+  for one started before labels, when it is the recorded instance of a
+  placement on this node).  Anything else is foreign: never stopped,
+  destroyed or counted, only logged once, and its name is never given.
+- Ours and meant for this node, with the intent ``run``: running becomes
+  the status; a second live copy of the name is stopped; ended on its own
+  (exited, failed) is recorded as such; stopped by someone other than the
+  scheduler (the node shut down, a hand-written ``stop``) or gone entirely
+  (the node lost its state) is started again: the intent is the user's.
+- Ours with the intent ``stop`` or ``remove``: stopped (and destroyed), then
+  recorded stopped, or the row deleted.
+- Ours but meant for another node, or for no placement at all (removed,
+  a scale down racing a start): stopped and destroyed.
+- A placement being acted on by a command, or acted on since the listing
+  began, is left alone this round: the listing may not show what was done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .backends import CLUSTER_LABEL, ContainerInfo
+from .plans import Plan, Stop
+from .state import State
+
+
+def ours(c: ContainerInfo, cluster: str, state: State, node: str) -> bool:
+    """Whether the scheduler with this store (``cluster``) placed this container."""
+    mark = c.labels.get(CLUSTER_LABEL)
+    if mark is not None:
+        return mark == cluster
+    r = state.records.get(c.name)  # started before containers were labelled: the recorded instance only
+    p = state.cluster.placements.get(c.name)
+    return r is not None and p is not None and p.node == node and bool(r.cid) and r.cid == c.id
+
+
+def _newest(items: list[ContainerInfo]) -> ContainerInfo:
+    return max(items, key=lambda i: (len(i.id), i.id))
+
+
+def plan_node(state: State, node: str, listing: Sequence[ContainerInfo], *, cluster: str, now: float,
+              listed_at: float, busy: frozenset[str] | set[str], acted: Mapping[str, float]) -> Plan:
+    plan = Plan(now)
+
+    def fresh(name: str) -> bool:
+        return name not in busy and acted.get(name, -1.0) < listed_at
+
+    mine: dict[str, list[ContainerInfo]] = {}
+    foreign: set[str] = set()
+    for c in listing:
+        if ours(c, cluster, state, node):
+            mine.setdefault(c.name, []).append(c)
+        else:
+            foreign.add(c.name)
+    new_foreign = foreign - state.foreign.get(node, set())
+    for name in sorted(new_foreign):
+        plan.note(f"{name} on {node} was not placed by this scheduler; left alone")
+    if foreign != state.foreign.get(node, set()):
+        plan.foreign[node] = foreign
+
+    placed_here = state.cluster.nodes[node].containers if node in state.cluster.nodes else {}
+    # Our containers with no business here.
+    for name, copies in mine.items():
+        if name in placed_here or not fresh(name):
+            continue
+        p = state.cluster.placements.get(name)
+        for c in copies:
+            if c.alive:
+                where = f"placed on {p.node or 'no node'}" if p is not None else "no longer placed"
+                plan.note(f"{name} also runs on {node} ({where}): stopping it there")
+            plan.stops.append(Stop(node, name, c.id, destroy=True))
+    # What should be here.
+    for name in placed_here:
+        if not fresh(name):
+            continue
+        r = state.records[name]
+        copies = mine.get(name, [])
+        alive = [c for c in copies if c.alive]
+        ended = [c for c in copies if not c.alive]
+        if alive:
+            keep = next((c for c in alive if c.id == r.cid), None) or _newest(alive)
+            for extra in alive:
+                if extra is not keep:
+                    plan.stops.append(Stop(node, name, extra.id, destroy=True))
+                    plan.note(f"{name} runs twice on {node} (containers {keep.id} and {extra.id}): "
+                              f"stopping {extra.id}")
+            if r.want == "run":
+                if r.status != "running" or r.cid != keep.id or r.detail:
+                    plan.edit(state, name, status="running", cid=keep.id, detail="")
+            else:
+                plan.stops.append(Stop(node, name, keep.id, destroy=r.want == "remove"))
+            continue
+        last = next((c for c in ended if c.id == r.cid), None) or (_newest(ended) if ended else None)
+        if r.want == "remove":
+            for c in ended:
+                plan.stops.append(Stop(node, name, c.id, destroy=True))
+            plan.delete("placements", name)
+            plan.note(f"removed {name}")
+            plan.kick = True
+        elif r.want == "stop":
+            if r.status != "stopped":
+                plan.edit(state, name, status="stopped", cid=last.id if last else r.cid,
+                          detail=last.reason if last else "")
+        elif r.status == "pending":
+            continue
+        elif last is not None and last.state in ("exited", "failed") and last.id == r.cid:
+            if r.status != last.state:  # the recorded instance ended on its own: it stays ended
+                how = f"exit code {last.exit_code}" if last.exit_code is not None else ""
+                detail = "; ".join(x for x in (how, last.reason) if x and x not in how) or how
+                plan.edit(state, name, status=last.state, detail=detail)
+                plan.note(f"{name} on {node}: {last.state}" + (f" ({detail})" if detail else ""))
+        elif r.status in ("exited", "failed"):
+            continue  # it had ended on its own (the node may have forgotten it since): nothing to run
+        else:
+            # Meant to run and not running: never started, stopped by someone else (the node's
+            # shutdown, a hand-written stop), or lost with the node's state.  Start it again.
+            if last is not None and last.state == "stopped":
+                why = f"was stopped ({last.reason or 'not by the scheduler'})"
+            elif r.status == "starting" and not r.cid:
+                why = "not started yet"
+            else:
+                why = f"not found on {node}"
+            for c in ended:
+                plan.stops.append(Stop(node, name, c.id, destroy=True))
+            if why != "not started yet":
+                plan.note(f"{name}: {why}; starting it again on {node}")
+            plan.edit(state, name, status="starting", cid="", detail="" if why == "not started yet" else why)
+            plan.starts.append(name)
+    return plan

@@ -1,0 +1,246 @@
+"""The scheduler's state in memory: the rows of the store, and the one way they change.
+
+Every change to what the scheduler knows goes through ``State.apply``:
+committed rows after a command or a reconciliation step, rows loaded at
+start, rows a follower learns from a watch.  Two copies are kept the same
+way: the one the file tree reads (on the event loop) and the one decisions
+are planned on (in the decider's thread); neither is ever changed by a
+plan before its rows are durable.
+
+A placement's row holds the user's intent apart from what nodes report:
+``want`` is what the user asked for (``run``, ``stop``, ``remove``) and
+only a command changes it; ``status`` is what was last seen or done
+(pending, starting, running, exited, ...).  A node that shuts down, a
+crash or a restart changes the status, never the intent, so whatever is
+meant to run is started again.
+
+Liveness (online, suspect, dead) and the names of containers a node runs
+that the scheduler did not place are observed, not stored: they are set
+with ``set_status`` and ``observe_foreign``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core import Cluster, Placement
+from .model import NodeFacts, Request
+
+WANTS = ("run", "stop", "remove")
+ALIVE = ("created", "running")  # container states that count as running on a node
+ENDED = ("stopped", "exited", "failed")
+
+Change = tuple[str, str, Any]  # (table, key, the row, or None: deleted)
+
+
+@dataclass(slots=True)
+class Record:
+    """What the scheduler keeps about one placement beyond the core's view."""
+
+    group: str  # the replica set it belongs to (scale works on groups)
+    want: str = "run"  # the user's intent: run | stop | remove
+    status: str = "pending"  # pending starting running stopping stopped exited failed removing
+    cid: str = ""  # the node's id for the container
+    since: float = 0.0  # when the status last changed
+    detail: str = ""  # the node's reason (exit code, memory limit), or why it is pending
+    created: float = 0.0
+
+
+@dataclass(slots=True)
+class NodeMeta:
+    """What the scheduler keeps about a node beyond its facts: where it is and what it has."""
+
+    addr: str
+    kind: str = "fornax"
+    images: tuple[str, ...] | None = None  # None: the node does not say
+
+
+@dataclass
+class State:
+    cluster: Cluster = field(default_factory=Cluster)
+    records: dict[str, Record] = field(default_factory=dict)
+    nodes: dict[str, NodeMeta] = field(default_factory=dict)
+    seq: dict[str, int] = field(default_factory=dict)  # next replica number per name stem
+    policies: dict[str, Any] = field(default_factory=dict)  # the policies table, as stored
+    pending: dict[str, None] = field(default_factory=dict)  # placements whose status is pending, oldest first
+    foreign: dict[str, set[str]] = field(default_factory=dict)  # node -> names it runs that we did not place
+    _requests: dict[Request, Request] = field(default_factory=dict)  # one copy of each request
+    _text: dict[str, str] = field(default_factory=dict)  # one copy of each repeated string
+
+    # ------------------------------------------------------------ rows
+    def placement_row(self, name: str) -> dict[str, Any]:
+        p = self.cluster.placements[name]
+        r = self.records[name]
+        return {"request": request_to_json(p.request), "node": p.node, "reason": p.reason, "group": r.group,
+                "want": r.want, "status": r.status, "cid": r.cid, "since": r.since, "detail": r.detail,
+                "created": r.created}
+
+    def node_row(self, name: str) -> dict[str, Any]:
+        n = self.cluster.nodes[name]
+        m = self.nodes.get(name) or NodeMeta("")
+        return {"addr": m.addr, "kind": m.kind, "cpus": n.facts.cpus, "mem": n.facts.mem,
+                "labels": dict(n.facts.labels), "cordoned": n.cordoned,
+                "images": list(m.images) if m.images is not None else None}
+
+    def apply(self, changes: Iterable[Change]) -> None:
+        """Make committed rows true in memory (nodes before the placements that name them)."""
+        changes = list(changes)
+        for table, key, value in changes:
+            if table == "nodes":
+                self._node(key, value)
+        for table, key, value in changes:
+            if table == "placements":
+                self._placement(key, value)
+            elif table == "meta":
+                self._meta(key, value)
+            elif table == "policies":
+                if value is None:
+                    self.policies.pop(key, None)
+                else:
+                    self.policies[key] = value
+
+    def _node(self, name: str, d: dict[str, Any] | None) -> None:
+        c = self.cluster
+        if d is None:
+            if name in c.nodes:
+                c.remove_node(name)
+            self.nodes.pop(name, None)
+            return
+        facts = NodeFacts(name, float(d["cpus"]), int(d["mem"]), dict(d.get("labels") or {}))
+        old = c.nodes.get(name)
+        if old is None or old.facts != facts:
+            c.add_node(facts, old.status if old is not None else "unknown")
+        if c.nodes[name].cordoned != bool(d.get("cordoned")):
+            c.cordon(name, bool(d.get("cordoned")))
+        images = d.get("images")
+        self.nodes[name] = NodeMeta(self._one(str(d.get("addr", ""))), self._one(str(d.get("kind", "fornax"))),
+                                    tuple(images) if isinstance(images, list) else None)
+
+    def _placement(self, name: str, d: dict[str, Any] | None) -> None:
+        c = self.cluster
+        if d is None:
+            if name in c.placements:
+                c.forget(name)
+            self.records.pop(name, None)
+            self.pending.pop(name, None)
+            return
+        req = request_from_json(d["request"])
+        req = self._requests.setdefault(req, req)
+        p: Placement | None = c.placements.get(name)
+        if p is not None and p.request != req:
+            c.forget(name)
+            p = None
+        if p is None:
+            p = c.add(name, req)
+        node = d.get("node")
+        reason = self._one(str(d.get("reason", "")))
+        if node and node in c.nodes:
+            c.assign(name, node, reason, force=True)
+        else:
+            c.unassign(name, reason)
+            c.set_reason(name, reason)
+        status = str(d.get("status", "pending"))
+        want = d.get("want") or _want_of(status)
+        r = self.records.get(name)
+        if r is None:
+            r = self.records[name] = Record(self._one(str(d.get("group", name))))
+        r.group = self._one(str(d.get("group", name)))
+        r.want = want if want in WANTS else "run"
+        r.status = self._one("pending" if node and node not in c.nodes else status)
+        r.cid = str(d.get("cid", ""))
+        r.since = float(d.get("since", 0.0))
+        r.detail = self._one(str(d.get("detail", "")))
+        r.created = float(d.get("created", 0.0))
+        if r.status == "pending":
+            self.pending.setdefault(name, None)
+        else:
+            self.pending.pop(name, None)
+
+    def _meta(self, key: str, value: Any) -> None:
+        if key.startswith("seq/"):
+            if value is None:
+                self.seq.pop(key[4:], None)
+            else:
+                self.seq[key[4:]] = int(value)
+        elif key == "seq" and isinstance(value, dict):  # stores from before one row a stem
+            for stem, n in value.items():
+                self.seq.setdefault(stem, int(n))
+
+    def _one(self, s: str) -> str:
+        return self._text.setdefault(s, s)
+
+    def sort_pending(self) -> None:
+        """Oldest first (after a load, whose rows come in key order)."""
+        self.pending = dict.fromkeys(sorted(self.pending, key=lambda n: self.records[n].created))
+
+    # ------------------------------------------------------------ observed, not stored
+    def set_status(self, node: str, status: str) -> None:
+        if node in self.cluster.nodes and self.cluster.nodes[node].status != status:
+            self.cluster.set_status(node, status)
+
+    def observe_foreign(self, node: str, names: set[str]) -> None:
+        if names:
+            self.foreign[node] = set(names)
+        else:
+            self.foreign.pop(node, None)
+
+    # ------------------------------------------------------------ questions planners ask
+    def name_taken(self, name: str) -> bool:
+        """A name the scheduler must not give: placed already, or a container it did not place."""
+        return name in self.records or any(name in names for names in self.foreign.values())
+
+    def members(self, group: str) -> list[str]:
+        """The replicas of a group that are not being removed, in replica order."""
+        return sorted((n for n, r in self.records.items() if r.group == group and r.want != "remove"),
+                      key=replica_order)
+
+    def images(self) -> set[str] | None:
+        """Every image some node says it has; None if a node does not say (then any may exist)."""
+        out: set[str] = set()
+        for name in self.cluster.nodes:
+            m = self.nodes.get(name)
+            if m is None or m.images is None:
+                return None
+            out.update(m.images)
+        return out
+
+    def label_keys(self) -> set[str]:
+        return {k for n in self.cluster.nodes.values() for k in n.facts.labels}
+
+
+def _want_of(status: str) -> str:
+    """The intent of a row written before intents were kept apart."""
+    if status in ("stopping", "stopped"):
+        return "stop"
+    if status == "removing":
+        return "remove"
+    return "run"
+
+
+def replica_order(name: str) -> tuple[int, str]:
+    stem, _, n = name.rpartition("-")
+    return (int(n), stem) if n.isdigit() else (0, name)
+
+
+def request_to_json(r: Request) -> dict[str, Any]:
+    return {"image": r.image, "args": list(r.args), "name": r.name, "replicas": r.replicas, "cpus": r.cpus,
+            "mem": r.mem, "labels": [list(kv) for kv in r.labels], "include": list(r.include),
+            "exclude": list(r.exclude), "avoid": list(r.avoid)}
+
+
+def request_from_json(d: dict[str, Any]) -> Request:
+    return Request(image=d["image"], args=tuple(d.get("args", ())), name=d.get("name", ""),
+                   replicas=int(d.get("replicas", 1)), cpus=float(d.get("cpus", 0)), mem=int(d.get("mem", 0)),
+                   labels=tuple((k, v) for k, v in d.get("labels", ())), include=tuple(d.get("include", ())),
+                   exclude=tuple(d.get("exclude", ())), avoid=tuple(d.get("avoid", ())))
+
+
+_STEM = re.compile(r"^(.*)-(\d+)$")
+
+
+def stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
