@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,3 +88,79 @@ def test_up_then_the_acceptance_script(tmp_path: Path) -> None:
     containers = [json.loads(f.read_text()) for f in state.glob("fornax-0*/containers/*/container.json")]
     assert len(containers) >= 4  # the check below must look at something
     assert not [c for c in containers if c.get("pid") and alive(c["pid"])], "a container outlived up"
+
+
+def _start_up(port: int, gossip: int, state: Path) -> subprocess.Popen[str]:
+    up = subprocess.Popen([sys.executable, "-m", "fornax_sched", "up", "--port", str(port), "--gossip", str(gossip),
+                           "--state", str(state), "--dead", "2", "--restart", "3"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    assert up.stdout is not None
+    banner = ""
+    while "stop everything" not in banner:
+        line = up.stdout.readline()
+        assert line, f"up ended early: {banner}"
+        banner += line
+    threading.Thread(target=up.stdout.read, daemon=True).start()  # never let its pipe fill
+    return up
+
+
+def _stop_up(up: subprocess.Popen[str]) -> None:
+    up.send_signal(signal.SIGINT)
+    try:
+        up.wait(60)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        raise
+
+
+def test_a_restart_of_up_brings_back_what_should_run(tmp_path: Path) -> None:
+    """Ctrl-C of `up` stops the nodes, whose shutdown stops the containers; that is not the user's
+    stop: started again, everything meant to run runs again (it came back "stopped by request")."""
+    from fornax_sched.fs.client import Client
+
+    from .helpers import eventually, run
+
+    port, gossip = free_run(3, socket.SOCK_STREAM), free_run(3, socket.SOCK_DGRAM)
+    state = tmp_path / "up"
+    addr = f"tcp!127.0.0.1!{port}"
+
+    async def ctl(command: str) -> str:
+        async with await Client.connect(addr, version="9P2000.u", timeout=20) as c:
+            return (await c.write_file("cluster/scheduler/ctl", command.encode(), read_reply=True)).decode()
+
+    async def statuses() -> dict[str, str]:
+        async with await Client.connect(addr, timeout=10) as c:
+            names = [e.name for e in await c.ls("cluster/scheduler/placements")]
+            return {n: (await c.read_file(f"cluster/scheduler/placements/{n}")).decode().split("status=")[1].split()[0]
+                    for n in names}
+
+    async def nodes_online() -> bool:
+        async with await Client.connect(addr, timeout=10) as c:
+            return (await c.read_file("cluster/scheduler/ctl")).decode().startswith("nodes 3 online 3")
+
+    async def all_running() -> dict[str, str] | None:
+        st = await statuses()
+        return st if len(st) == 6 and set(st.values()) == {"running"} else None
+
+    up = _start_up(port, gossip, state)
+    try:
+        run(eventually(nodes_online, 30))
+        run(ctl("place hello name=web replicas=4"))
+        run(ctl("place hello name=db"))
+        run(ctl("place hello name=idle"))
+        run(ctl("stop idle"))  # the user's stop: it stays stopped
+        run(ctl("start idle"))
+        run(eventually(all_running, 20))
+        run(ctl("stop idle"))
+    finally:
+        _stop_up(up)
+    up = _start_up(port, gossip, state)
+    try:
+        async def back() -> dict[str, str] | None:
+            st = await statuses()
+            want = {**{f"web-{i}": "running" for i in range(1, 5)}, "db": "running", "idle": "stopped"}
+            return st if st == want else None
+
+        run(eventually(back, 40))
+    finally:
+        _stop_up(up)

@@ -37,6 +37,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 GLOB = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
 LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 MAX_REPLICAS = 1000
+MAX_COMMAND = 16384  # characters of one ctl command
 
 USAGE = """commands:
   place IMAGE [cpu>=N] [mem>=SIZE] [KEY=VALUE] [label:KEY=VALUE] [node=GLOB] [node!=GLOB] [anti-affinity=GLOB]
@@ -71,6 +72,8 @@ _ARITY = {
 
 def parse_command(text: str) -> Command:
     """Parse one ctl command; raise LangError saying what is wrong."""
+    if len(text) > MAX_COMMAND:  # (and splitting a huge line into words would hold the server)
+        raise LangError(f"command too long: {len(text)} characters (at most {MAX_COMMAND})")
     words = _words(text)
     if not words:
         raise LangError("empty command\n" + USAGE)

@@ -37,6 +37,11 @@ class SchedConfig:
     node_timeout: float = 5.0
     policy_limits: Limits = field(default_factory=Limits)
     fresh: bool = False
+    store: str = ""  # a store URL (sqlite:PATH); "" is DIR/sched.db
+    budget: float = 1.0  # seconds of policy time one command's decisions share
+
+    def store_spec(self) -> str:
+        return self.store or str(self.state / "sched.db")
 
 
 class SchedDaemon:
@@ -51,13 +56,13 @@ class SchedDaemon:
         self.addr = cfg.listen
 
     async def start(self) -> None:
-        store = await open_store(str(self.cfg.state / "sched.db"), fresh=self.cfg.fresh)
+        store = await open_store(self.cfg.store_spec(), fresh=self.cfg.fresh)
         try:
             # One scheduler per state: a second one would undo the first's work.
             await store.campaign("scheduler", f"fornax-sched serve on {self.cfg.listen}", ttl=10, wait=False)
             self.sched = Scheduler(store, seeds=self.cfg.nodes, interval=self.cfg.interval,
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
-                                   limits=self.cfg.policy_limits)
+                                   limits=self.cfg.policy_limits, budget=self.cfg.budget)
             await self.sched.start()
             self.server = Server(tree.build(self.sched, self.owner, self.writers),
                                  groups={tree.WRITERS: self.writers})
@@ -80,8 +85,8 @@ class SchedDaemon:
 async def serve_forever(cfg: SchedConfig) -> None:
     daemon = SchedDaemon(cfg)
     await daemon.start()
-    await until_stopped(lambda: print(f"fornax-sched scheduler serving {daemon.addr} (state {cfg.state / 'sched.db'})",
-                                      flush=True))
+    where = daemon.sched.store.where if daemon.sched is not None else cfg.store_spec()
+    await until_stopped(lambda: print(f"fornax-sched scheduler serving {daemon.addr} (state {where})", flush=True))
     await daemon.stop()
 
 
@@ -92,6 +97,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, help="9P address (default %(default)s: loopback)")
     p.add_argument("--state", type=Path, default=None,
                    help="state directory (default ~/.local/state/fornax-sched/scheduler)")
+    p.add_argument("--store", default="", metavar="URL",
+                   help="where the state lives: sqlite:PATH (default: DIR/sched.db of --state)")
     p.add_argument("--fresh", action="store_true",
                    help="start with a new, empty store; the old store file is kept aside (sched.db.replaced-TIME)")
     p.add_argument("--node", action="append", default=[], metavar="ADDR",
@@ -103,6 +110,9 @@ def add_parser(sub: Any) -> None:
                    help="seconds a node may be unreachable before its containers are placed again (default 10)")
     p.add_argument("--policy-deadline", type=float, default=50.0, metavar="MS",
                    help="milliseconds a Lua policy may take per decision (default 50)")
+    p.add_argument("--decide-budget", type=float, default=1.0, metavar="S",
+                   help="seconds of policy time one command's decisions share; past it the platform policy "
+                        "decides the rest (default 1)")
     p.add_argument("--policy-memory", default="64M", metavar="SIZE",
                    help="memory a Lua policy may use per decision (default 64M)")
     p.set_defaults(func=run)
@@ -110,6 +120,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if not 0.01 <= args.decide_budget <= 600:
+            raise ValueError("--decide-budget: want 0.01 to 600 seconds")
         if not 1 <= args.policy_deadline <= 60_000:
             raise ValueError("--policy-deadline: want 1 to 60000 milliseconds")
         memory = parse_size(args.policy_memory, "--policy-memory")
@@ -121,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = SchedConfig(listen=args.listen, state=args.state or default_state(), nodes=args.node,
                       writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead,
-                      policy_limits=limits, fresh=args.fresh)
+                      policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

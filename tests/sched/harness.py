@@ -26,13 +26,14 @@ class SchedProc:
     port: int = field(default_factory=free_port)
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
+    module: str = "fornax_sched"  # what runs `serve` (tests.store.faulty: with a store that fails on purpose)
 
     @property
     def addr(self) -> str:
         return f"tcp!127.0.0.1!{self.port}"
 
     def start(self) -> SchedProc:
-        cmd = [sys.executable, "-m", "fornax_sched", "serve", "--listen", self.addr, "--state", str(self.state),
+        cmd = [sys.executable, "-m", self.module, "serve", "--listen", self.addr, "--state", str(self.state),
                *[w for s in self.seeds for w in ("--node", s)], *FAST, *self.extra]
         self.proc, _ = spawn_serving(cmd, "scheduler")
         return self

@@ -3,12 +3,20 @@ rebuilt"), each through the interface where it was found: real processes, 9P, re
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from ..helpers import free_port
-from .harness import SchedProc
+import pytest
+
+from fornax_sched.fs.client import Client
+from fornax_sched.fs.errors import P9Error
+
+from ..helpers import eventually, free_port, run
+from ..node.cluster import ctl as node_ctl
+from ..node.cluster import read, three_nodes
+from .harness import SchedProc, ctl, discovered, ls, placement, running_on
 
 
 def serve(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -46,3 +54,226 @@ def test_fault7_an_empty_store_file_is_refused_unless_fresh(tmp_path: Path) -> N
     fresh = SchedProc(state, [], extra=["--fresh"]).start()
     assert fresh.stop() == 0
     assert [p.name for p in state.iterdir() if ".replaced-" in p.name]
+
+
+def test_fault1_a_store_that_fails_changes_nothing(tmp_path: Path) -> None:
+    """With every commit failing, each command answers "nothing changed" with the store's reason,
+    and memory, the store and the nodes are exactly as before; once the store is back, all is as it was."""
+    nodes = three_nodes(tmp_path)
+    db = tmp_path / "sched" / "sched.db"
+    flag = Path(f"{db}.fail")
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--store", f"faulty:{db}"],
+                      module="tests.store.faulty")
+    try:
+        sched.start()
+
+        async def go() -> None:
+            await discovered(sched)
+            await ctl(sched.addr, "place hello name=web replicas=2")
+            solo = (await ctl(sched.addr, "place hello name=solo")).split()[1].removeprefix("node=")
+
+            async def truth() -> tuple[object, ...]:
+                names = sorted(e.name for e in await ls(sched.addr, "cluster/scheduler/placements"))
+                rows = {n: {k: v for k, v in (await placement(sched.addr, n)).items() if k != "since"}
+                        for n in names}
+                cordons = [(await read(sched.addr, f"cluster/nodes/{n.name}/status")).strip() for n in nodes]
+                running = [sorted(await running_on(n)) for n in nodes]
+                return rows, cordons, running
+
+            async def settled() -> tuple[object, ...] | None:
+                t = await truth()
+                return t if all(r["status"] == "running" for r in t[0].values()) else None  # type: ignore
+
+            before = await eventually(settled, 15)
+            flag.write_text("database or disk is full")
+            other = next(n.name for n in nodes if n.name != solo)
+            for command in ["stop web-1", "remove web-2", "start web-1", "evacuate fornax-01", "rebalance 5",
+                            f"migrate solo {solo} {other}", "scale web 5", "scale web 1", "cordon fornax-02",
+                            "place hello replicas=3"]:
+                try:
+                    answer = await ctl(sched.addr, command)
+                except P9Error as e:
+                    assert "nothing changed: cannot write the store" in str(e) and "disk is full" in str(e), \
+                        (command, str(e))
+                else:  # only a command that changes nothing may succeed
+                    assert command.startswith(("rebalance", "start")), (command, answer)
+                assert await truth() == before, command
+            log = await read(sched.addr, "cluster/scheduler/log")
+            assert "cannot rollback" not in log
+            flag.unlink()
+            assert "status=stopped" in await ctl(sched.addr, "stop web-1")  # the store is back: commands work
+            assert "status=running" in await ctl(sched.addr, "start web-1")
+
+        run(go())
+        sched.stop()
+        sched.start()  # and a restart finds what was there
+        run(eventually(lambda: _settled_same(sched), 20))
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
+
+
+async def _settled_same(sched: SchedProc) -> bool:
+    names = sorted(e.name for e in await ls(sched.addr, "cluster/scheduler/placements"))
+    if names != ["solo", "web-1", "web-2"]:
+        return False
+    return all([(await placement(sched.addr, n))["status"] == "running" for n in names])
+
+
+REFUSALS = 3000
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_fault5_refusals_of_huge_lines_keep_the_log_bounded(tmp_path: Path) -> None:
+    sched = SchedProc(tmp_path / "sched", []).start()
+    try:
+        assert sched.proc is not None
+        db = tmp_path / "sched" / "sched.db"
+
+        async def go() -> None:
+            junk = "x" * 131_000
+            async with await Client.connect(sched.addr, version="9P2000.u", timeout=20) as c:
+                for _ in range(20):  # warm up: the first refusals allocate what every later one reuses
+                    with pytest.raises(P9Error):
+                        await c.write_file("cluster/scheduler/ctl", f"{junk}\n".encode(), read_reply=True)
+                before = rss_kb(sched.proc.pid)  # type: ignore[union-attr]
+                size = db.stat().st_size + Path(f"{db}-wal").stat().st_size
+                for i in range(REFUSALS):
+                    with pytest.raises(P9Error, match="command too long: 1310"):
+                        await c.write_file("cluster/scheduler/ctl", f"{i}{junk}\n".encode(), read_reply=True)
+                grown = rss_kb(sched.proc.pid) - before  # type: ignore[union-attr]
+                assert grown < 20_000, f"RSS grew {grown} KB for {REFUSALS} refusals of 131 KB lines"
+            await eventually(lambda: _refusals_logged(sched), 10)
+            log = await read(sched.addr, "cluster/scheduler/log")
+            assert max(len(line) for line in log.splitlines()) <= 600
+            assert "... (13100" in log and " characters)" in log  # quoted in part, saying how long it was
+            stored = db.stat().st_size + Path(f"{db}-wal").stat().st_size - size
+            assert stored < 2_000_000, f"the store grew {stored} bytes"
+
+        run(go())
+    finally:
+        sched.stop()
+
+
+async def _refusals_logged(sched: SchedProc) -> bool:
+    return (await read(sched.addr, "cluster/scheduler/log")).count("refused '") >= min(REFUSALS, 9000)
+
+
+def test_fault8_scale_down_leaves_no_container_behind(tmp_path: Path) -> None:
+    """g-1, g-2 running and g-3, g-4 pending: `scale g 1` leaves g-1 alone, on every node, even
+    after the nodes restart (a pending pass used to start g-4 between the scale's removals)."""
+    nodes = three_nodes(tmp_path)
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes]).start()
+    try:
+        async def go() -> None:
+            await discovered(sched)
+            for k in range(3):
+                g = f"g{k}"
+                await ctl(sched.addr, f"place hello name={g} replicas=4 cpu=1 node=fornax-0{k + 1}")  # 2 CPUs: 2 fit
+                states = {n: (await placement(sched.addr, f"{g}-{n}"))["status"] for n in range(1, 5)}
+                assert sorted(states.values()) == ["pending", "pending", "running", "running"], states
+                assert (await ctl(sched.addr, f"scale {g} 1")).startswith(f"{g} scaled to 1: removed")
+
+            async def only_firsts() -> bool:
+                placed = sorted(e.name for e in await ls(sched.addr, "cluster/scheduler/placements"))
+                running = sorted([name for n in nodes for name in await running_on(n)])
+                return placed == running == ["g0-1", "g1-1", "g2-1"]
+
+            await eventually(only_firsts, 15)
+
+        run(go())
+        for n in nodes:  # the nodes restart: still nothing of the removed replicas comes back
+            n.stop()
+            n.start()
+
+        async def after() -> None:
+            async def firsts_back() -> bool:
+                running = sorted([name for n in nodes for name in await running_on(n)])
+                return running == ["g0-1", "g1-1", "g2-1"]
+
+            await eventually(firsts_back, 20)
+
+        run(after())
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
+
+
+def test_fault9_containers_started_by_hand_are_never_touched(tmp_path: Path) -> None:
+    nodes = three_nodes(tmp_path)
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes]).start()
+    try:
+        async def go() -> None:
+            await discovered(sched)
+            for _ in range(3):  # the node names them hello-1, hello-2, hello-3 (its own ids)
+                await node_ctl(nodes[0].addr, "cluster/ctl", "run hello")
+            await node_ctl(nodes[1].addr, "cluster/ctl", "run hello name=site")
+            by_hand = {n.name: await running_on(n) for n in nodes[:2]}
+            assert sorted(by_hand["fornax-01"]) == ["hello-1", "hello-2", "hello-3"]
+
+            async def seen() -> bool:
+                log = await read(sched.addr, "cluster/scheduler/log")
+                return all(f"{c} on fornax-01 was not placed by this scheduler; left alone" in log
+                           for c in ("hello-1", "hello-2", "hello-3"))
+
+            await eventually(seen, 10)
+            reply = await ctl(sched.addr, "place hello replicas=3")
+            assert [line.split()[0] for line in reply.splitlines()] == ["hello-4", "hello-5", "hello-6"]
+            with pytest.raises(P9Error, match="a container named 'site' runs on a node and was not placed"):
+                await ctl(sched.addr, "place hello name=site")
+            await ctl(sched.addr, "evacuate fornax-01")  # moves ours only
+
+            async def moved() -> bool:  # (reconciliation rounds on every node have run by then)
+                rows = [await placement(sched.addr, f"hello-{i}") for i in (4, 5, 6)]
+                return all(r["status"] == "running" and r["node"] != "fornax-01" for r in rows)
+
+            await eventually(moved, 10)
+            for n in nodes[:2]:
+                now = await running_on(n)
+                for name, cid in by_hand[n.name].items():
+                    assert now.get(name) == cid, (n.name, name, now)
+
+        run(go())
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
+
+
+def test_fault11_what_cannot_be_meant_is_refused(tmp_path: Path) -> None:
+    nodes = three_nodes(tmp_path)
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes]).start()
+    try:
+        async def go() -> None:
+            await discovered(sched)
+            await node_ctl(nodes[0].addr, "cluster/ctl", "label zone=east")
+
+            async def labelled() -> bool:
+                return "label.zone east" in await read(sched.addr, "cluster/nodes/fornax-01/resources")
+
+            await eventually(labelled, 10)
+            for bad, words in [
+                ("place hello nam=x", "unknown constraint 'nam=x': no node has a label 'nam' (labels: zone); "
+                                      "write label:nam=x"),
+                ("place nosuchimg zone=east", "unknown image 'nosuchimg': no node has it (images: hello, web)"),
+                ("simulate place nosuch", "unknown image 'nosuch'"),
+                ("simulate place hello nam=x", "unknown constraint 'nam=x'"),
+            ]:
+                with pytest.raises(P9Error, match=re.escape(words)):
+                    await ctl(sched.addr, bad)
+            assert await ls(sched.addr, "cluster/scheduler/placements") == []
+            reply = await ctl(sched.addr, "place hello label:rack=r1 name=waits")  # meant: waits for such a node
+            assert reply.startswith("waits node=- status=pending (no node fits rack=r1: 3 filtered)"), reply
+            assert "zone=east" in await ctl(sched.addr, "simulate place hello zone=east")
+
+        run(go())
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()

@@ -15,7 +15,7 @@ import pytest
 
 from fornax_sched.sched.store import Batch, Conflict, KVStore, StoreBusy
 
-from ..helpers import run, wait_until
+from ..helpers import run
 from .conftest import KINDS, Opener
 
 
@@ -355,7 +355,13 @@ WRITER = textwrap.dedent("""
     async def main():
         s = await open_store({path!r}, **{kw!r})
         await s.campaign("scheduler", "writer", 5, wait=False)
-        gen = 1
+        txn = s.kv.txn
+        async def told(compares, ops):  # say "t" before each transaction: the test kills between two
+            print("t", flush=True)
+            return await txn(compares, ops)
+        s.kv.txn = told
+        rows = await s.load("placements")
+        gen = max((v["gen"] for v in rows.values()), default=0) + 1
         while True:
             b = Batch()
             for i in range(120):
@@ -388,13 +394,19 @@ def test_a_writer_killed_mid_batch_leaves_all_or_nothing(opener: Opener, kind: s
         try:
             assert proc.stdout is not None
             out_pipe = proc.stdout
-            for _ in range(rnd.randint(1, 4)):  # then kill it in the middle of the next commit, or the one after
-                wait_until(lambda pipe=out_pipe: pipe.readline().strip().isdigit(), timeout=20)
+            seen: list[str] = []
+
+            for _ in range(rnd.randint(1, 90)):  # kill it between two transactions, at a random one
+                while True:
+                    line = out_pipe.readline()
+                    assert line, "the writer ended"
+                    seen.append(line.strip())
+                    if seen[-1] == "t":
+                        break
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
-        done = [int(x) for x in out.split() if x.isdigit()]
-        acked = max(done, default=acked)
+        acked = max([int(x) for x in seen + out.split() if x.isdigit()], default=acked)
 
         async def check(acked: int = acked) -> None:
             nonlocal left_midway
