@@ -94,6 +94,73 @@ class Program(Protocol):
     def decide(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str]) -> Decision: ...
 
 
+class _Index:
+    """Nodes by affinity class, then container count (insertion-ordered within a bucket), with a
+    bound per bucket on the room its nodes have free: a decision skips a bucket of full nodes at
+    once (pack meets them first, and they pile up)."""
+
+    __slots__ = ("buckets", "room", "size", "down", "cordoned")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, dict[int, dict[str, None]]] = {}
+        self.room: dict[tuple[int, int], list[float]] = {}  # at least the most any node there has free
+        self.size = 0
+        self.down = 0  # nodes not online
+        self.cordoned = 0  # online nodes that are cordoned
+
+    def tally(self, n: NodeState, sign: int) -> None:
+        if n.status != USABLE:
+            self.down += sign
+        elif n.cordoned:
+            self.cordoned += sign
+
+    def insert(self, n: NodeState) -> None:
+        count = len(n.containers)
+        self.buckets.setdefault(n.klass, {}).setdefault(count, {})[n.name] = None
+        self.size += 1
+        self.tally(n, 1)
+        free_cpus, free_mem = n.facts.cpus - n.used_cpus, n.facts.mem - n.used_mem
+        room = self.room.get((n.klass, count))
+        if room is None:
+            self.room[(n.klass, count)] = [free_cpus, free_mem]
+        else:
+            room[0] = max(room[0], free_cpus)
+            room[1] = max(room[1], free_mem)
+
+    def remove(self, n: NodeState) -> None:
+        counts = self.buckets.get(n.klass, {})
+        bucket = counts.get(len(n.containers))
+        if bucket is not None and n.name in bucket:
+            del bucket[n.name]
+            self.size -= 1
+            self.tally(n, -1)
+            if not bucket:
+                del counts[len(n.containers)]
+                self.room.pop((n.klass, len(n.containers)), None)
+
+    def order(self, nodes: dict[str, NodeState], pack: bool, req: Request | None) -> Iterator[NodeState]:
+        """Nodes in policy order: class, then base order, then arrival.  Given a request, only nodes
+        with the room it needs; a bucket gone through without one gets its bound lowered."""
+        for klass in sorted(self.buckets):
+            counts = self.buckets[klass]
+            for count in sorted(counts, reverse=pack):
+                room = self.room.get((klass, count))
+                if req is not None and room is not None and (room[0] + EPSILON < req.cpus or room[1] < req.mem):
+                    continue
+                top_cpus, top_mem, fitted = 0.0, 0, False
+                for name in counts[count]:
+                    n = nodes[name]
+                    if req is not None:
+                        free_cpus, free_mem = n.facts.cpus - n.used_cpus, n.facts.mem - n.used_mem
+                        top_cpus, top_mem = max(top_cpus, free_cpus), max(top_mem, free_mem)
+                        if free_cpus + EPSILON < req.cpus or free_mem < req.mem:
+                            continue
+                        fitted = True
+                    yield n
+                if req is not None and not fitted and room is not None:
+                    room[0], room[1] = top_cpus, top_mem
+
+
 class Cluster:
     """Nodes, placements and what each node has reserved; every change goes through here."""
 
@@ -103,8 +170,8 @@ class Cluster:
         self.policy = policy or Policy()
         self.program: Program | None = None
         self.changed: set[str] = set()  # nodes changed since the program last looked
-        # index: affinity class -> container count -> node names (insertion-ordered)
-        self._index: dict[int, dict[int, dict[str, None]]] = {}
+        self._index = _Index()  # every node
+        self._labelled: dict[tuple[str, str], _Index] = {}  # the nodes with each label, to decide among
         self._journal: list[Callable[[], object]] | None = None  # undo steps while a draft is open
 
     # ------------------------------------------------------------ drafts
@@ -156,21 +223,38 @@ class Cluster:
         return len(rules)
 
     def _reindex(self) -> None:
-        self._index = {}
+        self._index = _Index()
+        self._labelled = {}
         for n in self.nodes.values():
             n.klass = self._klass(n.facts)
-            self._bucket(n).setdefault(n.name, None)
+            self._insert(n)
 
-    def _bucket(self, n: NodeState) -> dict[str, None]:
-        return self._index.setdefault(n.klass, {}).setdefault(len(n.containers), {})
+    def _insert(self, n: NodeState) -> None:
+        self._index.insert(n)
+        for kv in n.facts.labels.items():
+            self._labelled.setdefault(kv, _Index()).insert(n)
 
     def _unindex(self, n: NodeState) -> None:
-        counts = self._index.get(n.klass, {})
-        bucket = counts.get(len(n.containers))
-        if bucket is not None:
-            bucket.pop(n.name, None)
-            if not bucket:
-                del counts[len(n.containers)]
+        self._index.remove(n)
+        for kv in n.facts.labels.items():
+            ix = self._labelled.get(kv)
+            if ix is not None:
+                ix.remove(n)
+                if not ix.size:
+                    del self._labelled[kv]
+
+    def _among(self, req: Request) -> _Index | None:
+        """The smallest index holding every node the request's labels allow (None: no node has them)."""
+        if not req.labels:
+            return self._index
+        best: _Index | None = None
+        for kv in req.labels:
+            ix = self._labelled.get(kv)
+            if ix is None:
+                return None
+            if best is None or ix.size < best.size:
+                best = ix
+        return best
 
     # ------------------------------------------------------------ nodes
     def add_node(self, facts: NodeFacts, status: str = USABLE) -> NodeState:
@@ -186,27 +270,39 @@ class Cluster:
             old.facts = facts
             old.status = status
             old.klass = self._klass(facts)
-            self._bucket(old)[old.name] = None
+            self._insert(old)
             self._changed(old.name)
             return old
         n = NodeState(facts, status, klass=self._klass(facts))
         self.nodes[facts.name] = n
-        self._bucket(n)[n.name] = None
+        self._insert(n)
         self._changed(n.name)
         return n
+
+    def _tally(self, n: NodeState, sign: int) -> None:
+        """Count a node's status in every index it is in (around a change of status or cordon)."""
+        self._index.tally(n, sign)
+        for kv in n.facts.labels.items():
+            ix = self._labelled.get(kv)
+            if ix is not None:
+                ix.tally(n, sign)
 
     def set_status(self, name: str, status: str) -> None:
         n = self._node(name)
         was = n.status
         self._undo(lambda: self.set_status(name, was))
+        self._tally(n, -1)
         n.status = status
+        self._tally(n, 1)
         self._changed(name)
 
     def cordon(self, name: str, on: bool = True) -> None:
         n = self._node(name)
         was = n.cordoned
         self._undo(lambda: self.cordon(name, was))
+        self._tally(n, -1)
         n.cordoned = on
+        self._tally(n, 1)
         self._changed(name)
 
     def remove_node(self, name: str) -> list[str]:
@@ -267,7 +363,7 @@ class Cluster:
         n.containers[name] = None
         n.used_cpus += p.request.cpus
         n.used_mem += p.request.mem
-        self._bucket(n)[n.name] = None
+        self._insert(n)
         self._changed(node)
         p.node = node
         p.reason = reason
@@ -286,7 +382,7 @@ class Cluster:
             del n.containers[name]
             n.used_cpus = max(0.0, n.used_cpus - p.request.cpus)
             n.used_mem = max(0, n.used_mem - p.request.mem)
-            self._bucket(n)[n.name] = None
+            self._insert(n)
             self._changed(n.name)
         p.node = None
         p.reason = reason
@@ -300,14 +396,12 @@ class Cluster:
         return [p for p in self.placements.values() if p.node is None]
 
     # ------------------------------------------------------------ deciding
-    def _order(self) -> Iterator[NodeState]:
-        """Every node in policy order: affinity class, then base order, then arrival."""
-        pack = self.policy.base == "pack"
-        for klass in sorted(self._index):
-            counts = self._index[klass]
-            for count in sorted(counts, reverse=pack):
-                for name in counts[count]:
-                    yield self.nodes[name]
+    def _order(self, req: Request | None = None) -> Iterator[NodeState]:
+        """Nodes in policy order (affinity class, then base order, then arrival); given a request,
+        only those with its labels and the room it needs."""
+        ix = self._among(req) if req is not None else self._index
+        if ix is not None:
+            yield from ix.order(self.nodes, self.policy.base == "pack", req)
 
     def feasible(self, n: NodeState, req: Request) -> bool:
         return n.usable and n.room_for(req) and req.allows(n.facts) and not (req.avoid and n.runs_any(req.avoid))
@@ -326,7 +420,7 @@ class Cluster:
         best: NodeState | None = None
         best_key: tuple[int, int] | None = None
         looked = 0
-        for n in self._order():
+        for n in self._order(req):
             if n.name in skip or not self.feasible(n, req):
                 continue
             looked += 1
@@ -349,23 +443,66 @@ class Cluster:
                         f"{why}{rule}{apart}); {looked} feasible examined of {len(self.nodes)} nodes", looked)
 
     def _why_not(self, req: Request, skip: set[str]) -> str:
-        """A short account of why no node took the request."""
-        counts = {"down": 0, "cordoned": 0, "filtered": 0, "full": 0, "avoid": 0, "excluded": 0}
-        for n in self.nodes.values():
-            if n.name in skip:
-                counts["excluded"] += 1
-            elif n.status != USABLE:
-                counts["down"] += 1
-            elif n.cordoned:
-                counts["cordoned"] += 1
-            elif not req.allows(n.facts):
-                counts["filtered"] += 1
-            elif not n.room_for(req):
-                counts["full"] += 1
-            else:
-                counts["avoid"] += 1
+        """A short account of why no node took the request.
+
+        Nodes are counted under the first reason that applies: excluded, down,
+        cordoned, filtered (names, labels), full, avoid (anti-affinity).  With
+        labels in the request only the nodes that have them are looked at; the
+        rest are counted from the cluster's tallies.
+        """
         if not self.nodes:
             return "no nodes"
+        counts = {"down": 0, "cordoned": 0, "filtered": 0, "full": 0, "avoid": 0, "excluded": 0}
+
+        def classify(n: NodeState) -> str:
+            if n.name in skip:
+                return "excluded"
+            if n.status != USABLE:
+                return "down"
+            if n.cordoned:
+                return "cordoned"
+            if not req.allows(n.facts):
+                return "filtered"
+            if not n.room_for(req):
+                return "full"
+            return "avoid"
+
+        ix = self._among(req) if req.labels else None
+        if req.labels and (ix is None or (len(req.labels) == 1 and not (req.include or req.exclude or req.avoid))):
+            # Every node with the label is allowed and, none having been chosen, lacks room;
+            # every other node is filtered out: all of it from the tallies.
+            listed = [self.nodes[name] for name in skip if name in self.nodes]
+            mine = [n for n in listed if ix is not None and n.facts.labels.get(req.labels[0][0]) == req.labels[0][1]]
+            theirs = [n for n in listed if n not in mine]
+
+            def tallied(nodes: list[NodeState]) -> tuple[int, int]:
+                return (sum(1 for n in nodes if n.status != USABLE),
+                        sum(1 for n in nodes if n.status == USABLE and n.cordoned))
+
+            (md, mc), (td, tc) = tallied(mine), tallied(theirs)
+            in_down, in_cordoned, size = (ix.down, ix.cordoned, ix.size) if ix is not None else (0, 0, 0)
+            counts["excluded"] = len(listed)
+            counts["down"] = self._index.down - md - td
+            counts["cordoned"] = self._index.cordoned - mc - tc
+            counts["full"] = size - len(mine) - (in_down - md) - (in_cordoned - mc)
+            counts["filtered"] = len(self.nodes) - len(listed) - counts["down"] - counts["cordoned"] - counts["full"]
+        elif req.labels and ix is not None:
+            names = {name for counts_ in ix.buckets.values() for b in counts_.values() for name in b}
+            for name in names:
+                counts[classify(self.nodes[name])] += 1
+            others = [self.nodes[name] for name in skip if name in self.nodes and name not in names]
+            counts["excluded"] += len(others)
+            down = self._index.down - sum(1 for name in names if self.nodes[name].status != USABLE) \
+                - sum(1 for n in others if n.status != USABLE)
+            cordoned = self._index.cordoned - sum(1 for name in names if self.nodes[name].status == USABLE
+                                                  and self.nodes[name].cordoned) \
+                - sum(1 for n in others if n.status == USABLE and n.cordoned)
+            counts["down"] += down
+            counts["cordoned"] += cordoned
+            counts["filtered"] += len(self.nodes) - len(names) - len(others) - down - cordoned
+        else:
+            for n in self.nodes.values():
+                counts[classify(n)] += 1
         parts = [f"{v} {k}" for k, v in counts.items() if v]
         need = req.constraints()
         return f"no node fits{' ' + need if need else ''}: " + ", ".join(parts)

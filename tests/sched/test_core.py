@@ -77,6 +77,16 @@ def test_rebalance_is_bounded_and_converges() -> None:
     assert c.rebalance(100) == []
 
 
+def plain_why_not(c: Cluster, req: Request, skip: frozenset[str] = frozenset()) -> str:
+    counts = {"down": 0, "cordoned": 0, "filtered": 0, "full": 0, "avoid": 0, "excluded": 0}
+    for n in c.nodes.values():
+        why = ("excluded" if n.name in skip else "down" if n.status != "online" else "cordoned" if n.cordoned else
+               "filtered" if not req.allows(n.facts) else "full" if not n.room_for(req) else "avoid")
+        counts[why] += 1
+    need = req.constraints()
+    return f"no node fits{' ' + need if need else ''}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+
+
 class Machine(RuleBasedStateMachine):
     """Random clusters and operations; the invariants of the issue must always hold."""
 
@@ -160,13 +170,72 @@ class Machine(RuleBasedStateMachine):
 
     @invariant()
     def index_matches_nodes(self) -> None:
-        indexed = [name for counts in self.c._index.values() for b in counts.values() for name in b]
-        assert sorted(indexed) == sorted(self.c.nodes)
-        for klass, counts in self.c._index.items():
-            for count, bucket in counts.items():
-                for name in bucket:
-                    assert len(self.c.nodes[name].containers) == count and self.c.nodes[name].klass == klass
+        c = self.c
+        for key, ix in [(None, c._index), *c._labelled.items()]:
+            want = sorted(n for n, st_ in c.nodes.items() if key is None or st_.facts.labels.get(key[0]) == key[1])
+            indexed = [name for counts in ix.buckets.values() for b in counts.values() for name in b]
+            assert sorted(indexed) == want and ix.size == len(want), key
+            for klass, counts in ix.buckets.items():
+                for count, bucket in counts.items():
+                    room = ix.room[(klass, count)]
+                    for name in bucket:
+                        n = c.nodes[name]
+                        assert len(n.containers) == count and n.klass == klass
+                        # the bound never hides room a node has
+                        assert room[0] + 1e-9 >= n.facts.cpus - n.used_cpus and room[1] >= n.facts.mem - n.used_mem
+            assert ix.down == sum(1 for n in want if c.nodes[n].status != "online")
+            assert ix.cordoned == sum(1 for n in want if c.nodes[n].status == "online" and c.nodes[n].cordoned)
 
+    @rule(cpus=st.sampled_from([0, 0.5, 1, 2, 8]), zone=st.sampled_from(["", "east", "north"]),
+          skip=st.sets(st.sampled_from(["n1", "n2", "n3", "n9"]), max_size=2))
+    def decisions_are_the_best_there_is(self, cpus: float, zone: str, skip: set[str]) -> None:
+        c = self.c
+        req = Request("img", cpus=cpus, labels=(("zone", zone),) if zone else ())
+        d = c.decide_builtin("probe", req, exclude=skip)
+        feasible = [n for n in c.nodes.values() if c.feasible(n, req) and n.name not in skip]
+        if d.node is None:
+            assert not feasible, (d.reason, [n.name for n in feasible])
+            assert d.reason.startswith("no node fits") or d.reason == "no nodes"
+            counted = sum(int(w.split()[0]) for w in d.reason.split(": ", 1)[1].split(", ")) if c.nodes else 0
+            assert counted == len(c.nodes), d.reason
+            if c.nodes:  # counted as the plain way does: each node under its first reason
+                want = plain_why_not(c, req, frozenset(skip))
+                assert d.reason == want, (d.reason, want)
+        else:
+            pack = c.policy.base == "pack"
+            key = {n.name: (n.klass, -len(n.containers) if pack else len(n.containers)) for n in feasible}
+            assert d.node in key and key[d.node] == min(key.values()), (d, key)
+
+    @rule(data=st.data())
+    def a_draft_changes_nothing(self, data: st.DataObject) -> None:
+        c = self.c
+
+        def snapshot() -> object:
+            return ({n: (st_.status, st_.cordoned, sorted(st_.containers), round(st_.used_cpus, 6), st_.used_mem)
+                     for n, st_ in c.nodes.items()},
+                    {n: (p.node, p.reason, p.request) for n, p in c.placements.items()}, c._index.down,
+                    c._index.cordoned)
+
+        before = snapshot()
+        with c.draft():
+            for i in range(data.draw(st.integers(0, 6))):
+                what = data.draw(st.sampled_from(["place", "forget", "cordon", "lost", "evacuate", "rebalance"]))
+                if what == "place":
+                    c.place(f"draft-{i}", Request("img", cpus=data.draw(st.sampled_from([0, 0.5, 1]))))
+                elif what == "forget" and c.placements:
+                    c.forget(data.draw(st.sampled_from(sorted(c.placements))))
+                elif what in ("cordon", "lost", "evacuate") and c.nodes:
+                    node = data.draw(st.sampled_from(sorted(c.nodes)))
+                    if what == "cordon":
+                        c.cordon(node)
+                    elif what == "lost":
+                        c.node_lost(node)
+                    else:
+                        c.evacuate(node)
+                elif what == "rebalance":
+                    c.rebalance(3)
+        assert snapshot() == before
+        self.index_matches_nodes()
 
 Machine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestCoreStateMachine = Machine.TestCase
