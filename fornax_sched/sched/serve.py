@@ -110,6 +110,8 @@ def add_parser(sub: Any) -> None:
                    help="seconds a node may be unreachable before its containers are placed again (default 10)")
     p.add_argument("--policy-deadline", type=float, default=50.0, metavar="MS",
                    help="milliseconds a Lua policy may take per decision (default 50)")
+    p.add_argument("--node-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds any call to a node may take, a flush included (default 5)")
     p.add_argument("--decide-budget", type=float, default=1.0, metavar="S",
                    help="seconds of policy time one command's decisions share; past it the platform policy "
                         "decides the rest (default 1)")
@@ -120,6 +122,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if not 0.05 <= args.node_timeout <= 600:
+            raise ValueError("--node-timeout: want 0.05 to 600 seconds")
         if not 0.01 <= args.decide_budget <= 600:
             raise ValueError("--decide-budget: want 0.01 to 600 seconds")
         if not 1 <= args.policy_deadline <= 60_000:
@@ -133,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = SchedConfig(listen=args.listen, state=args.state or default_state(), nodes=args.node,
                       writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead,
-                      policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget)
+                      policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget,
+                      node_timeout=args.node_timeout)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

@@ -16,6 +16,7 @@ import shlex
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from ...fs import proto as P
 from ...fs.client import Client
 from ...fs.errors import P9Error
 from ...units import SizeError, format_size, parse_size
@@ -55,6 +56,10 @@ class FornaxNode:
         self._client: Client | None = None
         self._connecting = asyncio.Lock()
         self._listing: bool | None = None  # whether the node serves /cluster/self/containers
+        # Open fids on the node's cluster/ctl, each used by one command at a time: a command is
+        # then a write and a read (two round trips) instead of a walk, open, write, read and clunk.
+        self._ctl_fids: list[int] = []
+        self._ctl_client: Client | None = None
 
     def _where(self) -> str:
         return f"node {self.name}" + (f" at {self.addr}" if self.name != self.addr else "")
@@ -95,8 +100,44 @@ class FornaxNode:
         return data.decode("utf-8", "replace")
 
     async def _ctl(self, path: str, command: str, what: str) -> str:
-        data = await self._do(what, lambda c: c.write_file(path, command.encode(), read_reply=True))
-        return data.decode("utf-8", "replace")
+        data = command.encode()
+        c = await self._c()
+        if len(data) > c.iounit - 64:
+            reply = await self._do(what, lambda c: c.write_file(path, data, read_reply=True))
+            return reply.decode("utf-8", "replace")
+        if self._ctl_client is not c:  # a new connection: the fids of the old one are gone with it
+            self._ctl_client, self._ctl_fids = c, []
+
+        async def command_on(c: Client) -> bytes:
+            fid = self._ctl_fids.pop() if self._ctl_fids else None
+            if fid is None:
+                fid = await c.walk(path)
+                try:
+                    await c.open(fid, P.ORDWR)
+                except BaseException:
+                    await c.clunk(fid)
+                    raise
+            try:
+                await c.write(fid, 0, data)
+                chunks, off = [], 0
+                while chunk := await c.read(fid, off, c.iounit):
+                    chunks.append(chunk)
+                    off += len(chunk)
+                    if len(chunk) < c.iounit:
+                        break
+            except P9Error:  # the node refused the command: the fid is still good
+                self._keep(c, fid)
+                raise
+            self._keep(c, fid)
+            return b"".join(chunks)
+
+        return (await self._do(what, command_on)).decode("utf-8", "replace")
+
+    def _keep(self, c: Client, fid: int) -> None:
+        if self._ctl_client is c and len(self._ctl_fids) < 8:
+            self._ctl_fids.append(fid)
+        else:
+            asyncio.ensure_future(c.clunk(fid))
 
     # ------------------------------------------------------------ about the node
     async def info(self) -> NodeInfo:
@@ -184,5 +225,6 @@ class FornaxNode:
 
     async def close(self) -> None:
         c, self._client = self._client, None
+        self._ctl_fids, self._ctl_client = [], None
         if c is not None:
             await c.close()
