@@ -70,12 +70,9 @@ def start_ramfs(*extra: str) -> ServerProc:
 
 
 def stop(server: ServerProc) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(5)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
+    from .helpers import stop_process
+
+    stop_process(server.proc, timeout=5)
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def run(coro: Awaitable[T]) -> T:
-    """Run a coroutine to its end on a fresh event loop."""
-    return asyncio.run(coro)  # type: ignore[arg-type]
+def run(coro: Awaitable[T], timeout: float = 300.0) -> T:
+    """Run a coroutine to its end on a fresh event loop; a test that hangs fails after ``timeout``."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0, interval: float = 0.1) -> T:

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fornax_sched.fs.client import Client
 
 from ..conftest import spawn_serving
+from ..helpers import eventually, free_port, stop_process
+
+__all__ = ["IMAGES", "NodeProc", "alive", "ctl", "eventually", "free_port", "read", "status", "three_nodes"]
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "examples" / "images"
 FAST = ["--interval", "0.2", "--suspect", "1.0", "--dead", "2.0", "--remove", "4.0", "--grace", "1.0"]
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -70,14 +65,7 @@ class NodeProc:
         if self.crashed:
             self.start()
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return int(stop_process(self.proc) or 0)
 
 
 def three_nodes(tmp: Path, images: Path = IMAGES) -> list[NodeProc]:
@@ -86,22 +74,6 @@ def three_nodes(tmp: Path, images: Path = IMAGES) -> list[NodeProc]:
     nodes = [NodeProc(f"fornax-0{i + 1}", free_port(), gossip[i], tmp / f"state{i + 1}",
                       peers=[gossip[(i + 1) % 3]], images=images) for i in range(3)]
     return [n.start() for n in nodes]
-
-
-async def eventually(check, timeout: float = 10.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    """Retry an async check until it returns something true; the last error or value explains a failure."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = await check()
-            if value:
-                return value
-            last = value
-        except Exception as e:  # noqa: BLE001 - reported below if it never passes
-            last = e
-        await asyncio.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s: last {last!r}")
 
 
 async def read(addr: str, path: str) -> str:

@@ -34,6 +34,8 @@ from fornax_sched.node.gossip import (
     parse_hostport,
 )
 
+from ..helpers import run
+
 # ---------------------------------------------------------------- codec
 
 ids = st.from_regex(r"[0-9a-f]{1,64}", fullmatch=True)
@@ -48,6 +50,7 @@ messages = st.one_of(
     st.builds(Leave, ids),
     st.builds(Peers, st.lists(st.tuples(ids, udp), min_size=1, max_size=8).map(tuple)),
 )
+
 
 
 @given(messages)
@@ -329,9 +332,6 @@ def test_timer_arguments_are_checked() -> None:
 FAST: dict[str, Any] = dict(interval=0.1, suspect_after=0.5, dead_after=1.0, remove_after=2.0)
 LOCAL = "127.0.0.1"
 
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 class Node:

@@ -13,11 +13,8 @@ import pytest
 from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
+from ..helpers import run
 from .cluster import IMAGES, NodeProc, alive, ctl, eventually, read, status, three_nodes
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 def images_with_hog(tmp: Path) -> Path:

@@ -37,6 +37,8 @@ from fornax_sched.node.runtime import (
     parse_size,
 )
 
+from ..helpers import run
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "images"
 PY = shlex.quote(sys.executable)
@@ -53,9 +55,6 @@ IMAGES = {
     "badexec": "./notanexecutable",
 }
 
-
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def make_images(tmp: Path) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from fornax_sched.fs.client import Client
 
 from ..conftest import spawn_serving
+from ..helpers import stop_process
 from ..node.cluster import NodeProc, eventually, free_port, read, three_nodes
 
 # Fast enough for tests: a look at each node every 0.2 s, dead after 2 s unreachable.
@@ -45,14 +46,7 @@ class SchedProc:
 
     def stop(self) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return int(stop_process(self.proc) or 0)
 
 
 async def ctl(addr: str, command: str, uname: str | None = None) -> str:
@@ -113,3 +107,19 @@ def scheduler_over_three(tmp: Path, every_seed: bool = False) -> Iterator[tuple[
             sched.stop()
         for n in nodes:
             n.stop()
+
+
+async def rounds_pass(sched: SchedProc, node: str, rounds: int = 2) -> None:
+    """Return once the scheduler has looked at ``node`` ``rounds`` more times (a reconciliation
+    round each): how a test sees that something did not happen, without a fixed wait."""
+    import time
+
+    for _ in range(rounds):
+        t0 = time.monotonic()
+
+        async def contacted_since(t0: float = t0) -> bool:
+            text = await read(sched.addr, f"cluster/nodes/{node}/health")
+            ago = float(text.split("last contact ")[1].split("s ago")[0])
+            return ago < time.monotonic() - t0
+
+        await eventually(contacted_since, timeout=15, interval=0.05)

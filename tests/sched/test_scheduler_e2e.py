@@ -20,7 +20,7 @@ from fornax_sched.fs.errors import P9Error
 
 from ..node.cluster import NodeProc, alive, eventually, read, three_nodes
 from ..node.cluster import ctl as node_ctl
-from .harness import SchedProc, ctl, discovered, ls, placement, running_on, scheduler_over_three
+from .harness import SchedProc, ctl, discovered, ls, placement, rounds_pass, running_on, scheduler_over_three
 
 pytestmark = pytest.mark.slow
 
@@ -326,7 +326,7 @@ def test_concurrent_places_start_each_container_once(cluster: tuple[SchedProc, l
         log = await read(sched.addr, "cluster/scheduler/log")
         assert f"w0x0 runs twice on {node.name} (containers {p['cid']} and " in log
         assert f"w0x0 on {node.name} was not placed by this scheduler; left alone" in log
-        await asyncio.sleep(1)  # a few more rounds: the hand-started one is still there
+        await rounds_pass(sched, node.name, 3)  # a few more rounds: the hand-started one is still there
         assert (await instances())["w0x0"] == 2
 
     asyncio.run(go())
