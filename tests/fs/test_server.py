@@ -442,10 +442,13 @@ def test_client_times_out_and_flushes() -> None:
             async with await Client.connect(srv.addr, timeout=0.3) as c:
                 fid = await c.walk("blocking")
                 await c.open(fid)
-                with pytest.raises(TimeoutError, match="Tread .* timed out"):
+                with pytest.raises(TimeoutError, match="Tread .* timed out after 0.3s$"):
                     await c.read(fid, 0, 10)
                 conn = next(iter(srv._connections))
                 assert conn.inflight == {}  # the server forgot the flushed read
+                # Rflush came back: the read's tag and the flush's are both free again.
+                assert c._flushing == set() and c._gone is None
+                assert sorted(c._free_tags) == list(range(c._next_tag)) and c._next_tag == 2
                 assert await c.read_file("whoami")  # the connection still works
     run(main())
 
