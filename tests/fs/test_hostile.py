@@ -102,7 +102,7 @@ def test_duplicate_tag_and_inflight_limit() -> None:
                 await raw.send(M.Tread(100 + fid, fid, 0, 10))
             await asyncio.sleep(0.2)
             conn: _Connection = next(iter(srv._connections))
-            assert len(conn.inflight) == 4 and conn.read_paused
+            assert conn.session.in_flight == 4 and conn.read_paused
             await still_serving(srv)  # others are not held up
             app.wake.set()
             tags = {(await raw.recv()).tag for _ in range(10)}

@@ -445,7 +445,7 @@ def test_client_times_out_and_flushes() -> None:
                 with pytest.raises(TimeoutError, match="Tread .* timed out after 0.3s$"):
                     await c.read(fid, 0, 10)
                 conn = next(iter(srv._connections))
-                assert conn.inflight == {}  # the server forgot the flushed read
+                assert conn.session.in_flight == 0  # the server forgot the flushed read
                 # Rflush came back: the read's tag and the flush's are both free again.
                 assert c._flushing == set() and c._gone is None
                 assert sorted(c._free_tags) == list(range(c._next_tag)) and c._next_tag == 2
@@ -501,7 +501,7 @@ def test_cancelled_request_is_flushed_and_its_tag_reused() -> None:
                 task.cancel()
                 await asyncio.sleep(0.1)
                 conn = next(iter(srv._connections))
-                assert conn.inflight == {} and c._waiting == {}
+                assert conn.session.in_flight == 0 and c._waiting == {}
                 tags = len(c._free_tags) + c._next_tag
                 for _ in range(50):
                     await c.stat_path("whoami")
