@@ -216,13 +216,59 @@ def test_qid_version_changes_with_content() -> None:
                 await c.write_file("f", b"two")
                 v2 = (await c.stat_path("f")).qid
                 assert v1.path == v2.path and v2.version != v1.version
-                app = Scheduler()
-                root = app.tree()
-                ctl = root.lookup(Ctx("x"), "ctl")
-                assert ctl is not None
-                before = ctl.stat(Ctx("x")).qid.version
+        # A computed file's version moves when a read sees new content (a stat renders nothing).
+        app = Scheduler()
+        async with serving(app.tree()) as srv:
+            async with await Client.connect(srv.addr) as c:
+                await c.read_file("ctl")
+                before = (await c.stat_path("ctl")).qid
+                assert (await c.stat_path("ctl")).qid == before
+                await c.read_file("ctl")
+                assert (await c.stat_path("ctl")).qid == before  # same content, same version
                 app.commands.append("x")
-                assert ctl.stat(Ctx("x")).qid.version != before
+                assert (await c.stat_path("ctl")).qid == before  # not read yet
+                assert await c.read_file("ctl") == b"1 commands\n"
+                after = (await c.stat_path("ctl")).qid
+                assert after.path == before.path and after.version != before.version
+    run(main())
+
+
+@pytest.mark.parametrize("dialect", P.DIALECTS)
+def test_listing_many_computed_files_renders_none_of_them(dialect: str) -> None:
+    """ls -l of 20,000 synthetic files: 9P2000 directory reads carry a stat per
+    entry, 9P2000.L clients getattr each; neither may call a read callback."""
+    rendered: list[str] = []
+
+    def content(name: str) -> File:
+        def read(ctx: Ctx) -> str:
+            rendered.append(name)
+            return f"the content of {name}\n" * 10
+        return File(name, read=read)
+
+    names = [f"f{i:05d}" for i in range(20000)]
+    known = set(names)
+    root = Dir("", [
+        DynamicDir("many", names=lambda ctx: names, make=content, exists=known.__contains__),
+        File("sized", read=lambda ctx: rendered.append("sized") or "12345", size=lambda ctx: 5),
+        File("static", read="fixed text\n"),
+    ])
+
+    async def main() -> None:
+        async with serving(root) as srv:
+            async with await Client.connect(srv.addr, version=dialect) as c:
+                entries = await c.ls("many")
+                assert [e.name for e in entries] == names
+                stats = [await c.stat_path(f"many/{n}") for n in names[:: 10 if dialect == P.VERSION_9PL else 1000]]
+                if dialect != P.VERSION_9PL:
+                    assert {e.length for e in entries} == {0}
+                assert {st.length for st in stats} == {0} and rendered == []
+                assert (await c.stat_path("sized")).length == 5 and rendered == []
+                assert (await c.stat_path("static")).length == len(b"fixed text\n")
+                # A reader still gets the whole content, in one render per open.
+                assert await c.read_file("many/f00042") == b"the content of f00042\n" * 10
+                assert rendered == ["f00042"]
+                assert await c.read_file("static") == b"fixed text\n"
+                assert await c.read_file("sized") == b"12345" and rendered == ["f00042", "sized"]
     run(main())
 
 
