@@ -116,17 +116,19 @@ class _Connection(asyncio.Protocol):
             task = self.tasks.pop(token, None)
             if task is not None:
                 task.cancel()
-        if not self.closed:
-            loop = asyncio.get_running_loop()
-            for token, work in out.start:
-                task = loop.create_task(work)
-                self.tasks[token] = task
-                task.add_done_callback(functools.partial(self._finished, token))
-        else:
-            for _, work in out.start:
-                work.close()
-        if out.send and self.transport is not None and not self.closed:
-            self.transport.write(out.send[0] if len(out.send) == 1 else b"".join(out.send))
+        if out.start:
+            if self.closed:
+                for _, work in out.start:
+                    work.close()
+            else:
+                loop = asyncio.get_running_loop()
+                for token, work in out.start:
+                    task = loop.create_task(work)
+                    self.tasks[token] = task
+                    task.add_done_callback(functools.partial(self._finished, token))
+        send = out.send
+        if send and self.transport is not None and not self.closed:
+            self.transport.write(send[0] if len(send) == 1 else b"".join(send))
         if out.hangup is not None:
             log.info("9P connection %s: %s; hanging up", self.peer, out.hangup)
             self._hangup()
@@ -141,10 +143,12 @@ class _Connection(asyncio.Protocol):
         self._pump()
 
     def _update_reading(self) -> None:
+        want_pause = self.write_paused or self.session.saturated
+        if want_pause == self.read_paused:
+            return
         t = self.transport
         if t is None or self.closed:
             return
-        want_pause = self.write_paused or self.session.saturated
         if want_pause and not self.read_paused:
             t.pause_reading()
             self.read_paused = True
@@ -183,12 +187,13 @@ class Server:
         groups: dict[str, frozenset[str]] | None = None,
         max_fids: int = 16384,
         max_inflight: int = 256,
+        max_held: int = 32 << 20,
         max_connections: int = 1024,
         users: Users | None = None,
     ) -> None:
         attach: Attach = (lambda ctx, aname: root) if isinstance(root, Dir) else root
         self.config = Config(attach, msize=msize, dialects=dialects, groups=groups, max_fids=max_fids,
-                             max_inflight=max_inflight, users=users or system_users())
+                             max_inflight=max_inflight, max_held=max_held, users=users or system_users())
         self.max_connections = max_connections
         self.wallclock = time.time  # what Tsetattr records as "now"
         self._connections: set[_Connection] = set()

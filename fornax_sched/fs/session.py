@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno as E
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import codec as M
@@ -53,18 +53,31 @@ class Users:
     name: Callable[[int], str] = str
 
 
-@dataclass
 class Output:
     """What the I/O layer must do after the session has had its say."""
 
-    send: list[bytes] = field(default_factory=list)  # frames to write, in this order
-    start: list[tuple[int, Work]] = field(default_factory=list)  # (token, coroutine) to run
-    cancel: list[int] = field(default_factory=list)  # tokens of work no longer wanted
-    hangup: str | None = None  # drop the connection, for this reason
-    more: bool = False  # stopped at the batch size with whole frames still buffered
+    __slots__ = ("send", "start", "cancel", "hangup", "more")
+
+    def __init__(self, send: list[bytes] | None = None, start: list[tuple[int, Work]] | None = None,
+                 cancel: list[int] | None = None, hangup: str | None = None, more: bool = False) -> None:
+        self.send = send if send is not None else []  # frames to write, in this order
+        self.start = start if start is not None else []  # (token, coroutine) to run
+        self.cancel = cancel if cancel is not None else []  # tokens of work no longer wanted
+        self.hangup = hangup  # drop the connection, for this reason
+        self.more = more  # stopped at the batch size with whole frames still buffered
 
     def __bool__(self) -> bool:
         return bool(self.send or self.start or self.cancel or self.hangup)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Output):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Output(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__) + ")"
 
 
 _NOT_OPEN = -1
@@ -72,16 +85,18 @@ _NEED = {P.OREAD: 4, P.OWRITE: 2, P.ORDWR: 6, P.OEXEC: 1}
 
 
 class Fid:
-    __slots__ = ("node", "ctx", "handle", "omode", "dirents", "dir_index", "dir_offset")
+    __slots__ = ("node", "ctx", "handle", "omode", "dirents", "dirents_size", "dir_index", "dir_offset", "held")
 
     def __init__(self, node: Node, ctx: Ctx) -> None:
         self.node = node
         self.ctx = ctx
         self.handle: Handle | None = None
         self.omode = _NOT_OPEN
-        self.dirents: list[bytes] | None = None
+        self.dirents: list[bytes] | None = None  # a directory's entries, encoded at the first read
+        self.dirents_size = 0
         self.dir_index = 0
         self.dir_offset = 0
+        self.held = 0  # bytes counted against the session's bound for this fid
 
 
 class Config:
@@ -96,6 +111,7 @@ class Config:
         groups: dict[str, frozenset[str]] | None = None,
         max_fids: int = 16384,
         max_inflight: int = 256,
+        max_held: int = 32 << 20,
         users: Users | None = None,
     ) -> None:
         if msize < P.MIN_MSIZE:
@@ -106,6 +122,7 @@ class Config:
         self.groups = groups or {}
         self.max_fids = max_fids
         self.max_inflight = max_inflight
+        self.max_held = max_held  # bytes one connection may keep: snapshots, entries, writes in flight
         self.users = users or Users()
 
 
@@ -125,8 +142,11 @@ class Session:
         self._tags: dict[int, int] = {}  # tag of a request in flight -> its token
         self._work: dict[int, int | None] = {}  # token -> tag (None: work that answers nothing)
         self._next_token = 0
+        self.held = 0  # bytes the fids keep between requests (snapshots, directory entries, gathered writes)
+        self._writing: dict[int, int] = {}  # token of a write in flight -> bytes it carries
+        self.writing = 0  # their sum
         self._out = Output()  # what the entry point now running collects
-        self._now = 0  # seconds since the epoch, as the shell last said
+        self._now = 0.0  # seconds since the epoch, as the shell last said
         h = M.MESSAGES
         self._handlers: dict[type[Message], Callable[[Any], Reply]] = {
             h["Tversion"]: self._version,
@@ -184,29 +204,32 @@ class Session:
         Stops early while saturated; ``more`` says the budget ran out first.
         """
         out = self._out = Output()
-        self._now = int(now)
+        self._now = now
         size = 0
+        tags, cap, framer = self._tags, self.config.max_inflight, self.framer
         try:
-            while not self.saturated:
+            while len(tags) < cap:
                 if size >= budget:
-                    out.more = self.framer.buffered() > 0
+                    out.more = framer.buffered() > 0
                     break
-                frame = self.framer.next_frame()
+                frame = framer.next_frame()
                 if frame is None:
                     break
                 try:
-                    reply = self._request(self.codec.decode(frame))
+                    reply = self._request(self.codec.decode(frame), len(frame))
                 except ProtocolError as e:
                     reply = self.protocol_error(e)
                     if reply is None:
                         raise
                 if reply is not None:
-                    data = self._frame(reply)
+                    try:
+                        data = self.codec.encode(reply)
+                    except ProtocolError:
+                        data = self._frame(reply)
                     out.send.append(data)
                     size += len(data)
         except ProtocolError as e:  # the stream cannot be resynchronised
             out.hangup = str(e)
-        self._out = Output()
         return out
 
     def finished(self, token: int, outcome: Message | BaseException | None) -> Output:
@@ -215,6 +238,7 @@ class Session:
         if token not in self._work:
             return out  # flushed, or cancelled by Tversion or the hang-up
         tag = self._work.pop(token)
+        self._unwrite(token)
         if tag is None:  # close work: nothing to answer
             if isinstance(outcome, BaseException):
                 log.error("9P close failed: %r", outcome)
@@ -234,37 +258,48 @@ class Session:
         Close work already started (at a Tversion) runs to its end.
         """
         out = Output(cancel=list(self._tags.values()))
-        for token in out.cancel:
-            del self._work[token]
-        self._tags.clear()
-        self.reset(orderly=False)
+        self._forget_in_flight()
+        self._reset(orderly=False)
         return out
 
     # ------------------------------------------------------------ requests, tags, flushes
-    def _request(self, msg: Message) -> Message | None:
-        """One decoded request: its reply now, or None when work was started for it."""
+    def _request(self, msg: Message, size: int) -> Message | None:
+        """One decoded request (of ``size`` bytes): its reply now, or None when work was started for it."""
         tag = msg.tag
         if tag in self._tags:
             return self.error(tag, P9Error("duplicate tag", E.EINVAL))  # as lib9p answers
-        if isinstance(msg, M.Tflush):
+        kind = type(msg)
+        if kind is M.Tflush:
             # flush(5): forget oldtag if it is in flight (its reply is never
             # sent) and answer Rflush in any case, never Rerror.
             token = self._tags.pop(msg.oldtag, None)
             if token is not None:
                 del self._work[token]
+                self._unwrite(token)
                 self._out.cancel.append(token)
             return M.Rflush(tag)
-        if isinstance(msg, M.Tversion):
+        if kind is M.Tversion:
             # version(5): all outstanding I/O is aborted, and no reply to it goes out.
             self._out.cancel.extend(self._tags.values())
-            for token in self._tags.values():
-                del self._work[token]
-            self._tags.clear()
+            self._forget_in_flight()
         reply = self.dispatch(msg)
         if isinstance(reply, Message):
             return reply
-        self._tags[tag] = self._start(reply, tag)
+        token = self._tags[tag] = self._start(reply, tag)
+        if kind is M.Twrite:  # its data is held until the write's callback is done
+            self._writing[token] = size
+            self.writing += size
         return None
+
+    def _forget_in_flight(self) -> None:
+        for token in self._tags.values():
+            del self._work[token]
+        self._tags.clear()
+        self._writing.clear()
+        self.writing = 0
+
+    def _unwrite(self, token: int) -> None:
+        self.writing -= self._writing.pop(token, 0)
 
     def _start(self, work: Work, tag: int | None) -> int:
         self._next_token += 1
@@ -318,13 +353,14 @@ class Session:
         code = E.EOPNOTSUPP if str(err).startswith("unknown message type") else E.EPROTO
         return self.error(err.tag, P9Error(f"bad message: {err}", code))
 
-    def reset(self, orderly: bool) -> None:
+    def _reset(self, orderly: bool) -> None:
         """Drop every fid (at Tversion or hang-up); an orderly reset starts their close work."""
         for fid in self.fids.values():
             aw = self._release(fid, orderly)
             if aw is not None:
                 self._start(_background(aw), None)
         self.fids.clear()
+        self.held = 0
         self.attached = False
 
     # ------------------------------------------------------------ helpers
@@ -366,6 +402,9 @@ class Session:
     def _release(self, fid: Fid, orderly: bool) -> Awaitable[None] | None:
         """Close what a fid holds; with ORCLOSE remove its file."""
         aw = None
+        self.held -= fid.held
+        fid.held = fid.dirents_size = 0
+        fid.dirents = None
         if fid.handle is not None:
             handle, fid.handle = fid.handle, None
             if orderly:
@@ -393,7 +432,7 @@ class Session:
 
     # ------------------------------------------------------------ session
     def _version(self, m: Any) -> Reply:
-        self.reset(orderly=True)
+        self._reset(orderly=True)
         self.negotiated = False
         if m.tag != P.NOTAG:
             log.debug("Tversion with tag %d instead of NOTAG", m.tag)
@@ -496,7 +535,7 @@ class Session:
             if mode & P.OTRUNC:
                 node.truncate(ctx, 0)
             fid.handle = node.open(ctx, mode)
-        fid.dirents = None
+        self._set_dirents(fid, None)
         fid.omode = mode
 
     def _open(self, m: Any) -> Reply:
@@ -584,8 +623,48 @@ class Session:
         assert fid.handle is not None
         data = fid.handle.read(m.offset, count)
         if isinstance(data, (bytes, bytearray)):
+            self._kept(fid)
             return M.Rread(m.tag, bytes(data[:count]))
-        return self._later(m.tag, data, lambda d: M.Rread(m.tag, bytes(d[:count])))
+
+        def done(d: bytes) -> Message:
+            self._kept(fid)
+            return M.Rread(m.tag, bytes(d[:count]))
+
+        return self._later(m.tag, data, done)
+
+    # ------------------------------------------------------------ what a connection holds
+    def too_much(self) -> P9Error:
+        return P9Error(f"too much held open on this connection (limit {self.config.max_held})", E.EMFILE)
+
+    def _recount(self, fid: Fid) -> int:
+        """Count again what ``fid`` holds; returns how much that grew.
+
+        A fid clunked while its callback ran was released already and
+        counts 0: its handle is gone from it.
+        """
+        now = (fid.handle.held() if fid.handle is not None else 0) + fid.dirents_size
+        grew = now - fid.held
+        fid.held = now
+        self.held += grew
+        return grew
+
+    def _kept(self, fid: Fid) -> None:
+        """After a read or a write: past the bound, refuse it and shed what a read can compute again."""
+        if fid.held == 0 and fid.handle is not None and fid.handle.held() == 0:
+            return  # the common case (ramfs, a snapshot already counted) in one test
+        if self._recount(fid) > 0 and self.held > self.config.max_held:
+            if fid.handle is not None:
+                fid.handle.shed()
+            self._recount(fid)
+            raise self.too_much()
+
+    def _set_dirents(self, fid: Fid, entries: list[bytes] | None) -> None:
+        fid.dirents = entries
+        fid.dirents_size = sum(map(len, entries)) if entries else 0
+        if self._recount(fid) > 0 and self.held > self.config.max_held:
+            fid.dirents, fid.dirents_size = None, 0
+            self._recount(fid)
+            raise self.too_much()
 
     def _entries(self, fid: Fid) -> list[Node]:
         node = fid.node
@@ -597,12 +676,13 @@ class Session:
             if offset != 0:
                 raise P9Error("bad offset in directory read", E.ESPIPE)
             dotu = self.codec.dotu
-            fid.dirents = [encode_stat(self._stat_of(n, fid.ctx), dotu) for n in self._entries(fid)]
+            self._set_dirents(fid, [encode_stat(self._stat_of(n, fid.ctx), dotu) for n in self._entries(fid)])
             fid.dir_index = fid.dir_offset = 0
         elif offset != fid.dir_offset:
             raise P9Error("bad offset in directory read", E.ESPIPE)
         out, size, i = [], 0, fid.dir_index
         ents = fid.dirents
+        assert ents is not None
         while i < len(ents) and size + len(ents[i]) <= count:
             out.append(ents[i])
             size += len(ents[i])
@@ -618,11 +698,12 @@ class Session:
         if not fid.node.is_dir:
             raise P9Error(P.ENOTDIR_MSG, E.ENOTDIR)
         if m.offset == 0 or fid.dirents is None:
-            fid.dirents = [
+            self._set_dirents(fid, [
                 encode_dirent(n.qid(), i + 1, P.DT_DIR if n.is_dir else P.DT_REG, n.name)
                 for i, n in enumerate(self._entries(fid))
-            ]
+            ])
         ents = fid.dirents
+        assert ents is not None
         count = min(m.count, self._iounit())
         out, size, i = [], 0, m.offset
         while i < len(ents) and size + len(ents[i]) <= count:
@@ -638,10 +719,18 @@ class Session:
         if fid.omode == _NOT_OPEN or fid.omode & 3 in (P.OREAD, P.OEXEC):
             raise ebadf("fid not open for writing")
         assert fid.handle is not None
+        if self.held + self.writing + len(m.data) > self.config.max_held:
+            raise self.too_much()
         n = fid.handle.write(m.offset, m.data)
         if isinstance(n, int):
+            self._recount(fid)
             return M.Rwrite(m.tag, n)
-        return self._later(m.tag, n, lambda k: M.Rwrite(m.tag, k))
+
+        def done(k: int) -> Message:
+            self._recount(fid)  # a write's reply is kept for reads on its fid, and counted
+            return M.Rwrite(m.tag, k)
+
+        return self._later(m.tag, n, done)
 
     # ------------------------------------------------------------ letting go
     def _clunk(self, m: Any) -> Reply:
@@ -764,7 +853,7 @@ class Session:
             node.truncate(ctx, m.size)
         if valid & P.SETATTR_MODE:
             node.chmod(ctx, m.mode)
-        now = self._now
+        now = int(self._now)
         if valid & P.SETATTR_MTIME:
             node.mtime = m.mtime_sec if valid & P.SETATTR_MTIME_SET else now
         if valid & P.SETATTR_ATIME:

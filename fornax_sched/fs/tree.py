@@ -69,6 +69,16 @@ class Handle:
     def close(self) -> None | Awaitable[None]:
         return None
 
+    def held(self) -> int:
+        """Bytes this open keeps between requests (a read snapshot, writes gathered for close).
+
+        The server counts them against its bound on what one connection holds.
+        """
+        return 0
+
+    def shed(self) -> None:
+        """Let go of what a read can compute again; the server calls it when keeping that would pass its bound."""
+
 
 class Node:
     """What files and directories share: name, owner, mode, qid."""
@@ -197,13 +207,20 @@ class File(Node):
 
 
 class _FileHandle(Handle):
-    __slots__ = ("node", "ctx", "snapshot", "written")
+    __slots__ = ("node", "ctx", "snapshot", "written", "gathered")
 
     def __init__(self, node: File, ctx: Ctx) -> None:
         self.node = node
         self.ctx = ctx
         self.snapshot: bytes | None = None
         self.written: list[bytes] | None = None
+        self.gathered = 0  # bytes in ``written``
+
+    def held(self) -> int:
+        return (len(self.snapshot) if self.snapshot is not None else 0) + self.gathered
+
+    def shed(self) -> None:
+        self.snapshot = None
 
     def read(self, offset: int, count: int) -> bytes | Awaitable[bytes]:
         if self.snapshot is None:
@@ -227,6 +244,7 @@ class _FileHandle(Handle):
             if self.written is None:
                 self.written = []
             self.written.append(bytes(data))
+            self.gathered += len(data)
             return len(data)
         if node.on_write is None:
             raise P9Error("file not open for writing", 9)
@@ -250,6 +268,7 @@ class _FileHandle(Handle):
         if self.node.on_close is not None and self.written is not None:
             data = b"".join(self.written)
             self.written = None
+            self.gathered = 0
             self.node.touch(self.ctx.user)
             return self.node.on_close(self.ctx, data)
         return None
@@ -285,6 +304,9 @@ class _DocumentHandle(_FileHandle):
         self.doc: list[bytes] = []
         self.size = 0
         self.due = False  # written and not yet submitted
+
+    def held(self) -> int:
+        return super().held() + self.size
 
     def write(self, offset: int, data: bytes) -> int | Awaitable[int]:
         node = self.node

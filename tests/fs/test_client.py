@@ -22,6 +22,7 @@ from fornax_sched.fs import proto as P
 from fornax_sched.fs.client import Client
 
 from ..conftest import ServerProc, start_ramfs, stop
+from .util import eventually
 
 TIMEOUT = 1.0
 SLACK = 2.0  # scheduling on a loaded machine; far below "for ever"
@@ -48,13 +49,6 @@ async def connected(server: ServerProc) -> tuple[Client, int]:
     fid = await c.walk("f")
     await c.open(fid)
     return c, fid
-
-
-async def eventually(check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def test_a_stopped_server_is_declared_dead_within_two_timeouts(ramfs: ServerProc) -> None:

@@ -16,7 +16,7 @@ from fornax_sched.fs.errors import P9Error
 from fornax_sched.fs.ramfs import RamFS
 from fornax_sched.fs.tree import Ctx, Dir, DynamicDir, File
 
-from .util import Raw, serving
+from .util import Raw, eventually, serving
 
 
 class Scheduler:
@@ -507,7 +507,8 @@ def test_client_reports_a_peer_that_goes_away() -> None:
             fid = await c.walk("blocking")
             await c.open(fid)
             pending = asyncio.ensure_future(c.read(fid, 0, 10))
-            await asyncio.sleep(0.05)
+            conn = next(iter(srv._connections))
+            await eventually(lambda: conn.session.in_flight == 1, what="the read in flight")
             await srv.close()
             with pytest.raises(ConnectionError, match="closed"):
                 await pending
@@ -543,11 +544,11 @@ def test_cancelled_request_is_flushed_and_its_tag_reused() -> None:
                 fid = await c.walk("blocking")
                 await c.open(fid)
                 task = asyncio.ensure_future(c.read(fid, 0, 10))
-                await asyncio.sleep(0.05)
-                task.cancel()
-                await asyncio.sleep(0.1)
                 conn = next(iter(srv._connections))
-                assert conn.session.in_flight == 0 and c._waiting == {}
+                await eventually(lambda: conn.session.in_flight == 1, what="the read in flight")
+                task.cancel()
+                await eventually(lambda: conn.session.in_flight == 0 and not c._flushing, what="flushed")
+                assert c._waiting == {}
                 tags = len(c._free_tags) + c._next_tag
                 for _ in range(50):
                     await c.stat_path("whoami")
