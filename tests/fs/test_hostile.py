@@ -18,7 +18,7 @@ from fornax_sched.fs.ramfs import RamFS
 from fornax_sched.fs.server import Server, _Connection
 
 from .test_server import Scheduler
-from .util import Raw, eventually, serving
+from .util import FakeClock, Raw, eventually, serving
 
 
 def run(coro: Any) -> Any:
@@ -124,7 +124,7 @@ def test_client_that_stops_reading_cannot_grow_the_server() -> None:
             frame = raw.codec.encode(M.Tread(2, 1, 0, 60000))
             # 20,000 reads of 60 KB would be 1.2 GB of replies; never read one.
             raw.writer.write(frame * 20000)
-            conn: _Connection = next(c for c in srv._connections if c.session.attached)
+            conn: _Connection = next(c for c in srv._connections if c.attached)
             await eventually(lambda: conn.read_paused, what="reading paused")
             assert conn.transport is not None
             buffered = conn.transport.get_write_buffer_size()
@@ -138,9 +138,11 @@ def test_client_that_stops_reading_cannot_grow_the_server() -> None:
 
 def test_connection_limit() -> None:
     async def main() -> None:
-        async with serving(Scheduler().tree(), max_connections=2) as srv:
+        clock = FakeClock()
+        async with serving(Scheduler().tree(), max_connections=2, clock=clock) as srv:
             a = await Client.connect(srv.addr)
             b = await Client.connect(srv.addr)
+            # Both were just used: neither may be closed for the newcomer, which is refused.
             try:
                 await Client.connect(srv.addr, timeout=2)
                 raise AssertionError("third connection accepted")
