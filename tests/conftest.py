@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +49,11 @@ class ServerProc:
     proc: subprocess.Popen[str]
 
 
-def spawn_serving(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], str]:
+def spawn_serving(cmd: list[str], what: str,
+                  preexec_fn: Callable[[], None] | None = None) -> tuple[subprocess.Popen[str], str]:
     """Start a daemon and wait for its first line, which must say where it is serving."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=preexec_fn)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "serving" not in line:
@@ -60,10 +62,10 @@ def spawn_serving(cmd: list[str], what: str) -> tuple[subprocess.Popen[str], str
     return proc, line
 
 
-def start_ramfs(*extra: str) -> ServerProc:
-    """Start ``fornax-sched 9p ramfs`` on a free loopback port."""
+def start_ramfs(*extra: str, preexec_fn: Callable[[], None] | None = None) -> ServerProc:
+    """Start ``fornax-sched 9p ramfs`` on a free loopback port (``preexec_fn``: set its limits, say)."""
     proc, line = spawn_serving(
-        [sys.executable, "-m", "fornax_sched", "9p", "ramfs", "tcp!127.0.0.1!0", *extra], "ramfs")
+        [sys.executable, "-m", "fornax_sched", "9p", "ramfs", "tcp!127.0.0.1!0", *extra], "ramfs", preexec_fn)
     addr = line.rsplit(" ", 1)[1].strip()
     _, host, port = addr.split("!")
     return ServerProc(addr, host, int(port), proc)

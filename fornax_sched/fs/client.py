@@ -1,8 +1,10 @@
 """An asyncio 9P client (9P2000, 9P2000.u, 9P2000.L) for mounting remote trees.
 
 Requests are multiplexed by tag, so many can be outstanding on one
-connection; each has a timeout after which it is flushed.  When the peer
-goes away every waiting request fails with ``ConnectionError`` naming it.
+connection; each has a timeout after which it is flushed, and a flush that
+is not answered within the timeout too means the peer is hung (stopped,
+partitioned): the connection is closed.  When the peer goes away every
+waiting request fails with ``ConnectionError`` naming it.
 
     c = await Client.connect("tcp!10.0.0.3!564")
     print((await c.read_file("cluster/self/name")).decode())
@@ -71,6 +73,7 @@ class Client:
         self._free_fids: list[int] = []
         self._next_fid = 1
         self._gone: Exception | None = None
+        self._flushing: set[asyncio.Task[bool]] = set()  # flushes still waiting for their Rflush
 
     # ------------------------------------------------------------ connecting
     @classmethod
@@ -152,6 +155,8 @@ class Client:
             self._transport.close()
             self._transport = None
         self._lost(None)
+        if self._flushing:  # they end at once: their futures have just failed
+            await asyncio.gather(*self._flushing, return_exceptions=True)
 
     async def __aenter__(self) -> Client:
         return self
@@ -185,6 +190,15 @@ class Client:
             if not fut.done():
                 fut.set_exception(self._gone)
 
+    def _die(self, why: str) -> None:
+        """Declare the peer dead: close the connection and fail everything waiting on it."""
+        if self._gone is None:
+            self._gone = ConnectionError(f"9P server {self.address} {why}: connection closed")
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        self._lost(None)
+
     def _tag(self) -> int:
         if self._free_tags:
             return self._free_tags.pop()
@@ -193,13 +207,27 @@ class Client:
         self._next_tag += 1
         return self._next_tag - 1
 
+    def _free(self, *tags: int) -> None:
+        if self._gone is None:
+            self._free_tags.extend(t for t in tags if t != P.NOTAG)
+
     async def rpc(self, msg: Message, timeout: float | None = None) -> Any:
-        """Send one request and wait for its reply; errors raise P9Error."""
+        """Send one request and wait for its reply; errors raise P9Error.
+
+        No call waits longer than its timeout plus, when it times out, the
+        client's timeout for the Tflush that follows: a peer that answers
+        neither is declared dead (see ``_flush``).
+        """
         if self._gone is not None or self._transport is None:
             raise self._gone or ConnectionError(f"9P connection to {self.address} is closed")
         versioning = isinstance(msg, M.Tversion)
         tag = P.NOTAG if versioning else self._tag()
         msg.tag = tag
+        try:
+            data = self.codec.encode(msg)
+        except BaseException:
+            self._free(tag)
+            raise
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Message] = loop.create_future()
         self._waiting[tag] = fut
@@ -207,19 +235,34 @@ class Client:
         # One timer per request (cheaper than wait_for + shield on the hot path).
         timer = loop.call_later(wait, _expire, fut)
         try:
-            self._transport.write(self.codec.encode(msg))
+            self._transport.write(data)
             reply = await fut
         except TimeoutError:
-            await self._flush(tag)
-            raise TimeoutError(f"9P {type(msg).__name__} to {self.address} timed out after {wait:g}s") from None
+            late = f"9P {type(msg).__name__} to {self.address} timed out after {wait:g}s"
+            self._waiting.pop(tag, None)
+            if versioning:  # NOTAG cannot be flushed
+                self._die(f"did not answer Tversion within {wait:g}s")
+                raise TimeoutError(f"{late}; connection closed") from None
+            # The flush runs as its own task, so that cancelling this caller
+            # while it waits for Rflush leaves a flush that is still bounded.
+            if not await asyncio.shield(self._start_flush(tag)):
+                raise TimeoutError(f"{late}; {self._gone}") from None
+            raise TimeoutError(late) from None
         except asyncio.CancelledError:
-            if self._waiting.get(tag) is fut:
-                asyncio.ensure_future(self._flush(tag, free=not versioning))
+            if self._waiting.get(tag) is fut:  # still the server's: flush it, in the background
+                del self._waiting[tag]
+                if not versioning:
+                    self._start_flush(tag)
+            elif fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._free(tag)  # answered just before the cancel
             raise
+        except BaseException:
+            self._waiting.pop(tag, None)
+            raise
+        else:
+            self._free(tag)
         finally:
             timer.cancel()
-            if not versioning and tag not in self._waiting:
-                self._free_tags.append(tag)
         if isinstance(reply, M.Rerror):
             raise P9Error(reply.ename, reply.errno or P.ERRNO_OF_MESSAGE.get(reply.ename, E.EIO))
         if isinstance(reply, M.Rlerror):
@@ -228,16 +271,46 @@ class Client:
             raise P9Error(f"server answered {type(msg).__name__} with {type(reply).__name__}", E.EPROTO)
         return reply
 
-    async def _flush(self, oldtag: int, free: bool = False) -> None:
-        """Ask the server to forget ``oldtag``; the tag may be reused once Rflush is back."""
+    def _start_flush(self, oldtag: int) -> asyncio.Task[bool]:
+        task = asyncio.get_running_loop().create_task(self._flush(oldtag))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+        return task
+
+    async def _flush(self, oldtag: int) -> bool:
+        """Ask the server to forget ``oldtag``, waiting at most the client's timeout.
+
+        True once Rflush is back, and only then are ``oldtag`` and the
+        flush's own tag free again.  A Tflush is never flushed: without an
+        Rflush in time the peer is declared dead (False), so no tag whose
+        fate is unknown is ever reused.
+        """
+        if self._gone is not None or self._transport is None:
+            return False
         try:
-            await self.rpc(M.Tflush(0, oldtag), timeout=self.timeout)
-        except (P9Error, ConnectionError, TimeoutError):
-            pass
+            tag = self._tag()
+        except P9Error:
+            self._die("left no tag free for a Tflush")
+            return False
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
+        self._waiting[tag] = fut
+        timer = loop.call_later(self.timeout, _expire, fut)
+        try:
+            self._transport.write(self.codec.encode(M.Tflush(tag, oldtag)))
+            reply = await fut
+        except TimeoutError:
+            self._die(f"did not answer a Tflush within {self.timeout:g}s")
+            return False
+        except ConnectionError:
+            return False
         finally:
-            self._waiting.pop(oldtag, None)
-            if free:
-                self._free_tags.append(oldtag)
+            timer.cancel()
+        if not isinstance(reply, M.Rflush):  # flush(5): a Tflush is answered by Rflush alone
+            self._die(f"answered Tflush with {type(reply).__name__}")
+            return False
+        self._free(tag, oldtag)
+        return True
 
     # ------------------------------------------------------------ fids
     def _fid(self) -> int:

@@ -1,11 +1,17 @@
-"""A 9P2000 / 9P2000.u / 9P2000.L file server for synthetic trees.
+"""The asyncio shell around ``Session``: a 9P2000 / 9P2000.u / 9P2000.L server.
 
-Two layers, after h11: ``Session`` is the state of one connection (dialect,
-msize, fids) and turns a decoded request into a reply, or into a coroutine
-that will produce one when a file's callback waits; it touches no socket.
-``_Connection`` is the asyncio shell around it: framing, replies out of
-order, Tflush, limits and back-pressure.  ``Server`` accepts connections on
-TCP and Unix sockets.
+``Session`` (fs/session.py) is the protocol, with no I/O.  ``_Connection``
+only moves bytes: what the socket gives goes to the session, the frames it
+answers go to the socket, the coroutines it asks for run as tasks (and are
+cancelled when it says so), and reading pauses while the peer does not
+read its replies or the session has as many requests in flight as it takes.
+
+``Server`` accepts connections on TCP and Unix sockets and keeps their
+number below the process's file limit without locking anyone out: at the
+cap the connection idle longest (one that never attached first) makes room
+for the newcomer, and a connection that does not attach within the
+handshake deadline is closed.  Every time it reads comes from one injected
+clock, so all of that is testable without waiting.
 """
 
 from __future__ import annotations
@@ -17,29 +23,28 @@ import grp
 import logging
 import os
 import pwd
+import resource
+import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Protocol, TypeVar
 
-from . import codec as M
 from . import proto as P
-from .codec import CODECS, Codec, Framer, Message, ProtocolError, Stat, encode_dirent, encode_stat
+from .codec import Message
 from .dial import Address, parse
-from .errors import P9Error, eacces, ebadf, einval, enoent, eopnotsupp, eperm
-from .tree import Ctx, Dir, Handle, Node
+from .session import BATCH, Attach, Config, Fid, Output, Session, Users
+from .tree import Dir
+
+__all__ = ["Config", "Fid", "Listener", "Output", "Server", "Session", "Users", "default_max_connections",
+           "evictee", "system_users"]
 
 log = logging.getLogger("fornax_sched.fs.server")
 
-Reply = Message | Coroutine[Any, Any, Message]
-Attach = Callable[[Ctx, str], Dir]
-
-_NOT_OPEN = -1
-_NEED = {P.OREAD: 4, P.OWRITE: 2, P.ORDWR: 6, P.OEXEC: 1}
-
 
 @lru_cache(maxsize=1024)
-def user_id(name: str) -> int:
+def _user_id(name: str) -> int:
     try:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
@@ -47,648 +52,91 @@ def user_id(name: str) -> int:
 
 
 @lru_cache(maxsize=1024)
-def group_id(name: str) -> int:
+def _group_id(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        return user_id(name)
+        return _user_id(name)
 
 
 @lru_cache(maxsize=1024)
-def user_name(uid: int) -> str:
+def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
 
 
-class Fid:
-    __slots__ = ("node", "ctx", "handle", "omode", "dirents", "dir_index", "dir_offset")
-
-    def __init__(self, node: Node, ctx: Ctx) -> None:
-        self.node = node
-        self.ctx = ctx
-        self.handle: Handle | None = None
-        self.omode = _NOT_OPEN
-        self.dirents: list[bytes] | None = None
-        self.dir_index = 0
-        self.dir_offset = 0
+def system_users() -> Users:
+    """Names and ids from this machine's password and group files (cached)."""
+    return Users(uid=_user_id, gid=_group_id, name=_user_name)
 
 
-class Config:
-    """What every session of one server shares."""
+def default_max_connections() -> int:
+    """The soft RLIMIT_NOFILE less a reserve (an eighth, at least 64) for the process's other files.
 
-    def __init__(
-        self,
-        attach: Attach,
-        *,
-        msize: int = P.DEFAULT_MSIZE,
-        dialects: tuple[str, ...] = P.DIALECTS,
-        groups: dict[str, frozenset[str]] | None = None,
-        max_fids: int = 16384,
-    ) -> None:
-        if msize < P.MIN_MSIZE:
-            raise ValueError(f"msize {msize} below {P.MIN_MSIZE}")
-        self.attach = attach
-        self.msize = msize
-        self.dialects = dialects
-        self.groups = groups or {}
-        self.max_fids = max_fids
+    At the limit itself accept() would fail, and so would everything else
+    the process opens (its store, its logs, a container's pipes).
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    return max(1, soft - max(64, soft // 8))
 
 
-class Session:
-    """The protocol state of one connection, with no I/O."""
+class Idle(Protocol):
+    """What eviction looks at in a connection."""
 
-    def __init__(self, config: Config, conn_id: int = 0) -> None:
-        self.config = config
-        self.conn_id = conn_id
-        self.codec: Codec = CODECS[P.VERSION_9P]
-        self.msize = config.msize
-        self.negotiated = False
-        self.fids: dict[int, Fid] = {}
-        h = M.MESSAGES
-        self._handlers: dict[type[Message], Callable[[Any], Reply]] = {
-            h["Tversion"]: self._version,
-            h["Tauth"]: self._auth,
-            h["Tattach"]: self._attach,
-            h["Twalk"]: self._walk,
-            h["Topen"]: self._open,
-            h["Tlopen"]: self._lopen,
-            h["Tcreate"]: self._create,
-            h["Tlcreate"]: self._lcreate,
-            h["Tmkdir"]: self._mkdir,
-            h["Tread"]: self._read,
-            h["Treaddir"]: self._readdir,
-            h["Twrite"]: self._write,
-            h["Tclunk"]: self._clunk,
-            h["Tremove"]: self._remove,
-            h["Tunlinkat"]: self._unlinkat,
-            h["Tstat"]: self._stat,
-            h["Twstat"]: self._wstat,
-            h["Tgetattr"]: self._getattr,
-            h["Tsetattr"]: self._setattr,
-            h["Tstatfs"]: self._statfs,
-            h["Tfsync"]: lambda m: M.Rfsync(m.tag),
-            h["Trename"]: self._rename,
-            h["Trenameat"]: self._renameat,
-            h["Txattrwalk"]: self._unsupported("extended attributes"),
-            h["Txattrcreate"]: self._unsupported("extended attributes"),
-            h["Tlock"]: self._unsupported("locks"),
-            h["Tgetlock"]: self._unsupported("locks"),
-            h["Tlink"]: self._unsupported("hard links"),
-            h["Tsymlink"]: self._unsupported("symbolic links"),
-            h["Tmknod"]: self._unsupported("device files"),
-            h["Treadlink"]: self._readlink,
-        }
+    @property
+    def busy(self) -> bool: ...  # a request is in flight
 
-    # ------------------------------------------------------------ entry points
-    def decode(self, frame: bytes) -> Message:
-        """Decode a frame; ProtocolError carries the tag when there is one."""
-        return self.codec.decode(frame)
-
-    def encode(self, msg: Message) -> bytes:
-        return self.codec.encode(msg)
-
-    def dispatch(self, msg: Message) -> Reply:
-        """Answer one request: a reply now, or a coroutine that makes it later."""
-        if not self.negotiated and not isinstance(msg, M.Tversion):
-            return self.error(msg.tag, P9Error("version not negotiated: send Tversion first", E.EPROTO))
-        handler = self._handlers.get(type(msg))
-        if handler is None:
-            return self.error(msg.tag, einval(f"unexpected message {type(msg).__name__}"))
-        try:
-            return handler(msg)
-        except P9Error as e:
-            return self.error(msg.tag, e)
-        except Exception:  # a bug in a tree callback must not take the connection down
-            log.exception("9P %s failed", type(msg).__name__)
-            return self.error(msg.tag, P9Error(P.EIO_MSG, E.EIO))
-
-    def error(self, tag: int, err: P9Error) -> Message:
-        if self.codec.dotl:
-            return M.Rlerror(tag, err.errno)
-        return M.Rerror(tag, err.message[:1024], err.errno)
-
-    def protocol_error(self, err: ProtocolError) -> Message | None:
-        """The reply to an undecodable message, if it had a readable tag."""
-        if err.tag is None:
-            return None
-        code = E.EOPNOTSUPP if str(err).startswith("unknown message type") else E.EPROTO
-        return self.error(err.tag, P9Error(f"bad message: {err}", code))
-
-    def reset(self, orderly: bool) -> list[Awaitable[None]]:
-        """Drop every fid (at Tversion or hang-up); returns close work still running."""
-        pending: list[Awaitable[None]] = []
-        for fid in self.fids.values():
-            aw = self._release(fid, orderly)
-            if aw is not None:
-                pending.append(aw)
-        self.fids.clear()
-        return pending
-
-    # ------------------------------------------------------------ helpers
-    def _fid(self, n: int) -> Fid:
-        fid = self.fids.get(n)
-        if fid is None:
-            raise ebadf()
-        return fid
-
-    def _new_fid(self, n: int) -> None:
-        if n in self.fids:
-            raise ebadf("fid already in use")
-        if n == P.NOFID:
-            raise ebadf("NOFID is not a usable fid")
-        if len(self.fids) >= self.config.max_fids:
-            raise P9Error(f"too many fids (limit {self.config.max_fids})", E.EMFILE)
-
-    def _iounit(self) -> int:
-        return self.msize - P.IOHDRSZ
-
-    def _later(self, tag: int, pending: Awaitable[Any], make: Callable[[Any], Message]) -> Reply:
-        async def finish() -> Message:
-            try:
-                return make(await pending)
-            except P9Error as e:
-                return self.error(tag, e)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("9P callback failed")
-                return self.error(tag, P9Error(P.EIO_MSG, E.EIO))
-
-        return finish()
-
-    def _unsupported(self, what: str) -> Callable[[Any], Reply]:
-        def refuse(m: Message) -> Reply:
-            raise eopnotsupp(what)
-
-        return refuse
-
-    def _release(self, fid: Fid, orderly: bool) -> Awaitable[None] | None:
-        """Close what a fid holds; with ORCLOSE remove its file."""
-        aw = None
-        if fid.handle is not None:
-            handle, fid.handle = fid.handle, None
-            if orderly:
-                aw = handle.close()
-        if fid.omode != _NOT_OPEN and fid.omode & P.ORCLOSE:
-            parent = fid.node.parent
-            if parent is not None:
-                try:
-                    parent.remove(fid.ctx, fid.node)
-                except P9Error as e:
-                    log.info("remove-on-close of %s refused: %s", fid.node.name, e)
-        fid.omode = _NOT_OPEN
-        return aw
-
-    def _stat_of(self, node: Node, ctx: Ctx) -> Stat:
-        st = node.stat(ctx)
-        if self.codec.dotu:
-            st.n_uid, st.n_gid, st.n_muid = user_id(st.uid), group_id(st.gid), user_id(st.muid)
-        return st
-
-    @staticmethod
-    def _check_name(name: str) -> None:
-        if not name or "/" in name or name in (".", "..") or "\0" in name:
-            raise P9Error("illegal name", E.EINVAL)
-
-    # ------------------------------------------------------------ session
-    def _version(self, m: Any) -> Reply:
-        self.reset(orderly=True)
-        self.negotiated = False
-        if m.tag != P.NOTAG:
-            log.debug("Tversion with tag %d instead of NOTAG", m.tag)
-        msize = min(m.msize, self.config.msize)
-        version = m.version
-        for d in (P.VERSION_9PL, P.VERSION_9PU):
-            if version == d and d in self.config.dialects:
-                break
-        else:
-            version = P.VERSION_9P if version.startswith("9P2000") else "unknown"
-            if version not in self.config.dialects:
-                version = "unknown"
-        if version == "unknown" or msize < P.MIN_MSIZE:
-            return M.Rversion(m.tag, msize, "unknown")
-        self.msize = msize
-        reply = M.Rversion(m.tag, msize, version)
-        self.codec = CODECS[version]
-        self.negotiated = True
-        return reply
-
-    def _auth(self, m: Any) -> Reply:
-        # ENOENT is how 9P2000.L servers (diod) say "no auth needed"; its
-        # clients go on to attach only on that errno.
-        raise P9Error("authentication not required", E.ENOENT)
-
-    def _attach(self, m: Any) -> Reply:
-        if m.afid != P.NOFID:
-            raise P9Error("authentication not required: attach with afid NOFID", E.EINVAL)
-        self._new_fid(m.fid)
-        if m.n_uname != P.NONUNAME and self.codec.dialect != P.VERSION_9P:
-            user = user_name(m.n_uname)
-        else:
-            user = m.uname or "none"
-        ctx = Ctx(user, self.config.groups, self.conn_id, self._iounit())
-        root = self.config.attach(ctx, m.aname)
-        self.fids[m.fid] = Fid(root, ctx)
-        return M.Rattach(m.tag, root.qid())
-
-    # ------------------------------------------------------------ walking
-    def _walk(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        # 9P2000 forbids walking an open fid; 9P2000.L peers (diodls -l) walk
-        # from an open directory to a new fid, as diod allows.
-        if fid.omode != _NOT_OPEN and (m.newfid == m.fid or not self.codec.dotl):
-            raise ebadf("cannot walk an open fid")
-        if m.newfid != m.fid:
-            self._new_fid(m.newfid)
-        if len(m.wnames) > P.MAXWELEM:
-            raise einval(f"walk of more than {P.MAXWELEM} names")
-        node = fid.node
-        ctx = fid.ctx
-        qids = []
-        for i, name in enumerate(m.wnames):
-            nxt: Node | None
-            try:
-                if not isinstance(node, Dir):
-                    raise P9Error(P.ENOTDIR_MSG, E.ENOTDIR)
-                if not node.allows(ctx, 1):
-                    raise eacces()
-                if name == "..":
-                    nxt = node.parent or node
-                elif name == ".":
-                    nxt = node
-                elif not name or "/" in name:
-                    raise enoent()
-                else:
-                    nxt = node.lookup(ctx, name)
-                    if nxt is None:
-                        raise enoent()
-            except P9Error:
-                if i == 0:
-                    raise
-                break
-            qids.append(nxt.qid())
-            node = nxt
-        if len(qids) == len(m.wnames):
-            if m.newfid == m.fid:
-                fid.node = node
-            else:
-                self.fids[m.newfid] = Fid(node, ctx)
-        return M.Rwalk(m.tag, tuple(qids))
-
-    # ------------------------------------------------------------ opening
-    def _open_fid(self, fid: Fid, mode: int) -> None:
-        if fid.omode != _NOT_OPEN:
-            raise ebadf("fid already open")
-        node = fid.node
-        ctx = fid.ctx
-        acc = mode & 3
-        need = _NEED[acc] | (2 if mode & P.OTRUNC else 0)
-        if node.is_dir and (acc not in (P.OREAD, P.OEXEC) or mode & P.OTRUNC):
-            raise P9Error(P.EISDIR_MSG, E.EISDIR)
-        if not node.allows(ctx, need):
-            raise node.refusal(ctx, need)
-        if mode & P.ORCLOSE and (node.parent is None or not node.parent.allows(ctx, 2)):
-            raise eacces()
-        if not node.is_dir:
-            if mode & P.OTRUNC:
-                node.truncate(ctx, 0)
-            fid.handle = node.open(ctx, mode)
-        fid.dirents = None
-        fid.omode = mode
-
-    def _open(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        self._open_fid(fid, m.mode & (3 | P.OTRUNC | P.ORCLOSE))
-        return M.Ropen(m.tag, fid.node.qid(), self._iounit())
-
-    @staticmethod
-    def _plan9_mode(flags: int) -> int:
-        mode = flags & P.L_O_ACCMODE
-        if mode == 3:
-            raise einval("bad open mode")
-        if flags & P.L_O_TRUNC:
-            mode |= P.OTRUNC
-        return mode
-
-    def _lopen(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        self._open_fid(fid, self._plan9_mode(m.flags))
-        return M.Rlopen(m.tag, fid.node.qid(), self._iounit())
-
-    def _dir_for_create(self, fid: Fid, name: str) -> Dir:
-        node = fid.node
-        if not isinstance(node, Dir):
-            raise P9Error("create in non-directory", E.ENOTDIR)
-        if fid.omode != _NOT_OPEN:
-            raise ebadf("fid already open")
-        self._check_name(name)
-        if not node.allows(fid.ctx, 2):
-            raise eacces()
-        return node
-
-    def _create(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        parent = self._dir_for_create(fid, m.name)
-        if m.perm & P.DMSPECIAL:
-            raise eopnotsupp("special files")
-        if m.perm & P.DMDIR:
-            if m.mode & 3 != P.OREAD or m.mode & P.OTRUNC:
-                raise einval("directories are created for reading only")
-            perm = P.DMDIR | (m.perm & (~0o777 | (parent.mode & 0o777)) & 0o777)
-        else:
-            perm = m.perm & (~0o666 | (parent.mode & 0o666)) & 0o777
-        node = parent.create(fid.ctx, m.name, perm)
-        fid.node = node
-        self._open_fid_created(fid, m.mode & (3 | P.OTRUNC | P.ORCLOSE))
-        return M.Rcreate(m.tag, node.qid(), self._iounit())
-
-    def _open_fid_created(self, fid: Fid, mode: int) -> None:
-        # The creator may open what it made whatever the new file's mode says.
-        node = fid.node
-        if not node.is_dir:
-            fid.handle = node.open(fid.ctx, mode)
-        fid.omode = mode
-
-    def _lcreate(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        parent = self._dir_for_create(fid, m.name)
-        mode = self._plan9_mode(m.flags)
-        node = parent.create(fid.ctx, m.name, m.mode & 0o777)
-        fid.node = node
-        self._open_fid_created(fid, mode)
-        return M.Rlcreate(m.tag, node.qid(), self._iounit())
-
-    def _mkdir(self, m: Any) -> Reply:
-        dfid = self._fid(m.dfid)
-        parent = self._dir_for_create(dfid, m.name)
-        node = parent.create(dfid.ctx, m.name, P.DMDIR | (m.mode & 0o777))
-        return M.Rmkdir(m.tag, node.qid())
-
-    # ------------------------------------------------------------ reading and writing
-    def _readable(self, m: Any) -> Fid:
-        fid = self._fid(m.fid)
-        if fid.omode == _NOT_OPEN or fid.omode & 3 == P.OWRITE:
-            raise ebadf("fid not open for reading")
-        return fid
-
-    def _read(self, m: Any) -> Reply:
-        fid = self._readable(m)
-        count = min(m.count, self._iounit())
-        if fid.node.is_dir:
-            if self.codec.dotl:
-                raise P9Error(P.EISDIR_MSG, E.EISDIR)
-            return M.Rread(m.tag, self._dirread(fid, m.offset, count))
-        assert fid.handle is not None
-        data = fid.handle.read(m.offset, count)
-        if isinstance(data, (bytes, bytearray)):
-            return M.Rread(m.tag, bytes(data[:count]))
-        return self._later(m.tag, data, lambda d: M.Rread(m.tag, bytes(d[:count])))
-
-    def _entries(self, fid: Fid) -> list[Node]:
-        node = fid.node
-        assert isinstance(node, Dir)
-        return node.list(fid.ctx)
-
-    def _dirread(self, fid: Fid, offset: int, count: int) -> bytes:
-        if offset == 0 or fid.dirents is None:
-            if offset != 0:
-                raise P9Error("bad offset in directory read", E.ESPIPE)
-            dotu = self.codec.dotu
-            fid.dirents = [encode_stat(self._stat_of(n, fid.ctx), dotu) for n in self._entries(fid)]
-            fid.dir_index = fid.dir_offset = 0
-        elif offset != fid.dir_offset:
-            raise P9Error("bad offset in directory read", E.ESPIPE)
-        out, size, i = [], 0, fid.dir_index
-        ents = fid.dirents
-        while i < len(ents) and size + len(ents[i]) <= count:
-            out.append(ents[i])
-            size += len(ents[i])
-            i += 1
-        # A count too small for the next entry gets an empty read (as lib9p
-        # answers); Linux asks for what is left of its buffer, then reads on.
-        fid.dir_index = i
-        fid.dir_offset += size
-        return b"".join(out)
-
-    def _readdir(self, m: Any) -> Reply:
-        fid = self._readable(m)
-        if not fid.node.is_dir:
-            raise P9Error(P.ENOTDIR_MSG, E.ENOTDIR)
-        if m.offset == 0 or fid.dirents is None:
-            fid.dirents = [
-                encode_dirent(n.qid(), i + 1, P.DT_DIR if n.is_dir else P.DT_REG, n.name)
-                for i, n in enumerate(self._entries(fid))
-            ]
-        ents = fid.dirents
-        count = min(m.count, self._iounit())
-        out, size, i = [], 0, m.offset
-        while i < len(ents) and size + len(ents[i]) <= count:
-            out.append(ents[i])
-            size += len(ents[i])
-            i += 1
-        if not out and i < len(ents):
-            raise einval("readdir count too small for an entry")
-        return M.Rreaddir(m.tag, b"".join(out))
-
-    def _write(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        if fid.omode == _NOT_OPEN or fid.omode & 3 in (P.OREAD, P.OEXEC):
-            raise ebadf("fid not open for writing")
-        assert fid.handle is not None
-        n = fid.handle.write(m.offset, m.data)
-        if isinstance(n, int):
-            return M.Rwrite(m.tag, n)
-        return self._later(m.tag, n, lambda k: M.Rwrite(m.tag, k))
-
-    # ------------------------------------------------------------ letting go
-    def _clunk(self, m: Any) -> Reply:
-        fid = self.fids.pop(m.fid, None)
-        if fid is None:
-            raise ebadf()
-        aw = self._release(fid, orderly=True)
-        if aw is None:
-            return M.Rclunk(m.tag)
-        return self._later(m.tag, aw, lambda _: M.Rclunk(m.tag))
-
-    def _remove_node(self, ctx: Ctx, node: Node) -> None:
-        parent = node.parent
-        if parent is None or parent is node:
-            raise eperm("cannot remove root")  # a table string
-        if not parent.allows(ctx, 2):
-            raise eacces()
-        parent.remove(ctx, node)
-
-    def _remove(self, m: Any) -> Reply:
-        fid = self.fids.pop(m.fid, None)
-        if fid is None:
-            raise ebadf()
-        if fid.omode != _NOT_OPEN:
-            fid.omode &= ~P.ORCLOSE  # removed below, once, with its error reported
-        self._release(fid, orderly=False)
-        self._remove_node(fid.ctx, fid.node)
-        return M.Rremove(m.tag)
-
-    def _unlinkat(self, m: Any) -> Reply:
-        dfid = self._fid(m.dirfid)
-        parent = dfid.node
-        if not isinstance(parent, Dir):
-            raise P9Error(P.ENOTDIR_MSG, E.ENOTDIR)
-        node = parent.lookup(dfid.ctx, m.name)
-        if node is None:
-            raise enoent()
-        if m.flags & P.AT_REMOVEDIR and not node.is_dir:
-            raise P9Error(P.ENOTDIR_MSG, E.ENOTDIR)
-        if not m.flags & P.AT_REMOVEDIR and node.is_dir:
-            raise P9Error(P.EISDIR_MSG, E.EISDIR)
-        self._remove_node(dfid.ctx, node)
-        return M.Runlinkat(m.tag)
-
-    # ------------------------------------------------------------ metadata
-    def _stat(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        return M.Rstat(m.tag, self._stat_of(fid.node, fid.ctx))
-
-    def _owner(self, ctx: Ctx, node: Node) -> bool:
-        return ctx.user == node.uid
-
-    def _wstat(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        node, ctx, st = fid.node, fid.ctx, m.stat
-        changes: list[Callable[[], None]] = []
-        if (st.uid and st.uid != node.uid) or st.n_uid not in (P.NONUNAME, user_id(node.uid)):
-            raise eperm("wstat prohibited")  # owners do not change
-        if st.n_gid not in (P.NONUNAME, group_id(node.gid)):
-            raise eperm("wstat prohibited")
-        if st.gid and st.gid != node.gid:
-            if not self._owner(ctx, node) or not ctx.member(st.gid):
-                raise eperm("not a member of proposed group")
-            changes.append(lambda: setattr(node, "gid", st.gid))
-        if st.mode != P.NOCHANGE_32:
-            if bool(st.mode & P.DMDIR) != node.is_dir:
-                raise eperm("wstat can't convert between files and directories")
-            if not self._owner(ctx, node):
-                raise eperm()  # chmod(2) by a non-owner: EPERM
-            changes.append(lambda: node.chmod(ctx, st.mode))
-        if st.mtime != P.NOCHANGE_32:
-            if not (self._owner(ctx, node) or node.allows(ctx, 2)):
-                raise eacces()
-            changes.append(lambda: setattr(node, "mtime", st.mtime))
-        if st.length != P.NOCHANGE_64:
-            if node.is_dir:
-                raise P9Error(P.EISDIR_MSG, E.EISDIR)
-            if not node.allows(ctx, 2):
-                raise eacces()
-            changes.append(lambda: node.truncate(ctx, st.length))
-        if st.name and st.name != node.name:
-            self._check_name(st.name)
-            parent = node.parent
-            if parent is None or not parent.allows(ctx, 2):
-                raise eacces()
-            changes.append(lambda: parent.rename(ctx, node, st.name))
-        for change in changes:
-            change()
-        return M.Rwstat(m.tag)
-
-    def _getattr(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        node = fid.node
-        size = node.length(fid.ctx)
-        kind = P.S_IFDIR if node.is_dir else P.S_IFREG
-        return M.Rgetattr(
-            m.tag, P.GETATTR_BASIC, node.qid(), kind | (node.mode & 0o777),
-            user_id(node.uid), group_id(node.gid), 2 if node.is_dir else 1, 0, size, 4096,
-            (size + 511) // 512, node.atime, 0, node.mtime, 0, node.mtime, 0, 0, 0, 0, 0,
-        )
-
-    def _setattr(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        node, ctx, valid = fid.node, fid.ctx, m.valid
-        if valid & P.SETATTR_UID and m.uid != user_id(node.uid):
-            raise eperm()  # owners do not change
-        if valid & P.SETATTR_GID and m.gid != group_id(node.gid):
-            raise eperm()
-        if valid & P.SETATTR_MODE and not self._owner(ctx, node):
-            raise eperm()
-        if valid & (P.SETATTR_ATIME | P.SETATTR_MTIME) and not (
-            self._owner(ctx, node) or node.allows(ctx, 2)
-        ):
-            raise eacces()
-        if valid & P.SETATTR_SIZE:
-            if node.is_dir:
-                raise P9Error(P.EISDIR_MSG, E.EISDIR)
-            if not node.allows(ctx, 2):
-                raise eacces()
-            node.truncate(ctx, m.size)
-        if valid & P.SETATTR_MODE:
-            node.chmod(ctx, m.mode)
-        now = int(time.time())
-        if valid & P.SETATTR_MTIME:
-            node.mtime = m.mtime_sec if valid & P.SETATTR_MTIME_SET else now
-        if valid & P.SETATTR_ATIME:
-            node.atime = m.atime_sec if valid & P.SETATTR_ATIME_SET else now
-        return M.Rsetattr(m.tag)
-
-    def _statfs(self, m: Any) -> Reply:
-        self._fid(m.fid)
-        return M.Rstatfs(m.tag, P.STATFS_MAGIC_V9FS, 4096, 0, 0, 0, 0, 0, 0, 255)
-
-    def _rename_in(self, ctx: Ctx, olddir: Node, newdir: Node, node: Node, name: str) -> None:
-        """9P2000.L renames (rename, renameat) follow rename(2): the target is replaced."""
-        if olddir is not newdir:
-            raise P9Error("cross-directory rename not supported", E.EXDEV)
-        if not isinstance(olddir, Dir):
-            raise P9Error(P.ENOTDIR_MSG, E.ENOTDIR)
-        self._check_name(name)
-        if not olddir.allows(ctx, 2):
-            raise eacces()
-        olddir.rename(ctx, node, name, replace=True)
-
-    def _rename(self, m: Any) -> Reply:
-        fid = self._fid(m.fid)
-        dfid = self._fid(m.dfid)
-        parent = fid.node.parent
-        if parent is None:
-            raise eperm()
-        self._rename_in(fid.ctx, parent, dfid.node, fid.node, m.name)
-        return M.Rrename(m.tag)
-
-    def _renameat(self, m: Any) -> Reply:
-        old = self._fid(m.olddirfid)
-        new = self._fid(m.newdirfid)
-        if not isinstance(old.node, Dir):
-            raise P9Error(P.ENOTDIR_MSG, E.ENOTDIR)
-        node = old.node.lookup(old.ctx, m.oldname)
-        if node is None:
-            raise enoent()
-        self._rename_in(old.ctx, old.node, new.node, node, m.newname)
-        return M.Rrenameat(m.tag)
-
-    def _readlink(self, m: Any) -> Reply:
-        self._fid(m.fid)
-        raise einval("not a symbolic link")
+    @property
+    def idle_since(self) -> float: ...
 
 
-# ---------------------------------------------------------------- the asyncio shell
+C = TypeVar("C", bound=Idle)
+
+
+def evictee(groups: Iterable[Iterable[C]], now: float, idle_minimum: float) -> C | None:
+    """The connection to close so that a newcomer at the cap gets in, or None.
+
+    ``groups`` come in order of preference (never attached first), each in
+    order of ``idle_since``: the first connection of a group with nothing
+    in flight is its longest idle, and it is taken if it has been idle for
+    ``idle_minimum``.  Connections busy with requests are never taken.
+    """
+    for group in groups:
+        for conn in group:
+            if conn.busy:
+                continue
+            if now - conn.idle_since >= idle_minimum:
+                return conn
+            break  # the rest of this group has been idle for less
+    return None
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: frames in, replies out, in whatever order they finish."""
+    """One client connection: bytes to the session, its frames to the socket, its work as tasks."""
 
     HIGH_WATER = 1 << 20
-    BATCH = 1 << 16
+    BATCH = BATCH
 
-    def __init__(self, server: Server, conn_id: int) -> None:
+    def __init__(self, server: Server, conn_id: int, now: float) -> None:
         self.server = server
         self.session = Session(server.config, conn_id)
-        self.framer = Framer(server.config.msize)
-        self.inflight: dict[int, asyncio.Task[Message]] = {}
+        self.tasks: dict[int, asyncio.Task[Message | None]] = {}
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self.read_paused = False
         self.closed = False
         self.peer = "?"
+        self.opened = now
+        self.idle_since = now  # the last request in or reply out
+        self.attached = False  # did Tversion and Tattach once
+
+    @property
+    def busy(self) -> bool:
+        return self.session.in_flight > 0
 
     # ---- transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -696,19 +144,18 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         self.peer = str(transport.get_extra_info("peername") or "unix")
         transport.set_write_buffer_limits(high=self.HIGH_WATER)
-        self.server._connections.add(self)
+        if self.closed:  # evicted before the loop got here
+            transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server._connections.discard(self)
-        for task in self.inflight.values():
-            task.cancel()
-        self.inflight.clear()
-        self.session.reset(orderly=False)
+        self.server._forget(self)
+        self._apply(self.session.lost())
 
     def data_received(self, data: bytes) -> None:
-        self.framer.feed(data)
-        self._process()
+        self.server._active(self)
+        self.session.receive_data(data)
+        self._pump()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -716,15 +163,61 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._update_reading()
-        self._process()
+        self._pump()
 
     # ---- work
+    def _pump(self) -> None:
+        # Replies go out a batch at a time, so that a peer that does not read
+        # makes the transport call pause_writing before memory grows.
+        while not self.closed and not self.write_paused:
+            out = self.session.process(self.server.wallclock())
+            self._apply(out)
+            if not out.more:
+                break
+        if self.session.attached and not self.attached and not self.closed:
+            self.attached = True
+            self.server._attached(self)
+        self._update_reading()
+
+    def _apply(self, out: Output) -> None:
+        for token in out.cancel:
+            task = self.tasks.pop(token, None)
+            if task is not None:
+                task.cancel()
+        if out.start:
+            if self.closed:
+                for _, work in out.start:
+                    work.close()
+            else:
+                loop = asyncio.get_running_loop()
+                for token, work in out.start:
+                    task = loop.create_task(work)
+                    self.tasks[token] = task
+                    task.add_done_callback(functools.partial(self._finished, token))
+        send = out.send
+        if send and self.transport is not None and not self.closed:
+            self.transport.write(send[0] if len(send) == 1 else b"".join(send))
+        if out.hangup is not None:
+            log.info("9P connection %s: %s; hanging up", self.peer, out.hangup)
+            self._hangup()
+
+    def _finished(self, token: int, task: asyncio.Task[Message | None]) -> None:
+        if self.tasks.get(token) is not task:
+            return  # cancelled: flushed, or the connection is gone
+        del self.tasks[token]
+        if task.cancelled() or self.closed:
+            return
+        self.server._active(self)
+        self._apply(self.session.finished(token, task.exception() or task.result()))
+        self._pump()
+
     def _update_reading(self) -> None:
+        want_pause = self.write_paused or self.session.saturated
+        if want_pause == self.read_paused:
+            return
         t = self.transport
         if t is None or self.closed:
             return
-        want_pause = self.write_paused or len(self.inflight) >= self.server.max_inflight
         if want_pause and not self.read_paused:
             t.pause_reading()
             self.read_paused = True
@@ -732,111 +225,42 @@ class _Connection(asyncio.Protocol):
             t.resume_reading()
             self.read_paused = False
 
-    def _process(self) -> None:
-        # Replies are written in batches (one write per burst of requests), but
-        # never more than BATCH bytes at a time, so that a peer that does not
-        # read makes the transport call pause_writing before memory grows.
-        out: list[bytes] = []
-        pending = 0
-        session = self.session
-        try:
-            while not self.closed and not self.write_paused and len(self.inflight) < self.server.max_inflight:
-                frame = self.framer.next_frame()
-                if frame is None:
-                    break
-                try:
-                    msg = session.decode(frame)
-                    result = self._handle(msg)
-                    if result is None:
-                        continue
-                except ProtocolError as e:
-                    result = session.protocol_error(e)
-                    if result is None:
-                        raise
-                data = session.encode(result)
-                out.append(data)
-                pending += len(data)
-                if pending >= self.BATCH:
-                    self._send(out)
-                    out, pending = [], 0
-        except ProtocolError as e:
-            log.info("9P connection %s: %s; hanging up", self.peer, e)
-            self._send(out)
-            out = []
-            self._hangup()
-        self._send(out)
-        self._update_reading()
-
-    def _handle(self, msg: Message) -> Message | None:
-        tag = msg.tag
-        if tag in self.inflight:
-            return self.session.error(tag, P9Error("duplicate tag", E.EINVAL))
-        if isinstance(msg, M.Tflush):
-            task = self.inflight.pop(msg.oldtag, None)
-            if task is not None:
-                task.cancel()
-            return M.Rflush(tag)
-        if isinstance(msg, M.Tversion):
-            for task in self.inflight.values():
-                task.cancel()
-            self.inflight.clear()
-            reply = self.session.dispatch(msg)
-            assert isinstance(reply, Message)
-            self.framer.msize = self.session.msize
-            return reply
-        reply = self.session.dispatch(msg)
-        if isinstance(reply, Message):
-            return reply
-        task = asyncio.get_running_loop().create_task(reply)
-        self.inflight[tag] = task
-        task.add_done_callback(functools.partial(self._finished, tag))
-        return None
-
-    def _finished(self, tag: int, task: asyncio.Task[Message]) -> None:
-        if self.inflight.get(tag) is not task:
-            return  # flushed, or the connection is gone
-        del self.inflight[tag]
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.error("9P request failed: %r", exc)
-            reply = self.session.error(tag, P9Error(P.EIO_MSG, E.EIO))
-        else:
-            reply = task.result()
-        try:
-            self._send([self.session.encode(reply)])
-        except ProtocolError as e:
-            self._send([self.session.encode(self.session.error(tag, P9Error(str(e), E.EIO)))])
-        self._update_reading()
-        if not self.read_paused:
-            self._process()
-
-    def _send(self, out: list[bytes]) -> None:
-        if out and self.transport is not None and not self.closed:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-
     def _hangup(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
+    def evict(self, why: str) -> None:
+        """Close at once (unsent replies dropped): the server needs the room."""
+        log.info("9P connection %s: %s; closing it", self.peer, why)
+        self.server._forget(self)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
 
 class Listener:
-    """A bound server socket and the dial string that reaches it."""
+    """Bound, listening sockets and the dial string that reaches them."""
 
-    def __init__(self, server: asyncio.AbstractServer, address: Address) -> None:
-        self.server = server
+    def __init__(self, sockets: list[socket.socket], address: Address) -> None:
+        self.sockets = sockets
         self.address = address
 
     def close(self) -> None:
-        self.server.close()
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            if sock.fileno() != -1:
+                loop.remove_reader(sock.fileno())
+                sock.close()
 
     async def wait_closed(self) -> None:
-        await self.server.wait_closed()
+        return None
 
 
 class Server:
-    """Serves a tree (or one tree per aname) to any number of 9P clients."""
+    """Serves a tree (or one tree per aname) to many 9P clients, within bounds (see 9p-server(4))."""
+
+    BACKLOG = 1024  # a burst of connections waits in the kernel (holding none of our descriptors)
+    ACCEPT_BATCH = 16  # accepted per wake-up: descriptors of evicted connections close on the next
 
     def __init__(
         self,
@@ -847,51 +271,199 @@ class Server:
         groups: dict[str, frozenset[str]] | None = None,
         max_fids: int = 16384,
         max_inflight: int = 256,
-        max_connections: int = 1024,
+        max_held: int = 32 << 20,
+        max_connections: int | None = None,
+        idle_minimum: float = 5.0,
+        handshake_timeout: float = 60.0,
+        users: Users | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         attach: Attach = (lambda ctx, aname: root) if isinstance(root, Dir) else root
-        self.config = Config(attach, msize=msize, dialects=dialects, groups=groups, max_fids=max_fids)
-        self.max_inflight = max_inflight
-        self.max_connections = max_connections
+        self.config = Config(attach, msize=msize, dialects=dialects, groups=groups, max_fids=max_fids,
+                             max_inflight=max_inflight, max_held=max_held, users=users or system_users())
+        self.max_connections = max_connections if max_connections is not None else default_max_connections()
+        self.idle_minimum = idle_minimum  # a connection this idle may be closed to make room
+        self.handshake_timeout = handshake_timeout  # from accept to Rattach
+        self.clock = clock  # every time the limits read; monotonic seconds
+        self.wallclock = time.time  # what Tsetattr records as "now"
         self._connections: set[_Connection] = set()
+        # By idle_since, oldest first: those that never attached, then the others.
+        self._fresh: OrderedDict[_Connection, None] = OrderedDict()
+        self._settled: OrderedDict[_Connection, None] = OrderedDict()
+        self._handshaking: dict[_Connection, None] = {}  # by time opened (insertion order)
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._refusals = 0  # since the last warning about them
+        self._refusal_logged = -float("inf")
         self._listeners: list[Listener] = []
+        self._starting: set[asyncio.Task[None]] = set()
         self._next_conn = 0
 
-    def _protocol(self) -> asyncio.Protocol:
-        self._next_conn += 1
-        conn = _Connection(self, self._next_conn)
+    @property
+    def max_inflight(self) -> int:
+        return self.config.max_inflight
+
+    def _admit(self) -> _Connection | None:
+        """A connection for a newcomer, closing the longest idle one at the cap; None: refuse it."""
+        now = self.clock()
+        self.sweep()
         if len(self._connections) >= self.max_connections:
-            log.warning("refusing 9P connection: %d connections open", len(self._connections))
-            conn.closed = True
-            return _Refuse()
+            victim = evictee((self._fresh, self._settled), now, self.idle_minimum)
+            if victim is None:
+                self._refused(now)
+                return None
+            victim.evict(f"idle for {now - victim.idle_since:.0f}s, "
+                         f"{'attached' if victim.attached else 'never attached'}, "
+                         f"and {len(self._connections) + 1} connections at the cap of {self.max_connections}")
+        self._next_conn += 1
+        conn = _Connection(self, self._next_conn, now)
+        # Counted from now, not from connection_made, which comes a loop iteration later.
+        self._connections.add(conn)
+        self._fresh[conn] = None
+        self._handshaking[conn] = None
+        if self._sweeper is None:
+            self._arm()
         return conn
+
+    def _refused(self, now: float) -> None:
+        # One line per ten seconds at most: a flood must not fill the log too.
+        self._refusals += 1
+        if now - self._refusal_logged >= 10.0:
+            log.warning("refused %d 9P connection(s): %d open (the cap), none idle for %gs",
+                        self._refusals, len(self._connections), self.idle_minimum)
+            self._refusals, self._refusal_logged = 0, now
+
+    # ---- what the limits track
+    def _active(self, conn: _Connection) -> None:
+        conn.idle_since = self.clock()
+        group = self._settled if conn.attached else self._fresh
+        if conn in group:
+            group.move_to_end(conn)
+
+    def _attached(self, conn: _Connection) -> None:
+        self._handshaking.pop(conn, None)
+        if conn in self._fresh:
+            del self._fresh[conn]
+            self._settled[conn] = None
+
+    def _forget(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        self._fresh.pop(conn, None)
+        self._settled.pop(conn, None)
+        self._handshaking.pop(conn, None)
+
+    def sweep(self) -> None:
+        """Close the connections that did not attach within ``handshake_timeout`` of ``clock``."""
+        now = self.clock()
+        while self._handshaking:
+            conn = next(iter(self._handshaking))
+            if now - conn.opened < self.handshake_timeout:
+                break
+            conn.evict(f"no Tversion and Tattach within {self.handshake_timeout:g}s")
+
+    def _arm(self) -> None:
+        """Wake for the next handshake deadline (the oldest connection still handshaking)."""
+        self._sweeper = None
+        if not self._handshaking:
+            return
+        first = next(iter(self._handshaking))
+        due = first.opened + self.handshake_timeout - self.clock()
+        self._sweeper = asyncio.get_running_loop().call_later(max(due, 0.0), self._wake)
+
+    def _wake(self) -> None:
+        self.sweep()
+        self._arm()
 
     async def listen(self, dial: str) -> Listener:
         """Listen on a dial string; port 0 picks a free port (see ``.address``)."""
         addr = parse(dial)
         loop = asyncio.get_running_loop()
-        if addr.net == "unix":
-            if os.path.exists(addr.path):
-                os.unlink(addr.path)
-            srv = await loop.create_unix_server(self._protocol, addr.path)
-        else:
-            srv = await loop.create_server(self._protocol, addr.host, addr.port, reuse_address=True)
-            host, port = srv.sockets[0].getsockname()[:2]
-            addr = Address("tcp", host, port)
-        listener = Listener(srv, addr)
+        socks: list[socket.socket] = []
+        try:
+            if addr.net == "unix":
+                if os.path.exists(addr.path):
+                    os.unlink(addr.path)
+                socks.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                socks[0].bind(addr.path)
+            else:
+                infos = await loop.getaddrinfo(addr.host or None, addr.port, type=socket.SOCK_STREAM,
+                                               flags=socket.AI_PASSIVE)
+                if addr.port == 0:
+                    infos = infos[:1]  # one free port, not one per address family
+                for family, kind, proto, _, where in dict.fromkeys(infos):
+                    sock = socket.socket(family, kind, proto)
+                    socks.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(where)
+                host, port = socks[0].getsockname()[:2]
+                addr = Address("tcp", host, port)
+            for sock in socks:
+                sock.listen(self.BACKLOG)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        for sock in socks:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        listener = Listener(socks, addr)
         self._listeners.append(listener)
         return listener
 
+    def _accept(self, listening: socket.socket) -> None:
+        """Take what waits in the backlog, a few at a time.
+
+        Our own accept loop, not asyncio's: a refused newcomer's socket is
+        closed at once, so descriptors never pile up past the cap while a
+        flood is turned away (asyncio accepts a whole backlog before any
+        protocol can refuse, and closes a loop iteration later).
+        """
+        loop = asyncio.get_running_loop()
+        for _ in range(self.ACCEPT_BATCH):
+            try:
+                sock, _ = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (E.EMFILE, E.ENFILE, E.ENOBUFS, E.ENOMEM):
+                    # The process's other files used the room: leave newcomers queued a moment.
+                    log.warning("9P server cannot accept: %s; retrying in a second", e)
+                    fd = listening.fileno()
+                    loop.remove_reader(fd)
+                    loop.call_later(1.0, self._resume_accepting, listening, fd)
+                else:
+                    log.warning("9P server accept failed: %s", e)
+                return
+            conn = self._admit()
+            if conn is None:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            task = loop.create_task(self._start(conn, sock))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    def _resume_accepting(self, listening: socket.socket, fd: int) -> None:
+        if listening.fileno() == fd and any(listening in lst.sockets for lst in self._listeners):
+            asyncio.get_running_loop().add_reader(fd, self._accept, listening)
+
+    async def _start(self, conn: _Connection, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, sock)
+        except OSError as e:
+            log.info("9P connection lost before it started: %s", e)
+            sock.close()
+            self._forget(conn)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for listener in self._listeners:
             listener.close()
+        self._listeners.clear()
+        if self._starting:
+            await asyncio.gather(*self._starting, return_exceptions=True)
         for conn in list(self._connections):
             conn._hangup()
-        for listener in self._listeners:
-            await listener.wait_closed()
-        self._listeners.clear()
-
-
-class _Refuse(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()

@@ -50,6 +50,10 @@ def add_parser(sub: Any) -> None:
     r = cmds.add_parser("ramfs", help="serve an in-memory writable file tree")
     r.add_argument("addr", help="where to listen, e.g. tcp!127.0.0.1!5640 or unix!/tmp/ramfs.sock")
     r.add_argument("--msize", type=int, default=P.DEFAULT_MSIZE, help="largest message (default %(default)s)")
+    r.add_argument("--max-connections", type=int, default=None,
+                   help="connections at once (default: the file limit less a reserve)")
+    r.add_argument("--handshake-timeout", type=float, default=60.0,
+                   help="seconds a connection has to send Tversion and Tattach (default %(default)s)")
     r.set_defaults(func=_run_ramfs)
 
 
@@ -96,15 +100,18 @@ async def _client(args: argparse.Namespace) -> int:
 
 
 def _run_ramfs(args: argparse.Namespace) -> int:
-    return serve_ramfs(args.addr, args.msize)
+    return serve_ramfs(args.addr, args.msize, max_connections=args.max_connections,
+                       handshake_timeout=args.handshake_timeout)
 
 
-def serve_ramfs(addr: str, msize: int = P.DEFAULT_MSIZE) -> int:
+def serve_ramfs(addr: str, msize: int = P.DEFAULT_MSIZE, *, max_connections: int | None = None,
+                handshake_timeout: float = 60.0) -> int:
     """Serve a fresh ramfs on ``addr`` until SIGINT or SIGTERM."""
 
     async def serve() -> None:
         fs = RamFS(owner=getpass.getuser())
-        server = Server(fs.root, msize=msize)
+        server = Server(fs.root, msize=msize, max_connections=max_connections,
+                        handshake_timeout=handshake_timeout)
         listener = await server.listen(addr)
         await until_stopped(lambda: print(f"ramfs: serving on {listener.address}", flush=True))
         await server.close()

@@ -69,6 +69,16 @@ class Handle:
     def close(self) -> None | Awaitable[None]:
         return None
 
+    def held(self) -> int:
+        """Bytes this open keeps between requests (a read snapshot, writes gathered for close).
+
+        The server counts them against its bound on what one connection holds.
+        """
+        return 0
+
+    def shed(self) -> None:
+        """Let go of what a read can compute again; the server calls it when keeping that would pass its bound."""
+
 
 class Node:
     """What files and directories share: name, owner, mode, qid."""
@@ -98,10 +108,11 @@ class Node:
             self.muid = who
 
     def length(self, ctx: Ctx) -> int:
+        """The length stat and getattr report: cheap, never the content rendered (0 if unknown)."""
         return 0
 
     def stat(self, ctx: Ctx) -> Stat:
-        length = self.length(ctx)  # may refresh the version of computed files
+        length = self.length(ctx)
         mode = (self.mode & 0o777) | (proto.DMDIR if self.is_dir else 0)
         return Stat(0, 0, self.qid(), mode, self.atime, self.mtime, length,
                     self.name or "/", self.uid, self.gid, self.muid)
@@ -137,43 +148,52 @@ class Node:
 class File(Node):
     """A synthetic file served by callbacks.
 
-    ``read(ctx)`` returns the content an open sees; ``write(ctx, data)``
+    ``read(ctx)`` returns the content an open sees (or ``read`` is the
+    content itself, for a file that never changes); ``write(ctx, data)``
     handles one whole write and may return the reply that reads on the same
     fid return; ``close(ctx, written)`` runs at clunk with everything written
     through that fid (for files that act on close).  Any of them may be a
     coroutine function.
+
+    Stat and getattr never call ``read``: a listing of thousands of computed
+    files must not render each one.  Their length is 0, as in Plan 9's
+    synthetic servers and Linux's procfs (readers read to the end whatever
+    the length says), unless ``size(ctx)`` gives it cheaply or the content
+    is static.  The qid version moves when a read sees content that
+    differs from what the previous read saw.
     """
 
     def __init__(
         self,
         name: str,
-        read: Callable[[Ctx], Content | Awaitable[Content]] | None = None,
+        read: Callable[[Ctx], Content | Awaitable[Content]] | Content | None = None,
         write: Callable[[Ctx, bytes], Content | None | Awaitable[Content | None]] | None = None,
         close: Callable[[Ctx, bytes], None | Awaitable[None]] | None = None,
         mode: int | None = None,
         uid: str = "none",
         gid: str | None = None,
+        *,
+        size: Callable[[Ctx], int] | None = None,
     ) -> None:
         if mode is None:
-            mode = (0o444 if read else 0) | (0o220 if write or close else 0)
+            mode = (0o444 if read is not None else 0) | (0o220 if write or close else 0)
         super().__init__(name, mode, uid, gid)
-        self.on_read = read
+        self.static: bytes | None = None
+        if isinstance(read, (str, bytes)):
+            self.static = _as_bytes(read)
+            read = None
+        self.on_read: Callable[[Ctx], Content | Awaitable[Content]] | None = read
         self.on_write = write
         self.on_close = close
+        self.on_size = size
         self._crc: int | None = None  # checksum of the content last seen
 
     def length(self, ctx: Ctx) -> int:
-        if self.on_read is None:
-            return 0
-        content = self.on_read(ctx)
-        if not isinstance(content, (str, bytes)):  # a coroutine: length unknown until read
-            close = getattr(content, "close", None)
-            if close:
-                close()
-            return 0
-        data = _as_bytes(content)
-        self._note(data)
-        return len(data)
+        if self.static is not None:
+            return len(self.static)
+        if self.on_size is not None:
+            return self.on_size(ctx)
+        return 0
 
     def _note(self, data: bytes) -> None:
         crc = zlib.crc32(data)
@@ -187,18 +207,25 @@ class File(Node):
 
 
 class _FileHandle(Handle):
-    __slots__ = ("node", "ctx", "snapshot", "written")
+    __slots__ = ("node", "ctx", "snapshot", "written", "gathered")
 
     def __init__(self, node: File, ctx: Ctx) -> None:
         self.node = node
         self.ctx = ctx
         self.snapshot: bytes | None = None
         self.written: list[bytes] | None = None
+        self.gathered = 0  # bytes in ``written``
+
+    def held(self) -> int:
+        return (len(self.snapshot) if self.snapshot is not None else 0) + self.gathered
+
+    def shed(self) -> None:
+        self.snapshot = None
 
     def read(self, offset: int, count: int) -> bytes | Awaitable[bytes]:
         if self.snapshot is None:
             if self.node.on_read is None:
-                return b""
+                return (self.node.static or b"")[offset : offset + count]
             content = self.node.on_read(self.ctx)
             if not isinstance(content, (str, bytes)):
                 return self._read_later(content, offset, count)
@@ -208,6 +235,7 @@ class _FileHandle(Handle):
 
     async def _read_later(self, pending: Awaitable[Content], offset: int, count: int) -> bytes:
         self.snapshot = _as_bytes(await pending)
+        self.node._note(self.snapshot)
         return self.snapshot[offset : offset + count]
 
     def write(self, offset: int, data: bytes) -> int | Awaitable[int]:
@@ -216,6 +244,7 @@ class _FileHandle(Handle):
             if self.written is None:
                 self.written = []
             self.written.append(bytes(data))
+            self.gathered += len(data)
             return len(data)
         if node.on_write is None:
             raise P9Error("file not open for writing", 9)
@@ -239,6 +268,7 @@ class _FileHandle(Handle):
         if self.node.on_close is not None and self.written is not None:
             data = b"".join(self.written)
             self.written = None
+            self.gathered = 0
             self.node.touch(self.ctx.user)
             return self.node.on_close(self.ctx, data)
         return None
@@ -274,6 +304,9 @@ class _DocumentHandle(_FileHandle):
         self.doc: list[bytes] = []
         self.size = 0
         self.due = False  # written and not yet submitted
+
+    def held(self) -> int:
+        return super().held() + self.size
 
     def write(self, offset: int, data: bytes) -> int | Awaitable[int]:
         node = self.node

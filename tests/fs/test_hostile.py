@@ -18,7 +18,7 @@ from fornax_sched.fs.ramfs import RamFS
 from fornax_sched.fs.server import Server, _Connection
 
 from .test_server import Scheduler
-from .util import Raw, serving
+from .util import FakeClock, Raw, eventually, serving
 
 
 def run(coro: Any) -> Any:
@@ -100,9 +100,9 @@ def test_duplicate_tag_and_inflight_limit() -> None:
             assert isinstance(r, M.Rerror) and r.ename == "duplicate tag"
             for fid in range(2, 11):  # nine more blocked reads: past the limit of 4
                 await raw.send(M.Tread(100 + fid, fid, 0, 10))
-            await asyncio.sleep(0.2)
             conn: _Connection = next(iter(srv._connections))
-            assert len(conn.inflight) == 4 and conn.read_paused
+            await eventually(lambda: conn.session.in_flight == 4 and conn.read_paused, what="4 in flight")
+            assert conn.session.framer.buffered() > 0  # the other reads wait unread
             await still_serving(srv)  # others are not held up
             app.wake.set()
             tags = {(await raw.recv()).tag for _ in range(10)}
@@ -124,31 +124,32 @@ def test_client_that_stops_reading_cannot_grow_the_server() -> None:
             frame = raw.codec.encode(M.Tread(2, 1, 0, 60000))
             # 20,000 reads of 60 KB would be 1.2 GB of replies; never read one.
             raw.writer.write(frame * 20000)
-            await asyncio.sleep(1.0)
-            conn: _Connection = next(c for c in srv._connections)
+            conn: _Connection = next(c for c in srv._connections if c.attached)
+            await eventually(lambda: conn.read_paused, what="reading paused")
             assert conn.transport is not None
             buffered = conn.transport.get_write_buffer_size()
             assert buffered <= _Connection.HIGH_WATER + 65536, buffered
             assert conn.read_paused
             await still_serving(srv)
             raw.writer.transport.abort()
-            await asyncio.sleep(0.1)
-            assert conn not in srv._connections
+            await eventually(lambda: conn not in srv._connections, what="connection gone")
     run(main())
 
 
 def test_connection_limit() -> None:
     async def main() -> None:
-        async with serving(Scheduler().tree(), max_connections=2) as srv:
+        clock = FakeClock()
+        async with serving(Scheduler().tree(), max_connections=2, clock=clock) as srv:
             a = await Client.connect(srv.addr)
             b = await Client.connect(srv.addr)
+            # Both were just used: neither may be closed for the newcomer, which is refused.
             try:
                 await Client.connect(srv.addr, timeout=2)
                 raise AssertionError("third connection accepted")
             except ConnectionError:
                 pass
             await a.close()
-            await asyncio.sleep(0.05)
+            await eventually(lambda: len(srv._connections) == 1, what="a gone")
             await still_serving(srv)
             await b.close()
     run(main())

@@ -16,7 +16,7 @@ from fornax_sched.fs.errors import P9Error
 from fornax_sched.fs.ramfs import RamFS
 from fornax_sched.fs.tree import Ctx, Dir, DynamicDir, File
 
-from .util import Raw, serving
+from .util import Raw, eventually, serving
 
 
 class Scheduler:
@@ -216,13 +216,59 @@ def test_qid_version_changes_with_content() -> None:
                 await c.write_file("f", b"two")
                 v2 = (await c.stat_path("f")).qid
                 assert v1.path == v2.path and v2.version != v1.version
-                app = Scheduler()
-                root = app.tree()
-                ctl = root.lookup(Ctx("x"), "ctl")
-                assert ctl is not None
-                before = ctl.stat(Ctx("x")).qid.version
+        # A computed file's version moves when a read sees new content (a stat renders nothing).
+        app = Scheduler()
+        async with serving(app.tree()) as srv:
+            async with await Client.connect(srv.addr) as c:
+                await c.read_file("ctl")
+                before = (await c.stat_path("ctl")).qid
+                assert (await c.stat_path("ctl")).qid == before
+                await c.read_file("ctl")
+                assert (await c.stat_path("ctl")).qid == before  # same content, same version
                 app.commands.append("x")
-                assert ctl.stat(Ctx("x")).qid.version != before
+                assert (await c.stat_path("ctl")).qid == before  # not read yet
+                assert await c.read_file("ctl") == b"1 commands\n"
+                after = (await c.stat_path("ctl")).qid
+                assert after.path == before.path and after.version != before.version
+    run(main())
+
+
+@pytest.mark.parametrize("dialect", P.DIALECTS)
+def test_listing_many_computed_files_renders_none_of_them(dialect: str) -> None:
+    """ls -l of 20,000 synthetic files: 9P2000 directory reads carry a stat per
+    entry, 9P2000.L clients getattr each; neither may call a read callback."""
+    rendered: list[str] = []
+
+    def content(name: str) -> File:
+        def read(ctx: Ctx) -> str:
+            rendered.append(name)
+            return f"the content of {name}\n" * 10
+        return File(name, read=read)
+
+    names = [f"f{i:05d}" for i in range(20000)]
+    known = set(names)
+    root = Dir("", [
+        DynamicDir("many", names=lambda ctx: names, make=content, exists=known.__contains__),
+        File("sized", read=lambda ctx: rendered.append("sized") or "12345", size=lambda ctx: 5),
+        File("static", read="fixed text\n"),
+    ])
+
+    async def main() -> None:
+        async with serving(root) as srv:
+            async with await Client.connect(srv.addr, version=dialect) as c:
+                entries = await c.ls("many")
+                assert [e.name for e in entries] == names
+                stats = [await c.stat_path(f"many/{n}") for n in names[:: 10 if dialect == P.VERSION_9PL else 1000]]
+                if dialect != P.VERSION_9PL:
+                    assert {e.length for e in entries} == {0}
+                assert {st.length for st in stats} == {0} and rendered == []
+                assert (await c.stat_path("sized")).length == 5 and rendered == []
+                assert (await c.stat_path("static")).length == len(b"fixed text\n")
+                # A reader still gets the whole content, in one render per open.
+                assert await c.read_file("many/f00042") == b"the content of f00042\n" * 10
+                assert rendered == ["f00042"]
+                assert await c.read_file("static") == b"fixed text\n"
+                assert await c.read_file("sized") == b"12345" and rendered == ["f00042", "sized"]
     run(main())
 
 
@@ -442,10 +488,13 @@ def test_client_times_out_and_flushes() -> None:
             async with await Client.connect(srv.addr, timeout=0.3) as c:
                 fid = await c.walk("blocking")
                 await c.open(fid)
-                with pytest.raises(TimeoutError, match="Tread .* timed out"):
+                with pytest.raises(TimeoutError, match="Tread .* timed out after 0.3s$"):
                     await c.read(fid, 0, 10)
                 conn = next(iter(srv._connections))
-                assert conn.inflight == {}  # the server forgot the flushed read
+                assert conn.session.in_flight == 0  # the server forgot the flushed read
+                # Rflush came back: the read's tag and the flush's are both free again.
+                assert c._flushing == set() and c._gone is None
+                assert sorted(c._free_tags) == list(range(c._next_tag)) and c._next_tag == 2
                 assert await c.read_file("whoami")  # the connection still works
     run(main())
 
@@ -458,7 +507,8 @@ def test_client_reports_a_peer_that_goes_away() -> None:
             fid = await c.walk("blocking")
             await c.open(fid)
             pending = asyncio.ensure_future(c.read(fid, 0, 10))
-            await asyncio.sleep(0.05)
+            conn = next(iter(srv._connections))
+            await eventually(lambda: conn.session.in_flight == 1, what="the read in flight")
             await srv.close()
             with pytest.raises(ConnectionError, match="closed"):
                 await pending
@@ -494,11 +544,11 @@ def test_cancelled_request_is_flushed_and_its_tag_reused() -> None:
                 fid = await c.walk("blocking")
                 await c.open(fid)
                 task = asyncio.ensure_future(c.read(fid, 0, 10))
-                await asyncio.sleep(0.05)
-                task.cancel()
-                await asyncio.sleep(0.1)
                 conn = next(iter(srv._connections))
-                assert conn.inflight == {} and c._waiting == {}
+                await eventually(lambda: conn.session.in_flight == 1, what="the read in flight")
+                task.cancel()
+                await eventually(lambda: conn.session.in_flight == 0 and not c._flushing, what="flushed")
+                assert c._waiting == {}
                 tags = len(c._free_tags) + c._next_tag
                 for _ in range(50):
                     await c.stat_path("whoami")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +14,28 @@ from fornax_sched.fs import proto as P
 from fornax_sched.fs.codec import CODECS, Codec, Message
 from fornax_sched.fs.server import Server
 from fornax_sched.fs.tree import Dir
+
+
+async def eventually(check: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Wait until ``check()`` is true, polling; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout:g}s")
+        await asyncio.sleep(0.01)
+
+
+class FakeClock:
+    """A clock that moves only when told: give it to Server(clock=...)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @asynccontextmanager

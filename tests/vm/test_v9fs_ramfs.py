@@ -240,7 +240,10 @@ class Boot:
 @pytest.fixture(scope="module")
 def boot() -> Iterator[Boot]:
     need_binary("qemu-system-x86_64")
-    server = start_ramfs()
+    # QEMU opens every forward's connection when it starts, and the guest
+    # sends Tversion on the last one only after three mounts' worth of steps:
+    # far later than any client that dials to mount would.
+    server = start_ramfs("--handshake-timeout", "600")
     try:
         async def prepare(c: Client) -> None:
             await c.mkdir("bigdir")
