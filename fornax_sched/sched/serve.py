@@ -38,6 +38,9 @@ class SchedConfig:
     policy_limits: Limits = field(default_factory=Limits)
     fresh: bool = False
     store: str = ""  # a store URL (sqlite:PATH); "" is DIR/sched.db
+    max_connections: int | None = None  # None: the file limit less a reserve
+    idle_evict: float = 5.0  # a connection idle this long may be closed to let a newcomer in at the cap
+    handshake_timeout: float = 60.0
     budget: float = 1.0  # seconds of policy time one command's decisions share
 
     def store_spec(self) -> str:
@@ -65,7 +68,8 @@ class SchedDaemon:
                                    limits=self.cfg.policy_limits, budget=self.cfg.budget)
             await self.sched.start()
             self.server = Server(tree.build(self.sched, self.owner, self.writers),
-                                 groups={tree.WRITERS: self.writers})
+                                 groups={tree.WRITERS: self.writers}, max_connections=self.cfg.max_connections,
+                                 idle_minimum=self.cfg.idle_evict, handshake_timeout=self.cfg.handshake_timeout)
             listener = await self.server.listen(self.cfg.listen)
         except BaseException:
             if self.sched is not None:
@@ -110,6 +114,13 @@ def add_parser(sub: Any) -> None:
                    help="seconds a node may be unreachable before its containers are placed again (default 10)")
     p.add_argument("--policy-deadline", type=float, default=50.0, metavar="MS",
                    help="milliseconds a Lua policy may take per decision (default 50)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="9P connections at once (default: the file limit less a reserve); at the cap a newcomer "
+                        "takes the place of the longest idle connection")
+    p.add_argument("--idle-evict", type=float, default=5.0, metavar="S",
+                   help="seconds a connection must have been idle to be closed for a newcomer at the cap (default 5)")
+    p.add_argument("--handshake-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a new connection has to attach (default 60)")
     p.add_argument("--node-timeout", type=float, default=5.0, metavar="S",
                    help="seconds any call to a node may take, a flush included (default 5)")
     p.add_argument("--decide-budget", type=float, default=1.0, metavar="S",
@@ -122,6 +133,10 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.max_connections is not None and args.max_connections < 1:
+            raise ValueError("--max-connections: want at least 1")
+        if not 0 <= args.idle_evict <= 86400 or not 0.1 <= args.handshake_timeout <= 86400:
+            raise ValueError("--idle-evict: want 0 to 86400 seconds; --handshake-timeout: 0.1 to 86400")
         if not 0.05 <= args.node_timeout <= 600:
             raise ValueError("--node-timeout: want 0.05 to 600 seconds")
         if not 0.01 <= args.decide_budget <= 600:
@@ -138,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = SchedConfig(listen=args.listen, state=args.state or default_state(), nodes=args.node,
                       writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead,
                       policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget,
-                      node_timeout=args.node_timeout)
+                      node_timeout=args.node_timeout, max_connections=args.max_connections,
+                      idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from fornax_sched.sched.backends import (
@@ -14,7 +17,7 @@ from fornax_sched.sched.backends import (
 )
 
 from ..helpers import eventually, run
-from .conftest import Kind
+from .conftest import TIMEOUT, Kind
 
 
 def test_what_a_node_says_of_itself(kind: Kind) -> None:
@@ -93,6 +96,30 @@ def test_an_unreachable_node_and_its_return(kind: Kind) -> None:
 
         async def back() -> bool:
             return (await b.status(cid)).state == "running"  # reconnects by itself; the container lived on
+
+        await eventually(back, 15)
+        await b.close()
+
+    run(go())
+
+
+def test_a_hung_node_is_an_error_within_the_timeout(kind: Kind) -> None:
+    """A node that takes the connection and never answers (SIGSTOP) must not hold a call for ever."""
+    async def go() -> None:
+        b = kind.backend
+        await b.info()
+        kind.hang()
+        try:
+            for op in (b.info, b.list):
+                t = time.monotonic()
+                with pytest.raises(NodeUnreachable):
+                    await asyncio.wait_for(op(), 10 * TIMEOUT)  # the bound under test is the backend's own
+                assert time.monotonic() - t <= 3 * TIMEOUT + 0.5
+        finally:
+            kind.unhang()
+
+        async def back() -> bool:
+            return (await b.info()).name == kind.node_name
 
         await eventually(back, 15)
         await b.close()

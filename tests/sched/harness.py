@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ class SchedProc:
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen[str] | None = None
     module: str = "fornax_sched"  # what runs `serve` (tests.store.faulty: with a store that fails on purpose)
+    preexec: Callable[[], None] | None = None  # run in the child before exec (limits, say)
 
     @property
     def addr(self) -> str:
@@ -36,7 +37,7 @@ class SchedProc:
     def start(self) -> SchedProc:
         cmd = [sys.executable, "-m", self.module, "serve", "--listen", self.addr, "--state", str(self.state),
                *[w for s in self.seeds for w in ("--node", s)], *FAST, *self.extra]
-        self.proc, _ = spawn_serving(cmd, "scheduler")
+        self.proc, _ = spawn_serving(cmd, "scheduler", preexec_fn=self.preexec)
         return self
 
     def kill9(self) -> None:

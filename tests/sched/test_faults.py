@@ -4,8 +4,10 @@ rebuilt"), each through the interface where it was found: real processes, 9P, re
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -277,3 +279,105 @@ def test_fault11_what_cannot_be_meant_is_refused(tmp_path: Path) -> None:
         sched.stop()
         for n in nodes:
             n.stop()
+
+
+def test_fault2_a_hung_node_is_found_dead_and_nothing_waits_for_it(tmp_path: Path) -> None:
+    """SIGSTOP of the node daemon running a container: a place that picks it answers within the call
+    timeout, the node is dead within --dead, the container runs elsewhere; SIGCONT: it runs once."""
+    nodes = three_nodes(tmp_path)
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--node-timeout", "1"]).start()
+    by_name = {n.name: n for n in nodes}
+    try:
+        async def go() -> None:
+            await discovered(sched)
+            home = (await ctl(sched.addr, "place hello name=h")).split()[1].removeprefix("node=")
+            hung = by_name[home]
+            assert hung.proc is not None
+            hung.proc.send_signal(signal.SIGSTOP)
+            try:
+                t = time.monotonic()
+                reply = await ctl(sched.addr, f"place hello name=p node={home}")
+                assert time.monotonic() - t < 2 * 1 + 1.5, reply  # two call timeouts at most, never more
+                assert reply.startswith("p node=") and "status=" in reply
+
+                async def moved() -> dict[str, str] | None:
+                    q = await placement(sched.addr, "h")
+                    return q if q["node"] != home and q["status"] == "running" else None
+
+                t = time.monotonic()
+                await eventually(moved, 10)
+                assert time.monotonic() - t < 2 + 3  # --dead 2, and a little
+                assert (await read(sched.addr, f"cluster/nodes/{home}/status")).startswith("dead")
+                t = time.monotonic()
+                await read(sched.addr, "cluster/scheduler/ctl")  # the scheduler serves meanwhile
+                assert time.monotonic() - t < 1
+            finally:
+                hung.proc.send_signal(signal.SIGCONT)
+
+            async def once() -> bool:  # the node is back: the old copy of h there is stopped
+                where = [n.name for n in nodes if "h" in await running_on(n)]
+                return len(where) == 1 and (await read(sched.addr, f"cluster/nodes/{home}/status")).startswith(
+                    "online")
+
+            await eventually(once, 15)
+            q = await eventually(lambda: _running(sched, "p"), 15)  # pinned to that node: back there
+            assert q["node"] == home
+
+        run(go())
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
+
+
+async def _running(sched: SchedProc, name: str) -> dict[str, str] | None:
+    q = await placement(sched.addr, name)
+    return q if q["status"] == "running" else None
+
+
+def test_fault6_a_thousand_idle_connections_do_not_lock_writers_out(tmp_path: Path) -> None:
+    """With the file limit at 1,024 (a common default), 1,024 idle connections, some never
+    attaching: a writer still gets in (it used to be refused for as long as they stayed)."""
+    import resource
+    import socket as so
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))  # this test holds 1,024
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    sched = SchedProc(tmp_path / "sched", [], extra=["--idle-evict", "1"], preexec=limit).start()
+    held: list[so.socket] = []
+    try:
+        port = sched.port
+
+        async def go() -> None:
+            clients = []
+            for i in range(1024):  # the flood: half attach and then idle, half never speak
+                try:
+                    if i % 2 == 0:
+                        clients.append(await Client.connect(sched.addr, timeout=10))
+                    else:
+                        held.append(so.create_connection(("127.0.0.1", port)))
+                except (ConnectionError, OSError):
+                    pass  # past the cap, newcomers are turned away until some connection has idled
+            t = time.monotonic()
+
+            async def a_writer_gets_in() -> bool:
+                with pytest.raises(P9Error, match="no node 'nosuch'"):  # the command reached ctl and was answered
+                    await ctl(sched.addr, "cordon nosuch")
+                return True
+
+            await eventually(a_writer_gets_in, 15, interval=0.2)
+            assert time.monotonic() - t < 10
+            assert (await read(sched.addr, "cluster/scheduler/ctl")).startswith("nodes 0")
+            for c in clients:
+                await c.close()
+
+        run(go())
+    finally:
+        for s in held:
+            s.close()
+        sched.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
