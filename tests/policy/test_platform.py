@@ -44,9 +44,8 @@ def clusters(draw: st.DrawFn) -> Cluster:
         if draw(st.booleans()):
             labels["disk"] = "ssd"
         status = draw(st.sampled_from(["online"] * 4 + ["suspect", "dead"]))
-        c.add_node(NodeFacts(name, draw(st.sampled_from([1, 2, 4.5, 8])), draw(st.sampled_from([G, 2 * G, 4 * G]))),
-                   status)
-        c.nodes[name].facts = NodeFacts(name, c.nodes[name].facts.cpus, c.nodes[name].facts.mem, labels)
+        c.add_node(NodeFacts(name, draw(st.sampled_from([1, 2, 4.5, 8])), draw(st.sampled_from([G, 2 * G, 4 * G])),
+                             labels), status)
         if draw(st.integers(0, 4)) == 0:
             c.cordon(name)
     if names:
