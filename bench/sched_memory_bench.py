@@ -5,6 +5,8 @@ Every measurement runs in a fresh process of its own (this script with
 after it builds its state, and its peak (ru_maxrss).  Nodes are simulated:
 the scheduler's `connect=` gives it an in-process backend that answers at
 once (info, run, an empty or a consistent container list); no sockets.
+The scheduler keeps two copies of its state (the one the files show and
+the decider's), both counted.
 
 1. live: an in-process Scheduler over a fresh SQLite store learns the
    nodes (each a --node seed), then carries out `place hello name=gN
@@ -66,9 +68,12 @@ def node_name(i: int) -> str:
 
 
 # ------------------------------------------------------------------ simulated nodes
-class SimNode:
+class LeanSim:
     """A node that answers at once; its container list is read off the scheduler's own state
-    (what it placed there, running under the id it was given), so the simulation holds no copy."""
+    (what it placed there, running under the id it was given), so the simulation holds no copy
+    and what is measured is the scheduler.  (sched.backends.sim keeps a copy: fine for tests.)"""
+
+    kind = "sim"
 
     def __init__(self, addr: str, world: dict[str, Any]) -> None:
         self.addr = addr
@@ -82,9 +87,14 @@ class SimNode:
 
         i = int(self.name.rpartition("-")[2])
         labels = {"disk": "ssd"} if i % 3 == 0 else {}
-        return NodeInfo(f"{i:08x}", self.name, self.addr, 8, 16 * G, 16 * G, labels)
+        return NodeInfo(f"{i:08x}", self.name, self.addr, 8, 16 * G, 16 * G, labels, ("hello",), "sim")
 
-    async def run(self, image: str, args: tuple[str, ...], cpus: float, mem: int, name: str) -> str:
+    async def health(self) -> Any:
+        from fornax_sched.sched.backends import Health
+
+        return Health(True)
+
+    async def run(self, spec: Any) -> str:
         self.next += 1
         return str(self.next)
 
@@ -95,31 +105,28 @@ class SimNode:
         return None
 
     async def status(self, cid: str) -> Any:
-        return None
+        from fornax_sched.sched.backends import NoSuchContainer
 
-    async def containers(self) -> list[Any]:
-        from fornax_sched.sched.backends import ContainerInfo
+        raise NoSuchContainer(cid)
+
+    async def list(self) -> list[Any]:
+        from fornax_sched.sched.backends import CLUSTER_LABEL, ContainerInfo
 
         self.listed += 1
         self.world["listed"] += 1
         sched = self.world.get("sched")
-        if sched is None or self.name not in sched.cluster.nodes:
+        if sched is None or self.name not in sched.state.cluster.nodes:
             return []
-        out = []
-        for cname in sched.cluster.nodes[self.name].containers:
-            r = sched.records[cname]
-            out.append(ContainerInfo(r.cid or "0", cname, "hello", "running"))
-        return out
-
-    async def peers(self) -> list[Any]:
-        return []
+        mark = {CLUSTER_LABEL: sched.store.cluster}
+        return [ContainerInfo(sched.state.records[c].cid or "0", c, "hello", "running", labels=mark)
+                for c in sched.state.cluster.nodes[self.name].containers]
 
     async def close(self) -> None:
         return None
 
 
 def make_connect(world: dict[str, Any]) -> Any:
-    return lambda addr: SimNode(addr, world)
+    return lambda addr: LeanSim(addr, world)
 
 
 async def until(check: Any, what: str, timeout: float) -> None:
@@ -133,17 +140,18 @@ async def until(check: Any, what: str, timeout: float) -> None:
 # ------------------------------------------------------------------ workers
 async def w_live(db: Path, nodes: int, placements: int) -> dict[str, Any]:
     from fornax_sched.sched.service import Scheduler
-    from fornax_sched.sched.store import SqliteStore
+    from fornax_sched.sched.store import open_store
 
     base = rss_mb()
     world: dict[str, Any] = {"listed": 0}
-    store = await SqliteStore.open(db)
+    store = await open_store(str(db))
     # A long interval: each node's reconciler makes its first round, then stays quiet while we place.
     sched = Scheduler(store, seeds=[f"sim!{node_name(i)}" for i in range(nodes)], interval=3600,
                       dead_after=7200, connect=make_connect(world))
     t = time.perf_counter()
     await sched.start()
-    await until(lambda: sum(n.status == "online" for n in sched.cluster.nodes.values()) == nodes,
+    world["sched"] = sched
+    await until(lambda: sum(n.status == "online" for n in sched.state.cluster.nodes.values()) == nodes,
                 "nodes online", 600)
     nodes_s = time.perf_counter() - t
     commands = placements // REPLICAS
@@ -158,11 +166,12 @@ async def w_live(db: Path, nodes: int, placements: int) -> dict[str, Any]:
             marks.append(time.perf_counter() - t)
     place_s = time.perf_counter() - t
     statuses: dict[str, int] = {}
-    for r in sched.records.values():
+    for r in sched.state.records.values():
         statuses[r.status] = statuses.get(r.status, 0) + 1
     after = rss_mb()
-    sizes = {"records": len(sched.records), "placements": len(sched.cluster.placements),
-             "acted": len(sched._acted), "busy": len(sched._busy), "log_lines_in_memory": len(sched.lines),
+    sizes = {"records": len(sched.state.records), "placements": len(sched.state.cluster.placements),
+             "decider_placements": len(sched.decider.state.cluster.placements),
+             "acted": len(sched._acted), "busy": len(sched._busy), "log_lines_in_memory": len(sched.book.tail(10**6)),
              "tasks": len(asyncio.all_tasks())}
     await sched.close()
     await store.close()
@@ -175,27 +184,27 @@ async def w_live(db: Path, nodes: int, placements: int) -> dict[str, Any]:
 
 async def w_restart(db: Path, nodes: int, placements: int) -> dict[str, Any]:
     from fornax_sched.sched.service import Scheduler
-    from fornax_sched.sched.store import SqliteStore
+    from fornax_sched.sched.store import open_store
 
     base = rss_mb()
     world: dict[str, Any] = {"listed": 0}
     t = time.perf_counter()
-    store = await SqliteStore.open(db)
+    store = await open_store(str(db))
     sched = Scheduler(store, interval=3600, dead_after=7200, connect=make_connect(world))
     world["sched"] = sched
     await sched.start()  # loads the store; the reconcilers have not run yet
     load_s = time.perf_counter() - t
     loaded = rss_mb()
-    if len(sched.records) != placements or len(sched.cluster.nodes) != nodes:
-        raise RuntimeError(f"loaded {len(sched.records)} placements, {len(sched.cluster.nodes)} nodes")
+    if len(sched.state.records) != placements or len(sched.state.cluster.nodes) != nodes:
+        raise RuntimeError(f"loaded {len(sched.state.records)} placements, {len(sched.state.cluster.nodes)} nodes")
     t = time.perf_counter()
     await until(lambda: world["listed"] >= nodes
-                and sum(n.status == "online" for n in sched.cluster.nodes.values()) == nodes,
+                and sum(n.status == "online" for n in sched.state.cluster.nodes.values()) == nodes,
                 "nodes online and reconciled", 600)
     await asyncio.sleep(0.5)  # the last rounds finish their reconcile
     online_s = time.perf_counter() - t
     statuses: dict[str, int] = {}
-    for r in sched.records.values():
+    for r in sched.state.records.values():
         statuses[r.status] = statuses.get(r.status, 0) + 1
     after = rss_mb()
     await sched.close()
@@ -206,10 +215,10 @@ async def w_restart(db: Path, nodes: int, placements: int) -> dict[str, Any]:
 
 
 async def w_dicts(db: Path, nodes: int, placements: int) -> dict[str, Any]:
-    from fornax_sched.sched.store import SqliteStore
+    from fornax_sched.sched.store import open_store
 
     base = rss_mb()
-    store = await SqliteStore.open(db)
+    store = await open_store(str(db))
     t = time.perf_counter()
     data = {t_: await store.load(t_) for t_ in ("nodes", "placements", "meta")}
     log = await store.log_tail(10_000)
@@ -225,11 +234,11 @@ async def w_dicts(db: Path, nodes: int, placements: int) -> dict[str, Any]:
 async def w_core(db: Path, nodes: int, placements: int) -> dict[str, Any]:
     from fornax_sched.sched.core import Cluster
     from fornax_sched.sched.model import NodeFacts
-    from fornax_sched.sched.service import request_from_json
-    from fornax_sched.sched.store import SqliteStore
+    from fornax_sched.sched.state import request_from_json
+    from fornax_sched.sched.store import open_store
 
     base = rss_mb()
-    store = await SqliteStore.open(db)
+    store = await open_store(str(db))
     rows_n = await store.load("nodes")
     rows_p = await store.load("placements")
     await store.close()
@@ -263,7 +272,7 @@ class Silent:
     async def info(self) -> Any:
         await asyncio.Event().wait()
 
-    async def containers(self) -> list[Any]:
+    async def list(self) -> list[Any]:
         await asyncio.Event().wait()
         return []
 
@@ -276,10 +285,10 @@ async def w_traced(db: Path, nodes: int, placements: int) -> dict[str, Any]:
     import tracemalloc
 
     from fornax_sched.sched.service import Scheduler
-    from fornax_sched.sched.store import SqliteStore
+    from fornax_sched.sched.store import open_store
 
     tracemalloc.start()
-    store = await SqliteStore.open(db)
+    store = await open_store(str(db))
     sched = Scheduler(store, interval=3600, dead_after=7200, connect=Silent)
     await sched.start()
     await asyncio.sleep(0.2)
