@@ -26,12 +26,13 @@ from ..sched.lang import LangError, parse_policy
 from ..sched.model import NodeFacts, Policy, Request
 from .engine import Limits, LuaProgram
 from .errors import PolicyError, SandboxError
-from .yamlrules import compile_yaml
+from .yamlrules import LUA_KEYWORDS, compile_yaml
 
 MAX_POLICY = 256 << 10  # bytes of policy text
 RULE_WORDS = ("spread", "pack", "affinity", "anti-affinity")
 _YAML_START = re.compile(r"[A-Za-z_][\w.-]*\s*:(\s|$)")  # a mapping key: no Lua statement starts so
 _LUA_LINE = re.compile(r"^policy:(\d+):")
+_LUA_NEWLINE = re.compile(r"\r\n|\n\r|\n|\r")  # a line break as Lua counts lines
 
 
 @dataclass(frozen=True)
@@ -70,18 +71,53 @@ def detect_kind(text: str) -> str:
     return "rules"  # nothing but comments: the default, spread
 
 
+_DEEP = ("C stack overflow", "error in error handling", "stack overflow")
+
+
 def lua_syntax(src: str) -> None:
     """PolicyError naming the line if src is not Lua; parses without running anything."""
     import lupa.lua54 as lua
 
-    rt = lua.LuaRuntime(register_eval=False, register_builtins=False, max_memory=64 << 20)
-    check = rt.eval('function(src) local f, err = load(src, "=policy", "t", {}) return err end')
-    try:
-        err = check(src)
-    except lua.LuaMemoryError:
-        raise PolicyError("the policy is too large to parse") from None
-    if err:
-        raise PolicyError(_LUA_LINE.sub(r"line \1:", str(err)))
+    # Bytes both ways: Lua's messages quote the source byte by byte, a UTF-8
+    # character cut in two included.
+    rt = lua.LuaRuntime(register_eval=False, register_builtins=False, max_memory=64 << 20, encoding=None)
+    # Under pcall, so that an error that is not a syntax error (the parser's own
+    # stack overflowing) comes back as a plain message, without lupa's traceback.
+    check = rt.eval(b'function(src) local ok, f, err = pcall(load, src, "=policy", "t", {}) '
+                    b'if not ok then return f end return err end')
+
+    def error_of(text: str) -> str:
+        try:
+            err = check(text.encode("utf-8", "surrogatepass"))
+        except lua.LuaMemoryError:
+            raise PolicyError("the policy is too large to parse") from None
+        except lua.LuaError as e:
+            return str(e)
+        if isinstance(err, bytes):
+            return err.decode("utf-8", "replace")
+        return str(err or "")
+
+    err = error_of(src)
+    if not err:
+        return
+    if err.startswith(_DEEP):
+        # The parser's C stack ran out (brackets, blocks or operators nested ~200
+        # deep) and Lua does not say where: find the first line where it does.
+        starts = [0] + [m.end() for m in _LUA_NEWLINE.finditer(src)]
+        lo, hi = 1, len(starts)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            end = starts[mid] if mid < len(starts) else len(src)
+            if error_of(src[:end]).startswith(_DEEP):
+                hi = mid
+            else:
+                lo = mid + 1
+        raise PolicyError(f"line {lo}: nested too deeply to parse (Lua allows about 200 levels of brackets, "
+                          "blocks and operators)")
+    if err.startswith("attempt to load a binary chunk"):
+        raise PolicyError("the policy is a binary chunk (compiled Lua, or text starting with ESC): "
+                          "only Lua source is taken")
+    raise PolicyError(_LUA_LINE.sub(r"line \1:", err))
 
 
 def compile_policy(text: str) -> Compiled:
@@ -115,7 +151,8 @@ def _misspelled_rule(text: str) -> str:
         if not line or line.startswith("#"):
             continue
         word = line.split()[0]
-        if re.fullmatch(r"[a-z][a-z-]*", word) and "(" not in line and "=" not in line:
+        if (re.fullmatch(r"[a-z][a-z-]*", word) and word not in LUA_KEYWORDS
+                and not any(ch in line for ch in "=(){}[]\"'")):
             want = ", ".join(RULE_WORDS[:-1]) + " or " + RULE_WORDS[-1]
             return f"line {n}: unknown rule {word!r}: want {want} (nor is it a Lua program)"
         return ""
