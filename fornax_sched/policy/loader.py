@@ -3,16 +3,23 @@
 The file takes three forms, told apart by their first line that says
 anything: text rules (``spread``, ``pack``, ``affinity``, ``anti-affinity``,
 run by the core itself), YAML rules (``scheduler:``, compiled to Lua) and
-Lua (anything else).  A policy becomes active only after it passed two
-checks: its syntax (the error names the line), then a dry run against the
-current cluster in the sandbox that will run it.  On failure nothing is
-started and PolicyError says why, so the old policy stays.
+Lua (anything else).  A policy becomes active only after it passed its
+checks: its syntax (the error names the line), loading in the sandbox that
+will run it (bounded by the load budget), then a dry run against the
+current cluster.  On failure nothing is left running and PolicyError says
+why, in one line, so the old policy stays.
 
-    loaded = load_policy(text, cluster)          # PolicyError: refuse the write
-    if loaded.program is None:                   # text rules
+Loading comes in two steps, so that a scheduler can load on one thread and
+dry-run on the thread that owns its cluster::
+
+    loaded = prepare_policy(text, platform=platform)   # compile, start, load: no cluster
+    dry_run_policy(loaded, cluster)                    # PolicyError: refuse the write
+    if loaded.program is None:                         # text rules
         cluster.set_program(None); cluster.set_policy(loaded.rules)
     else:
         cluster.set_policy(Policy()); cluster.set_program(loaded.program); old.close()
+
+``load_policy(text, cluster, platform=platform)`` does both.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 from ..sched.core import Cluster
 from ..sched.lang import LangError, parse_policy
 from ..sched.model import NodeFacts, Policy, Request
-from .engine import Limits, LuaProgram
+from .engine import Limits, LuaProgram, Platform
 from .errors import PolicyError, SandboxError
 from .yamlrules import LUA_KEYWORDS, compile_yaml
 
@@ -159,26 +166,58 @@ def _misspelled_rule(text: str) -> str:
     return ""
 
 
-def load_policy(text: str, cluster: Cluster, *, limits: Limits | None = None,
-                on_failure: Callable[[str], None] | None = None,
-                on_log: Callable[[str], None] | None = None) -> Loaded:
-    """Compile, start and dry-run a policy against ``cluster`` (unchanged); PolicyError if any step fails."""
+def prepare_policy(text: str, *, platform: Platform | None = None, limits: Limits | None = None,
+                   on_failure: Callable[[str], None] | None = None,
+                   on_log: Callable[[str], None] | None = None) -> Loaded:
+    """Step one of loading: compile the policy, start its sandbox and load it there; no cluster needed.
+
+    Bounded by the limits' load budget (plus the grace, and the interpreter's
+    start if no worker was started ahead), so it may run on any thread.
+    PolicyError (one line) if the policy is refused; nothing is left running.
+    The program is ready for ``dry_run_policy``.
+    """
     c = compile_policy(text)
     if c.kind == "rules":
         return Loaded(c.kind, c.source, c.lua, c.rules, c.name)
-    program = LuaProgram(c.lua, limits=limits, on_failure=on_failure, on_log=on_log)
+    program = LuaProgram(c.lua, limits=limits, platform=platform, on_failure=on_failure, on_log=on_log)
     try:
         program.start()
-        program.dry_run(cluster)
     except PolicyError as e:
         program.close()
-        if c.kind == "yaml":
-            raise PolicyError(f"{e} (in the compiled Lua)") from None
-        raise
+        raise PolicyError(_in_yaml(c, str(e))) from None
     except SandboxError as e:
         program.close()
         raise PolicyError(f"cannot check the policy: {e}") from None
     return Loaded(c.kind, c.source, c.lua, c.rules, c.name, program)
+
+
+def dry_run_policy(loaded: Loaded, cluster: Cluster) -> Loaded:
+    """Step two: dry-run the loaded policy against ``cluster`` (unchanged), on the thread that owns it.
+
+    Each sample decision is bounded as any decision is.  PolicyError (one
+    line) if the policy fails one; its sandbox is then closed.
+    """
+    if loaded.program is None:
+        return loaded
+    try:
+        loaded.program.dry_run(cluster)
+    except PolicyError as e:
+        loaded.program.close()
+        raise PolicyError(_in_yaml(loaded, str(e))) from None
+    return loaded
+
+
+def load_policy(text: str, cluster: Cluster, *, platform: Platform | None = None, limits: Limits | None = None,
+                on_failure: Callable[[str], None] | None = None,
+                on_log: Callable[[str], None] | None = None) -> Loaded:
+    """Both steps: compile, start and dry-run a policy against ``cluster`` (unchanged); PolicyError if any fails."""
+    loaded = prepare_policy(text, platform=platform, limits=limits, on_failure=on_failure, on_log=on_log)
+    return dry_run_policy(loaded, cluster)
+
+
+def _in_yaml(c: Compiled, why: str) -> str:
+    """A refusal of YAML's compiled Lua says so: the line it names is the Lua's."""
+    return f"{why} (in the compiled Lua)" if c.kind == "yaml" else why
 
 
 def sample_cluster() -> Cluster:

@@ -14,7 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fornax_sched.policy import PolicyError, compile_policy
+from fornax_sched.policy import Limits, Platform, PolicyError, compile_policy, load_policy
+from fornax_sched.sched.core import Cluster
+
+from .conftest import small_cluster
 
 REASONS = (
     r"line \d+: \S.*",
@@ -68,6 +71,32 @@ def test_a_policy_nested_too_deeply_is_refused_with_its_line(text: str, line: in
     assert_refusal(str(e.value))
 
 
+def test_refusals_at_each_step_are_one_line(platform: Platform, cluster: Cluster) -> None:
+    cases = [
+        "x" * (300 << 10),  # too large
+        "function decide(ctx)\n  return 1 +\n",  # syntax
+        "error({})\nfunction decide(ctx) end\n",  # a table error at load: the line still named
+        "error('two\\nlines')\n",  # an error message of two lines
+        "error(string.rep('x', 5000))\n",  # a long one
+        "function decide(ctx) error(setmetatable and {} or 'x\\r\\ny') end\n",
+        "function decide(ctx)\n  local function f(n) return f(n + 1) + 1 end\n  return f(1)\nend\n",  # stack
+        "function decide(ctx)\n  local function f() return pcall(f) end\n  f()\n  error('deep')\nend\n",
+        "local s = 'x' while true do s = s .. s end",  # memory at load
+        "function decide(ctx) local s = 'x' while true do s = s .. s end end",  # memory in the dry run
+        "decide = {}\n",
+        "scheduler:\n  rules:\n    - name: x\n      condition: {request.cpus: {gt: many}}\n",
+        "scheduler: [\n",
+        "function decide(ctx) return ctx.nodes[1].name .. 1 end",
+    ]
+    for text in cases:
+        with pytest.raises(PolicyError) as e:
+            load_policy(text, cluster, platform=platform)
+        assert_refusal(str(e.value))
+    with pytest.raises(PolicyError) as e:
+        load_policy("error({})\nfunction decide(ctx) end\n", cluster, platform=platform)
+    assert str(e.value) == "line 1: an error with a table value"
+
+
 # Pieces of Lua, and of things that are not Lua, to make odd texts from.
 PIECES = ["{", "}", "(", ")", "[[", "]]", "[=[", "]=]", "--", "--[[", '"', "'", "\\", "\n", "\r", "\r\n", "\x00",
           "\v", "\f", "\u2028", "é", "function decide(ctx)", "function score(n)", "end", "return", "local x = ",
@@ -78,6 +107,21 @@ texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=4),
                            st.integers(1, 400).map(lambda n: "{" * n), st.integers(1, 400).map(lambda n: "(" * n)),
                  max_size=30).map("".join)
 
+# Programs that pass the syntax check, to reach loading and the dry run.
+BODIES = ["error('boom')", "error({})", "error()", "error(nil)", "error(1.5)", "return 'node-9'", "return 42",
+          "return {}", "return nil, 'waiting'", "return {unschedulable = 1}", "local t = ctx.nodes[1].a.b",
+          "while true do end", "local s = 'x' while true do s = s .. s end", "return ctx.nodes[1]",
+          "local function f() return f() + 1 end f()", "local function f() pcall(f) end f() error('after')",
+          "local t = {table.unpack({}, 1, 1e7)}", "string.rep('a', 300):find('.-.-.-b')", "return 'node-1', 7",
+          "x = {" + "{" * 150 + "}" * 150 + "}", "error(string.rep('\\n', 3))", "return {1, 2}", ""]
+programs = st.builds(
+    lambda top, body, tail: f"{top}\nfunction decide(ctx)\n  {body}\nend\n{tail}",
+    st.sampled_from(["", "x = 1", "error('at load')", "while true do end", "decide = 3", "local t = {}"] + BODIES[:4]),
+    st.sampled_from(BODIES),
+    st.sampled_from(["", "filter = 1", "function score(n) return 'x' end", "score = {}"]),
+)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=texts)
 def test_odd_texts_are_refused_in_one_line(text: str) -> None:
@@ -85,3 +129,19 @@ def test_odd_texts_are_refused_in_one_line(text: str) -> None:
         compile_policy(text)
     except PolicyError as e:
         assert_refusal(str(e))
+
+
+FAST = Limits(deadline=0.02, load=0.05)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(programs, texts))
+def test_odd_programs_are_refused_in_one_line(platform: Platform, text: str) -> None:
+    try:
+        loaded = load_policy(text, small_cluster(), platform=platform, limits=FAST)
+    except PolicyError as e:
+        assert_refusal(str(e))
+    else:
+        if loaded.program is not None:
+            loaded.program.close()
