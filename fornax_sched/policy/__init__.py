@@ -8,7 +8,7 @@ by every policy), then for what was written to the policy file calls
 fornax_sched.policy.loader and the manual page policy(5).
 """
 
-from .engine import Limits, LuaProgram, Platform, platform_path, platform_source, sample_requests
+from .engine import Budget, Limits, LuaProgram, Platform, platform_path, platform_source, sample_requests
 from .errors import PolicyError, SandboxError, SandboxTimeout
 from .loader import (
     Compiled,
@@ -23,7 +23,7 @@ from .loader import (
 from .yamlrules import compile_yaml
 
 __all__ = [
-    "Compiled", "Limits", "Loaded", "LuaProgram", "Platform", "PolicyError", "SandboxError",
+    "Budget", "Compiled", "Limits", "Loaded", "LuaProgram", "Platform", "PolicyError", "SandboxError",
     "SandboxTimeout", "compile_policy", "compile_yaml", "detect_kind", "dry_run_policy", "load_policy",
     "platform_path", "platform_source", "prepare_policy", "sample_cluster", "sample_requests",
 ]

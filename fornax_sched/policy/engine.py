@@ -12,7 +12,8 @@ Two kinds of sandbox, two processes:
 - ``Platform``: the platform policy (platform.lua) alone, started once and
   shared by every user policy and version (restarted on its own if it dies).
   It decides whenever a user's policy does not: an error, a timeout, a kill,
-  running out of memory, a bad answer, or a policy that would not load.  No user policy can make it
+  running out of memory, a bad answer, a policy that would not load, or a
+  command whose policy budget is spent.  No user policy can make it
   unavailable.  Only when it cannot answer either does the core's native
   built-in spread decide.
 - ``LuaProgram``: a user's policy, in a sandbox of its own (which also holds
@@ -64,11 +65,12 @@ from .errors import PolicyError, SandboxError, SandboxTimeout
 WORKER = Path(__file__).with_name("worker.py")
 PLATFORM_NAME = "platform.lua"
 INLINE_NODES = 64  # deltas larger than this go in a sync message of their own, outside the deadline
+PLATFORM_TRIES = 2  # platform failures in one command before the built-in decides the rest of it
 _ENV_KEPT = ("PATH", "HOME", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE",
              "VIRTUAL_ENV")
 
-COUNTERS = ("decisions", "errors", "timeouts", "memory", "bad_returns", "sandbox", "fallbacks", "builtin",
-            "restarts")
+COUNTERS = ("decisions", "errors", "timeouts", "memory", "bad_returns", "sandbox", "fallbacks", "handed_over",
+            "builtin", "restarts")
 _COUNTER = {"error": "errors", "syntax": "errors", "load": "errors", "timeout": "timeouts", "memory": "memory",
             "bad": "bad_returns", "sandbox": "sandbox"}
 _CAUSE = {"error": "failed", "syntax": "failed", "load": "would not load", "timeout": "timed out",
@@ -86,6 +88,7 @@ class Limits:
     count: int = 10000  # Lua instructions between the hook's looks at the clock
     fail_limit: int = 5  # failures in a row before the policy is reported failing
     load: float | None = None  # seconds the policy's top-level code may run as it loads; None: load_budget
+    command: float = 1.0  # seconds of policy time one command's decisions share (LuaProgram.budget)
 
     @property
     def load_budget(self) -> float:
@@ -442,14 +445,14 @@ class _View:
         return False, nodes, gone
 
 
-def _ask(box: Sandbox, view: _View, name: str, req: Request, exclude: Iterable[str],
-         limits: Limits) -> dict[str, Any]:
-    """One decision by box's policy for view's cluster: the reply.
+def _ask(box: Sandbox, view: _View, name: str, req: Request, exclude: Iterable[str], limits: Limits,
+         cap: float | None = None) -> tuple[dict[str, Any], bool]:
+    """One decision by box's policy for view's cluster: (the reply, whether cap bounded its deadline).
 
     A large delta goes first in a sync of its own, outside the deadline; the
-    deadline (now + limits.deadline) is an absolute time the sandbox stops
-    the policy at, and the worker is killed at it plus the grace.
-    SandboxTimeout / SandboxError (and box closed) if no answer comes.
+    deadline (now + limits.deadline, or cap if earlier) is an absolute time
+    the sandbox stops the policy at, and the worker is killed at it plus the
+    grace.  SandboxTimeout / SandboxError (and box closed) if no answer comes.
     """
     full, nodes, gone = view.delta(box)
     if full or len(nodes) + len(gone) > INLINE_NODES:
@@ -460,9 +463,23 @@ def _ask(box: Sandbox, view: _View, name: str, req: Request, exclude: Iterable[s
             raise SandboxError("the sandbox took too long to copy the cluster") from None
         nodes, gone = [], []
     end = time.monotonic() + limits.deadline
+    capped = cap is not None and cap < end
+    if cap is not None and capped:
+        end = cap
     head = json.dumps({"op": "decide", "c": name, "x": sorted(exclude), "end": end, "full": False, "gone": gone})
     msg = (head[:-1] + ',"r":' + encode_request(req) + ',"nodes":[' + ",".join(nodes) + "]}\n").encode()
-    return box.call(msg, end + limits.grace)
+    try:
+        return box.call(msg, end + limits.grace), capped
+    except SandboxTimeout:
+        raise _Killed(capped) from None
+
+
+class _Killed(SandboxTimeout):
+    """No answer by the deadline and the grace: the worker was killed (capped: the deadline was a budget's end)."""
+
+    def __init__(self, capped: bool) -> None:
+        super().__init__("no answer")
+        self.capped = capped
 
 
 # ---------------------------------------------------------------- the platform policy, apart
@@ -541,7 +558,7 @@ class Platform:
             except PolicyError as e:
                 raise SandboxError(str(e)) from None
             try:
-                reply = _ask(box, view, name, req, exclude, self.limits)
+                reply, _ = _ask(box, view, name, req, exclude, self.limits)
                 if reply.get("fail") == "memory":  # its state was dropped: load it again, for the next one
                     box.reload(self.limits)
             except (SandboxError, _LoadFailed) as e:
@@ -563,6 +580,50 @@ class Platform:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- a command's budget
+
+
+@dataclass
+class Budget:
+    """One command's time for the user's policy, shared by all its decisions (``LuaProgram.budget``).
+
+    Once ``end`` (time.monotonic) has passed, the command's remaining
+    decisions go straight to the platform policy, without asking the user's
+    sandbox; ``handed_over`` counts them (and a decision the budget's end cut
+    short).  If the platform's process cannot answer either (twice in the
+    command), the built-in spread decides the rest (``builtin``).
+    """
+
+    seconds: float
+    end: float
+    decisions: int = 0  # decisions made under this budget
+    handed_over: int = 0  # of which the platform policy (or, failing it, the built-in) made for want of time
+    builtin: int = 0  # of those, decided by the built-in spread
+    platform_failures: int = 0  # times the platform's process could not answer in this command
+    platform_down: bool = False  # it failed PLATFORM_TRIES times: the built-in decides the rest
+
+    def spent(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def note(self) -> str:
+        return f"the command's policy budget of {_ms(self.seconds)} was spent"
+
+    def line(self) -> str:
+        """"" if the budget lasted, else one line for the log, e.g. "policy budget spent after 37 of 1000
+        decisions; the platform policy decided the rest"."""
+        if not self.handed_over:
+            return ""
+        asked = self.decisions - self.handed_over
+        if not self.builtin:
+            rest = "the platform policy decided the rest"
+        elif self.builtin == self.handed_over:
+            rest = "the built-in spread decided the rest (the platform policy could not)"
+        else:
+            rest = (f"the platform policy decided {self.handed_over - self.builtin} of the rest and the built-in "
+                    f"spread {self.builtin}")
+        return f"policy budget of {_ms(self.seconds)} spent after {asked} of {self.decisions} decisions; {rest}"
 
 
 # ---------------------------------------------------------------- the program
@@ -599,6 +660,7 @@ class LuaProgram:
         self._retry_at = 0.0
         self._backoff = 0.5
         self._view = _View()
+        self._budget: Budget | None = None
         self._closed = False
 
     # ------------------------------------------------------------ life
@@ -670,6 +732,31 @@ class LuaProgram:
             self.logs.extend(saved[5])
             self.on_failure, self.on_log = saved[6], saved[7]
 
+    @contextlib.contextmanager
+    def budget(self, seconds: float | None = None, *, until: float | None = None) -> Iterator[Budget]:
+        """Share ``seconds`` (or until the time.monotonic ``until``) among the decisions made inside.
+
+        Each decision still has its own deadline, cut to the budget's end; once
+        the budget is spent the rest go to the platform policy without asking
+        the user's sandbox, each Decision's reason saying so, and the Budget
+        yielded counts them (``handed_over``, ``line()`` for the log).  Nested,
+        a budget cannot outlast the one it is in.
+        """
+        start = time.monotonic()
+        if until is None:
+            if seconds is None:
+                raise ValueError("budget: give seconds or until")
+            until = start + seconds
+        outer = self._budget
+        if outer is not None:
+            until = min(until, outer.end)
+        b = Budget(seconds if seconds is not None else max(0.0, until - start), until)
+        self._budget = b
+        try:
+            yield b
+        finally:
+            self._budget = outer
+
     def _ready_box(self) -> Sandbox:
         """The user's sandbox, started again (the policy loaded anew) if it was lost."""
         box = self._box
@@ -708,16 +795,23 @@ class LuaProgram:
     def decide(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str]) -> Decision:
         self.counters["decisions"] += 1
         self._view.refresh(cluster, self)
+        b = self._budget
+        if b is not None:
+            b.decisions += 1
         if self.lua is None:
             return self._platform(cluster, name, req, exclude, None)
+        if b is not None and b.spent():
+            return self._hand_over(cluster, name, req, exclude, b)
         try:
             box = self._ready_box()
-            reply = _ask(box, self._view, name, req, exclude, self.limits)
+            reply, capped = _ask(box, self._view, name, req, exclude, self.limits, b.end if b else None)
         except _LoadFailed as e:
             self._failed("load", _load_words(e.kind, e.why, self.limits))
             return self._platform(cluster, name, req, exclude, "load")
-        except SandboxTimeout:
+        except SandboxTimeout as e:
             self._lost()
+            if isinstance(e, _Killed) and e.capped and b is not None:
+                return self._hand_over(cluster, name, req, exclude, b)
             self._failed("timeout", f"no answer within {_ms(self.limits.deadline)} (stuck in one long call?); "
                                     "the sandbox was restarted")
             return self._platform(cluster, name, req, exclude, "timeout")
@@ -731,6 +825,8 @@ class LuaProgram:
         if fail:
             if fail == "memory":
                 self._reload()
+            if fail == "timeout" and capped and b is not None:
+                return self._hand_over(cluster, name, req, exclude, b)
             self._failed(fail, reply.get("fail_why", ""))
             return self._platform(cluster, name, req, exclude, fail)
         node = reply.get("node")
@@ -755,10 +851,20 @@ class LuaProgram:
         except (SandboxError, _LoadFailed):
             self._lost()
 
-    def _platform(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str],
-                  cause: str | None) -> Decision:
+    def _hand_over(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str], b: Budget) -> Decision:
+        """The command's budget is spent: the platform decides, and the budget counts it."""
+        b.handed_over += 1
+        self.counters["handed_over"] += 1
+        return self._platform(cluster, name, req, exclude, None, b.note())
+
+    def _platform(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str], cause: str | None,
+                  note: str | None = None) -> Decision:
         """The platform policy's decision, from its own sandbox (cause: why the user's policy did not decide)."""
-        note = f"the policy {_CAUSE.get(cause, 'failed')}" if cause is not None else None
+        if cause is not None:
+            note = f"the policy {_CAUSE.get(cause, 'failed')}"
+        b = self._budget
+        if b is not None and b.platform_down:
+            return self._builtin(cluster, name, req, exclude, "", note)
         try:
             reply = self.platform.decide(self._view, name, req, exclude)
         except SandboxError as e:
@@ -782,11 +888,19 @@ class LuaProgram:
 
     def _builtin(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str], why: str,
                  note: str | None = None) -> Decision:
-        """The core's own spread: the platform's process could not answer (why)."""
+        """The core's own spread: the platform's process could not answer (why; "" if already told)."""
         self.counters["builtin"] += 1
-        line = f"{why}; the built-in spread decided"
-        self.recent.append(line)
-        _tell(self.on_failure, line)
+        b = self._budget
+        if b is not None:
+            if note is not None and note == b.note():
+                b.builtin += 1
+            if why:  # the platform failed again in this command: the rest go straight to the built-in
+                b.platform_failures += 1
+                b.platform_down = b.platform_failures >= PLATFORM_TRIES
+        if why:
+            line = f"{why}; the built-in spread decided"
+            self.recent.append(line)
+            _tell(self.on_failure, line)
         d = cluster.decide_builtin(name, req, exclude)
         return Decision(d.name, d.node, f"{d.reason} (built-in: the platform policy could not decide"
                         + (f"; {note}" if note else "") + ")", d.candidates)
@@ -836,7 +950,7 @@ class LuaProgram:
                 else:
                     if self._box is None or not self._box.usable():
                         raise SandboxError("the policy's sandbox is not running")
-                    reply = _ask(self._box, self._view, name, req, frozenset(), self.limits)
+                    reply, _ = _ask(self._box, self._view, name, req, frozenset(), self.limits)
             except SandboxTimeout:
                 raise PolicyError(f"dry run: no answer within {_ms(self.limits.deadline)} "
                                   "(stuck in one long call?)") from None

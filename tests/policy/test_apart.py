@@ -1,5 +1,5 @@
-"""The platform policy in a sandbox of its own, one clock for deadlines, and loading in two
-bounded steps.
+"""The platform policy in a sandbox of its own, one clock for deadlines, loading in two bounded
+steps, and a command's shared budget.
 
 No test here measures how long anything takes (bench/policy_bounds_bench.py does): a stop by
 the hook shows as a timeout without a restart, a kill as a restart, and a bound as a test
@@ -294,6 +294,95 @@ def test_a_worker_is_kept_started_ahead(platform: Platform) -> None:
     finally:
         assert loaded.program is not None
         loaded.program.close()
+
+
+# ---------------------------------------------------------------- 7. a command's budget
+
+
+def _cluster_of(n: int) -> Cluster:
+    c = Cluster()
+    for i in range(n):
+        c.add_node(NodeFacts(f"node-{i:02d}", 64, 64 * G))
+    return c
+
+
+@pytest.mark.parametrize(("body", "least_per_decision"), [("while true do end", 0.05),
+                                                          (FOREVER, 0.05 + 0.015)], ids=["stopped", "killed"])
+def test_a_command_shares_one_budget(body: str, least_per_decision: float, make: Make) -> None:
+    """A stalling policy under a place of many replicas: once the command's budget is spent, the
+    rest go straight to the platform, each saying so, and the budget counts them.  Every decision
+    asked of the policy takes at least its deadline (the hook stops it there by the clock; a kill
+    comes at the deadline and the grace), which bounds how many the budget lets through."""
+    c = _cluster_of(8)
+    p = make(decide_body(body))
+    c.set_program(p)
+    names = [f"w-{i}" for i in range(40)]
+    with p.budget(0.3) as b:
+        decisions = c.simulate(names, PLAIN)
+    asked = b.decisions - b.handed_over
+    assert b.decisions == 40 and 1 <= asked <= int(0.3 / least_per_decision) + 1, (asked, b)
+    assert p.counters["handed_over"] == b.handed_over and p.counters["timeouts"] == asked
+    spent = [d for d in decisions if d.reason.endswith("; the command's policy budget of 300 ms was spent)")]
+    assert len(spent) == b.handed_over and all(d.reason.startswith("platform: node-") for d in spent)
+    assert all(d.reason.endswith("the policy timed out)") for d in decisions if d not in spent)
+    assert len({d.node for d in decisions}) == 8  # spread: the platform still decides well
+    assert b.line() == (f"policy budget of 300 ms spent after {asked} of 40 decisions; "
+                        "the platform policy decided the rest")
+    assert p.counters["builtin"] == 0
+    # the next command has a budget of its own
+    with p.budget(0.2) as again:
+        c.decide("one-more", PLAIN)
+    assert again.decisions == 1 and again.handed_over == 0 and again.line() == ""
+
+
+def test_a_budget_that_lasts_hands_nothing_over(make: Make) -> None:
+    c = _cluster_of(4)
+    p = make("function decide(ctx) return pick(ctx, nil, by.most_loaded).name, 'packed' end")
+    c.set_program(p)
+    with p.budget(30) as b:
+        decisions = c.simulate([f"x-{i}" for i in range(50)], PLAIN)
+    assert b.decisions == 50 and b.handed_over == 0 and b.line() == ""
+    assert {d.reason for d in decisions} == {f"policy: {decisions[0].node} (packed)"}
+    with pytest.raises(ValueError):
+        with p.budget():
+            pass
+
+
+def test_a_spent_budget_and_no_platform_leaves_the_rest_to_the_builtin(cluster: Cluster) -> None:
+    with Platform() as platform, LuaProgram(decide_body("while true do end"), platform=platform) as p:
+        p.start()
+        cluster.set_program(p)
+        platform.start()
+        platform.source = "error('broken')"
+        os.kill(pid(platform), signal.SIGKILL)
+        with p.budget(0.12) as b:
+            decisions = cluster.simulate([f"w-{i}" for i in range(20)], PLAIN)
+        assert b.handed_over >= 17 and b.builtin == b.handed_over
+        assert b.line().endswith("; the built-in spread decided the rest (the platform policy could not)")
+        assert all("(built-in: the platform policy could not decide" in d.reason for d in decisions)
+        # told twice (then the built-in decides the rest without asking), not once a decision
+        assert sum("platform policy unavailable" in line for line in p.recent) == 2
+
+
+def test_a_simulation_with_a_budget_counts_for_nothing(make: Make) -> None:
+    c = _cluster_of(4)
+    p = make(decide_body("while true do end"))
+    c.set_program(p)
+    before = dict(p.counters)
+    with p.aside(), p.budget(0.1) as b:
+        c.simulate([f"s-{i}" for i in range(10)], PLAIN)
+    assert b.handed_over >= 7 and p.counters == before
+
+
+def test_nested_budgets_end_with_the_outer(make: Make) -> None:
+    p = make("function decide(ctx) end")
+    with p.budget(0.5) as outer, p.budget(100) as inner:
+        assert inner.end == outer.end
+        assert p._budget is inner
+    assert p._budget is None
+    end = time.monotonic() + 5
+    with p.budget(until=end) as b:
+        assert b.end == end and 0 < b.seconds <= 5
 
 
 def test_a_platform_policy_out_of_memory_is_loaded_again(cluster: Cluster) -> None:
