@@ -136,7 +136,9 @@ def test_only_when_the_platforms_process_cannot_answer_does_the_builtin_decide(c
         p.start()
         platform.start()
         platform.source = "error('the platform is broken')"  # its next start will not load
-        os.kill(pid(platform), signal.SIGKILL)
+        dead = pid(platform)
+        os.kill(dead, signal.SIGKILL)
+        os.waitpid(dead, 0)  # dead before the next decision, not dying during it
         d = p.decide(cluster, "a", PLAIN, frozenset())
         assert d.node == cluster.decide_builtin("a", PLAIN).node
         assert d.reason.endswith("(built-in: the platform policy could not decide; the policy failed)"), d
@@ -354,7 +356,9 @@ def test_a_spent_budget_and_no_platform_leaves_the_rest_to_the_builtin(cluster: 
         cluster.set_program(p)
         platform.start()
         platform.source = "error('broken')"
-        os.kill(pid(platform), signal.SIGKILL)
+        dead = pid(platform)
+        os.kill(dead, signal.SIGKILL)
+        os.waitpid(dead, 0)  # dead before the next decision, not dying during it
         with p.budget(0.12) as b:
             decisions = cluster.simulate([f"w-{i}" for i in range(20)], PLAIN)
         assert b.handed_over >= 17 and b.builtin == b.handed_over
