@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,14 @@ def simulate(text: str, cluster: Cluster, where: str, words: list[str]) -> int:
             cluster.set_program(loaded.program)
         names = _names(cluster, req.name or req.image, req.replicas, exact=bool(req.name and req.replicas == 1))
         print(f"simulate {lang.format_place(req)} on {where}:")
-        for d in cluster.simulate(names, req):
+        program = loaded.program
+        # One command: its decisions share the policy's budget, as they would in the scheduler.
+        with program.budget(program.limits.command) if program else contextlib.nullcontext() as b:
+            decisions = cluster.simulate(names, req)
+        for d in decisions:
             print(d.line())
+        if b is not None and b.line():
+            print(b.line())
     finally:
         if loaded.program is not None:
             loaded.program.close()

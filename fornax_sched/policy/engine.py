@@ -1,22 +1,40 @@
-"""Lua policies for the core's Program hook, run in a sandbox process.
+"""Lua policies for the core's Program hook, each in a sandbox process of its own.
 
-The policy runs in a worker process (worker.py, sandbox.lua) that the
+A policy runs in a worker process (worker.py, sandbox.lua) that the
 scheduler can kill: that is the only way to bound one long call inside a C
 function, such as a pattern match that backtracks for minutes.  Inside the
 worker a count hook stops ordinary loops at the deadline without a kill, and
-a memory cap stops allocation; the scheduler kills and restarts the worker
-when no answer comes within the deadline and a small grace.
+a memory cap stops allocation; the scheduler kills the worker when no answer
+comes by the deadline and a small grace, and starts another.
 
-The worker keeps its own copy of the cluster.  Each decision sends only the
-nodes that changed since the last one (the core names them in
-``cluster.changed``), as JSON kept per node, so a decision at 1,000 nodes
-costs a small message and the policy's own run.
+Two kinds of sandbox, two processes:
 
-Whatever the policy does wrong (an error, a timeout, running out of memory,
-an answer that names no feasible node) the platform policy (platform.lua, in
-the same sandbox) decides instead, and the failure is counted, kept in
-``recent`` and passed to ``on_failure``.  Only when the sandbox itself cannot
-run does the native built-in spread decide.
+- ``Platform``: the platform policy (platform.lua) alone, started once and
+  shared by every user policy and version (restarted on its own if it dies).
+  It decides whenever a user's policy does not: an error, a timeout, a kill,
+  running out of memory, a bad answer, a policy that would not load, or a
+  command whose policy budget is spent.  No user policy can make it
+  unavailable.  Only when it cannot answer either does the core's native
+  built-in spread decide.
+- ``LuaProgram``: a user's policy, in a sandbox of its own (which also holds
+  platform.lua, as the library behind ``platform.decide(ctx)``).
+
+One clock: every time limit is an absolute time on CLOCK_MONOTONIC
+(``time.monotonic``, the same clock in both processes on Linux), sent with
+the message.  The hook stops the policy at that time; the scheduler kills
+the worker at that time plus the grace.  The time a message waits in the
+pipe counts, and a loaded machine slows the policy and its deadline alike.
+
+Each sandbox keeps its own copy of the cluster.  Each decision sends only
+the nodes that changed since that sandbox's last decision (the core names
+them in ``cluster.changed``), as JSON kept per node, so a decision at 1,000
+nodes costs a small message and the policy's own run.
+
+Threads: a LuaProgram is used from one thread at a time (the scheduler's
+decider thread); its callbacks are called from that thread.  Loading a
+program (``start``) needs no cluster and may run on another thread before
+the program is handed over.  A Platform may be shared between threads: it
+serialises its own use.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ import select
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import weakref
 from collections import deque
@@ -46,26 +65,37 @@ from .errors import PolicyError, SandboxError, SandboxTimeout
 WORKER = Path(__file__).with_name("worker.py")
 PLATFORM_NAME = "platform.lua"
 INLINE_NODES = 64  # deltas larger than this go in a sync message of their own, outside the deadline
+PLATFORM_TRIES = 2  # platform failures in one command before the built-in decides the rest of it
 _ENV_KEPT = ("PATH", "HOME", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE",
              "VIRTUAL_ENV")
 
-COUNTERS = ("decisions", "errors", "timeouts", "memory", "bad_returns", "sandbox", "fallbacks", "builtin", "restarts")
-_COUNTER = {"error": "errors", "syntax": "errors", "timeout": "timeouts", "memory": "memory", "bad": "bad_returns",
-            "sandbox": "sandbox"}
-_CAUSE = {"error": "failed", "syntax": "failed", "timeout": "timed out", "memory": "ran out of memory",
-          "bad": "gave a bad answer", "sandbox": "could not run"}
+COUNTERS = ("decisions", "errors", "timeouts", "memory", "bad_returns", "sandbox", "fallbacks", "handed_over",
+            "builtin", "restarts")
+_COUNTER = {"error": "errors", "syntax": "errors", "load": "errors", "timeout": "timeouts", "memory": "memory",
+            "bad": "bad_returns", "sandbox": "sandbox"}
+_CAUSE = {"error": "failed", "syntax": "failed", "load": "would not load", "timeout": "timed out",
+          "memory": "ran out of memory", "bad": "gave a bad answer", "sandbox": "could not run"}
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What a policy may use per decision."""
+    """What a policy may use per decision, and to load."""
 
     deadline: float = 0.050  # seconds a policy may run per decision
-    grace: float = 0.015  # more wall time before the sandbox is killed (IPC, the platform's turn)
+    grace: float = 0.015  # more wall time before the sandbox is killed (the answer's way back)
     memory: int = 64 << 20  # bytes of Lua memory for the policy, beyond the sandbox's copy of the cluster
-    startup: float = 5.0  # seconds for a sandbox to start, load the policy or take a full copy of the cluster
+    startup: float = 5.0  # seconds for a worker's interpreter to start, or to take a full copy of the cluster
     count: int = 10000  # Lua instructions between the hook's looks at the clock
     fail_limit: int = 5  # failures in a row before the policy is reported failing
+    load: float | None = None  # seconds the policy's top-level code may run as it loads; None: load_budget
+    command: float = 1.0  # seconds of policy time one command's decisions share (LuaProgram.budget)
+
+    @property
+    def load_budget(self) -> float:
+        """Seconds to load a policy: ``load`` if given, else five deadlines and at least 250 ms (at most startup)."""
+        if self.load is not None:
+            return self.load
+        return min(max(0.25, 5 * self.deadline), max(self.startup, 0.25))
 
 
 def platform_path() -> Path:
@@ -90,6 +120,13 @@ def platform_path() -> Path:
 def platform_source() -> str:
     """The platform policy's Lua source, as shipped."""
     return platform_path().read_text()
+
+
+def _ms(seconds: float) -> str:
+    """A duration as people write it: 50 ms, 1s, 1.5s."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)} ms"
+    return f"{seconds:g}s"
 
 
 # ---------------------------------------------------------------- what crosses to the worker
@@ -141,18 +178,24 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
             f.close()
 
 
-class Sandbox:
-    """One worker process holding the platform policy and, optionally, a user policy.
+class _LoadFailed(Exception):
+    """The policy did not load in a fresh sandbox: (kind, why), as the worker said, or a timeout."""
 
-    Calls are synchronous and bounded: every read and write waits at most
-    until its deadline, and on any failure the process is killed, so a
-    Sandbox that raised is dead and a new one must be started.
+    def __init__(self, kind: str, why: str) -> None:
+        super().__init__(why)
+        self.kind, self.why = kind, why
+
+
+class Sandbox:
+    """One worker process running one policy.
+
+    Calls are synchronous and bounded by an absolute end on time.monotonic:
+    every read and write waits at most until then, and on any failure the
+    process is killed, so a Sandbox that raised is dead and a new one must
+    be started.
     """
 
-    def __init__(self, platform: str, policy: str | None, limits: Limits) -> None:
-        self.limits = limits
-        self._init = json.dumps({"op": "init", "platform": platform, "policy": policy, "deadline": limits.deadline,
-                                 "count": limits.count, "memory": limits.memory}).encode() + b"\n"
+    def __init__(self) -> None:
         # -P: nothing next to worker.py shadows a module.  The environment carries
         # only what finds Python and its packages: the sandbox needs no more.
         env = {k: v for k, v in os.environ.items() if k in _ENV_KEPT}
@@ -172,27 +215,59 @@ class Sandbox:
         self._writable.register(self._in, select.POLLOUT)
         self._buf = bytearray()
         self._finalizer = weakref.finalize(self, _reap, self.proc)
-        self.loaded: dict[str, Any] | None = None  # the init reply
-        self.mirror: weakref.ref[Cluster] | None = None  # the active cluster its copy follows
-        self.snapshot: weakref.ref[Cluster] | None = None  # or the cluster it last copied whole
+        self.started = False  # the interpreter said it is ready
+        self.defined = ""  # what the loaded policy defines
+        self.follows: object | None = None  # the token of the view (_View) whose copy of a cluster it holds
         self.alive = True
 
-    def ready(self) -> dict[str, Any]:
-        """Load the policies (once); the worker's answer: {"ok": true, "defined": ...} or why not."""
-        if self.loaded is None:
-            try:
-                reply = self._exchange(self._init, self.limits.startup + self.limits.deadline)
-            except SandboxTimeout:
-                raise SandboxError("the sandbox did not start in time") from None
-            if "crash" in reply:
-                self.close()
-                raise SandboxError(f"the sandbox failed to start: {reply['crash']}")
-            self.loaded = reply
-        return self.loaded
+    def usable(self) -> bool:
+        return self.alive and self.proc.poll() is None
 
-    def call(self, data: bytes, timeout: float) -> dict[str, Any]:
-        self.ready()
-        reply = self._exchange(data, timeout)
+    def wait_started(self, timeout: float) -> None:
+        """Wait (at most timeout seconds) for the interpreter to say it is ready."""
+        if self.started:
+            return
+        try:
+            reply = self._exchange(b"", time.monotonic() + timeout)
+        except SandboxTimeout:
+            raise SandboxError("the sandbox did not start in time") from None
+        if not reply.get("ready"):
+            self.close()
+            raise SandboxError(f"the sandbox failed to start: {reply.get('crash', reply)}")
+        self.started = True
+
+    def load(self, platform: str, policy: str | None, limits: Limits) -> None:
+        """Load the policy (None: the platform policy itself) within limits.load_budget.
+
+        _LoadFailed if it does not (the sandbox then is closed); SandboxError if the process fails.
+        """
+        budget = limits.load_budget
+        end = time.monotonic() + budget
+        msg = json.dumps({"op": "init", "platform": platform, "policy": policy, "end": end,
+                          "deadline": limits.deadline, "load": budget, "count": limits.count,
+                          "memory": limits.memory}).encode() + b"\n"
+        try:
+            reply = self.call(msg, end + limits.grace)
+        except SandboxTimeout:
+            raise _LoadFailed("timeout", f"did not load within {_ms(budget)} (stuck in one long call?)") from None
+        if not reply.get("ok"):
+            self.close()
+            raise _LoadFailed(str(reply.get("kind") or "error"), str(reply.get("error") or "it did not load"))
+        self.defined = str(reply.get("defined") or "")
+
+    def reload(self, limits: Limits) -> None:
+        """Load the policy again after it ran out of memory; _LoadFailed or SandboxError (and closed) if not."""
+        end = time.monotonic() + limits.load_budget
+        try:
+            reply = self.call(json.dumps({"op": "reload", "end": end}).encode() + b"\n", end + limits.grace)
+        except SandboxTimeout:
+            raise _LoadFailed("timeout", "did not load again in time") from None
+        if not reply.get("ok"):
+            self.close()
+            raise _LoadFailed(str(reply.get("kind") or "error"), str(reply.get("error") or "it did not load"))
+
+    def call(self, data: bytes, end: float) -> dict[str, Any]:
+        reply = self._exchange(data, end)
         if "crash" in reply:
             self.close()
             raise SandboxError(f"the sandbox failed: {reply['crash']}")
@@ -203,10 +278,9 @@ class Sandbox:
         self._finalizer()
 
     # ------------------------------------------------------------ the pipe
-    def _exchange(self, data: bytes, timeout: float) -> dict[str, Any]:
+    def _exchange(self, data: bytes, end: float) -> dict[str, Any]:
         if not self.alive:
             raise SandboxError("the sandbox is closed")
-        end = time.monotonic() + timeout
         try:
             self._write(data, end)
             return self._read(end)
@@ -256,24 +330,323 @@ class Sandbox:
         return f": {text.splitlines()[-1]}" if text else ""
 
 
+class Launcher:
+    """Starts worker processes, keeping one started ahead (once asked to) so that a new
+    sandbox does not wait for Python and lupa to start: only for its policy to load."""
+
+    def __init__(self, limits: Limits, spare: bool = True) -> None:
+        self.limits = limits
+        self.spare = spare  # keep one started ahead
+        self._lock = threading.Lock()
+        self._ahead: Sandbox | None = None
+        self._closed = False
+
+    def take(self) -> Sandbox:
+        """A worker whose interpreter is up; SandboxError if none starts within limits.startup."""
+        with self._lock:
+            if self._closed:
+                raise SandboxError("the sandboxes are closed")
+            box, self._ahead = self._ahead, None
+            if box is not None and not box.usable():
+                box.close()
+                box = None
+            if box is None:
+                box = Sandbox()
+            if self.spare:
+                try:
+                    self._ahead = Sandbox()
+                except SandboxError:
+                    pass
+        try:
+            box.wait_started(self.limits.startup)
+        except SandboxError:
+            box.close()
+            raise
+        return box
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._ahead is not None:
+                self._ahead.close()
+            self._ahead = None
+
+
+# ---------------------------------------------------------------- a program's copy of a cluster
+
+
+class _View:
+    """The JSON of every node of the cluster a program decides for, and what each sandbox holds of it.
+
+    ``token`` names this copy: a sandbox whose ``follows`` is the token holds
+    it up to the names pending for it here; any other sandbox (a new one, or
+    one another program used meanwhile) is sent the whole copy.
+    """
+
+    def __init__(self) -> None:
+        self.cache: dict[str, str] = {}
+        self.token = object()
+        self._tracking: weakref.ref[Cluster] | None = None  # the active cluster whose changes we follow
+        self._changed: set[str] | None = None  # the set we left in cluster.changed
+        self._snapshot: weakref.ref[Cluster] | None = None  # or the cluster we last copied whole
+        self._pending: weakref.WeakKeyDictionary[Sandbox, set[str]] = weakref.WeakKeyDictionary()
+
+    def refresh(self, cluster: Cluster, program: object, again: bool = False) -> None:
+        """Bring the copy up to date with ``cluster``.
+
+        If ``program`` is the cluster's program, the copy follows
+        ``cluster.changed`` (and clears it); otherwise (a dry run, a
+        simulation on a copy) the cluster is copied whole, unless ``again``
+        says it has not changed since the last call.
+        """
+        if cluster.program is not program:
+            self._tracking = None
+            if again and self._snapshot is not None and self._snapshot() is cluster:
+                return
+            self._reset({name: encode_node(cluster, n) for name, n in cluster.nodes.items()})
+            self._snapshot = weakref.ref(cluster)
+            return
+        self._snapshot = None
+        # set_program() installs a new set naming every node; ours still there
+        # means every change since our last look is in it.
+        continuous = (self._tracking is not None and self._tracking() is cluster
+                      and cluster.changed is self._changed)
+        changed = cluster.changed
+        cluster.changed = self._changed = set()
+        self._tracking = weakref.ref(cluster)
+        if not continuous:
+            self._reset({name: encode_node(cluster, n) for name, n in cluster.nodes.items()})
+            return
+        if not changed:
+            return
+        for name in changed:
+            n = cluster.nodes.get(name)
+            if n is None:
+                self.cache.pop(name, None)
+            else:
+                self.cache[name] = encode_node(cluster, n)
+        for pending in self._pending.values():
+            pending |= changed
+
+    def _reset(self, cache: dict[str, str]) -> None:
+        self.cache = cache
+        self.token = object()
+        self._pending = weakref.WeakKeyDictionary()
+
+    def delta(self, box: Sandbox) -> tuple[bool, list[str], list[str]]:
+        """What box must learn: (whole copy?, node JSON, names gone); box is then taken to hold it."""
+        pending = self._pending.get(box)
+        self._pending[box] = set()
+        if box.follows is not self.token or pending is None:
+            box.follows = self.token
+            return True, list(self.cache.values()), []
+        nodes = [self.cache[n] for n in pending if n in self.cache]
+        gone = [n for n in pending if n not in self.cache]
+        return False, nodes, gone
+
+
+def _ask(box: Sandbox, view: _View, name: str, req: Request, exclude: Iterable[str], limits: Limits,
+         cap: float | None = None) -> tuple[dict[str, Any], bool]:
+    """One decision by box's policy for view's cluster: (the reply, whether cap bounded its deadline).
+
+    A large delta goes first in a sync of its own, outside the deadline; the
+    deadline (now + limits.deadline, or cap if earlier) is an absolute time
+    the sandbox stops the policy at, and the worker is killed at it plus the
+    grace.  SandboxTimeout / SandboxError (and box closed) if no answer comes.
+    """
+    full, nodes, gone = view.delta(box)
+    if full or len(nodes) + len(gone) > INLINE_NODES:
+        size = sum(map(len, nodes))
+        try:
+            box.call(_sync_message("sync", full, nodes, gone), time.monotonic() + limits.startup + size / 20e6)
+        except SandboxTimeout:
+            raise SandboxError("the sandbox took too long to copy the cluster") from None
+        nodes, gone = [], []
+    end = time.monotonic() + limits.deadline
+    capped = cap is not None and cap < end
+    if cap is not None and capped:
+        end = cap
+    head = json.dumps({"op": "decide", "c": name, "x": sorted(exclude), "end": end, "full": False, "gone": gone})
+    msg = (head[:-1] + ',"r":' + encode_request(req) + ',"nodes":[' + ",".join(nodes) + "]}\n").encode()
+    try:
+        return box.call(msg, end + limits.grace), capped
+    except SandboxTimeout:
+        raise _Killed(capped) from None
+
+
+class _Killed(SandboxTimeout):
+    """No answer by the deadline and the grace: the worker was killed (capped: the deadline was a budget's end)."""
+
+    def __init__(self, capped: bool) -> None:
+        super().__init__("no answer")
+        self.capped = capped
+
+
+# ---------------------------------------------------------------- the platform policy, apart
+
+
+class Platform:
+    """The platform policy in a sandbox process of its own, shared by every user policy.
+
+    Make one per scheduler (``Platform(limits=limits)``) and pass it to every
+    LuaProgram and load_policy; ``start()`` once (it starts again by itself
+    after its process dies, backing off if it will not).  Its ``launcher``
+    starts the user policies' sandboxes too, one kept started ahead.
+    """
+
+    def __init__(self, source: str | None = None, *, limits: Limits | None = None, spare: bool = True) -> None:
+        self.source = source if source is not None else platform_source()
+        self.limits = limits or Limits()
+        self.launcher = Launcher(self.limits, spare=spare)
+        self.restarts = 0  # times its process was lost (killed, died) and started again
+        self.error = ""  # why it last could not answer ("" while it can)
+        self._lock = threading.RLock()
+        self._box: Sandbox | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.5
+
+    def start(self) -> None:
+        """Start its process and load platform.lua, if not done yet.
+
+        PolicyError if platform.lua does not load; SandboxError if no process starts.
+        """
+        with self._lock:
+            self._ready()
+
+    def _ready(self) -> Sandbox:
+        box = self._box
+        if box is not None and box.usable():
+            return box
+        if box is not None:
+            self._lost()
+        if time.monotonic() < self._retry_at:
+            raise SandboxError(f"the platform sandbox would not start ({self.error}); trying again shortly")
+        try:
+            box = self.launcher.take()
+            try:
+                box.load(self.source, None, self.limits)
+            except _LoadFailed as e:
+                box.close()
+                why = e.why if e.kind == "platform" else _load_words(e.kind, e.why, self.limits)
+                raise PolicyError(why if why.startswith("the platform") else
+                                  f"the platform policy did not load: {why}") from None
+        except (SandboxError, PolicyError) as e:
+            self.error = str(e)
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, 30.0)
+            raise
+        self._backoff = 0.5
+        self.error = ""
+        self._box = box
+        return box
+
+    def _lost(self) -> None:
+        if self._box is not None:
+            self._box.close()
+            self._box = None
+            self.restarts += 1
+            self.launcher.spare = True  # one process lost makes another likely: start them ahead
+
+    def decide(self, view: _View, name: str, req: Request, exclude: Iterable[str]) -> dict[str, Any]:
+        """The platform policy's reply for view's cluster (``view`` refreshed by the caller).
+
+        SandboxError if its process cannot answer (it is then restarted at the next call).
+        """
+        with self._lock:
+            try:
+                box = self._ready()
+            except PolicyError as e:
+                raise SandboxError(str(e)) from None
+            try:
+                reply, _ = _ask(box, view, name, req, exclude, self.limits)
+                if reply.get("fail") == "memory":  # its state was dropped: load it again, for the next one
+                    box.reload(self.limits)
+            except (SandboxError, _LoadFailed) as e:
+                self._lost()
+                self.error = str(e)
+                if isinstance(e, SandboxError):
+                    raise
+            return reply
+
+    def close(self) -> None:
+        with self._lock:
+            if self._box is not None:
+                self._box.close()
+                self._box = None
+            self.launcher.close()
+
+    def __enter__(self) -> Platform:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- a command's budget
+
+
+@dataclass
+class Budget:
+    """One command's time for the user's policy, shared by all its decisions (``LuaProgram.budget``).
+
+    Once ``end`` (time.monotonic) has passed, the command's remaining
+    decisions go straight to the platform policy, without asking the user's
+    sandbox; ``handed_over`` counts them (and a decision the budget's end cut
+    short).  If the platform's process cannot answer either (twice in the
+    command), the built-in spread decides the rest (``builtin``).
+    """
+
+    seconds: float
+    end: float
+    decisions: int = 0  # decisions made under this budget
+    handed_over: int = 0  # of which the platform policy (or, failing it, the built-in) made for want of time
+    builtin: int = 0  # of those, decided by the built-in spread
+    platform_failures: int = 0  # times the platform's process could not answer in this command
+    platform_down: bool = False  # it failed PLATFORM_TRIES times: the built-in decides the rest
+
+    def spent(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def note(self) -> str:
+        return f"the command's policy budget of {_ms(self.seconds)} was spent"
+
+    def line(self) -> str:
+        """"" if the budget lasted, else one line for the log, e.g. "policy budget spent after 37 of 1000
+        decisions; the platform policy decided the rest"."""
+        if not self.handed_over:
+            return ""
+        asked = self.decisions - self.handed_over
+        if not self.builtin:
+            rest = "the platform policy decided the rest"
+        elif self.builtin == self.handed_over:
+            rest = "the built-in spread decided the rest (the platform policy could not)"
+        else:
+            rest = (f"the platform policy decided {self.handed_over - self.builtin} of the rest and the built-in "
+                    f"spread {self.builtin}")
+        return f"policy budget of {_ms(self.seconds)} spent after {asked} of {self.decisions} decisions; {rest}"
+
+
 # ---------------------------------------------------------------- the program
 
 
 class LuaProgram:
     """A Lua policy deciding for the core (``cluster.set_program``), with the platform policy behind it.
 
-    ``lua`` None makes the platform policy itself the program.  Failures are
-    counted in ``counters``, the recent ones kept in ``recent`` and passed
-    to ``on_failure``; lines the policy logs go to ``logs`` and ``on_log``.
-    After ``limits.fail_limit`` failures in a row ``failing`` is set (and
-    cleared by the next good decision).
+    ``lua`` None makes the platform policy itself the program.  ``platform``
+    is the shared platform sandbox (without one, the program makes its own
+    and closes it with itself).  Failures are counted in ``counters``, the
+    recent ones kept in ``recent`` and passed to ``on_failure``; lines the
+    policy logs go to ``logs`` and ``on_log``.  After ``limits.fail_limit``
+    failures in a row ``failing`` is set (and cleared by the next good
+    decision).
     """
 
-    def __init__(self, lua: str | None, *, limits: Limits | None = None, platform: str | None = None,
+    def __init__(self, lua: str | None, *, limits: Limits | None = None, platform: Platform | None = None,
                  on_failure: Callable[[str], None] | None = None, on_log: Callable[[str], None] | None = None):
         self.lua = lua
-        self.platform = platform if platform is not None else platform_source()
         self.limits = limits or Limits()
+        self._own_platform = platform is None
+        self.platform = platform if platform is not None else Platform(limits=self.limits, spare=False)
         self.on_failure = on_failure
         self.on_log = on_log
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -284,29 +657,48 @@ class LuaProgram:
         self.logs: deque[str] = deque(maxlen=200)
         self.defined = ""  # which of decide, filter and score the policy defines
         self._box: Sandbox | None = None
-        self._spare: Sandbox | None = None
         self._retry_at = 0.0
         self._backoff = 0.5
-        # The JSON of every node of the cluster this program decides for, kept
-        # current from cluster.changed, so that a new sandbox gets its copy cheaply.
-        self._cache: dict[str, str] = {}
-        self._tracking: weakref.ref[Cluster] | None = None
-        self._changed: set[str] | None = None  # the set we left in cluster.changed
+        self._view = _View()
+        self._budget: Budget | None = None
+        self._closed = False
 
     # ------------------------------------------------------------ life
     def start(self) -> None:
-        """Start the sandbox and load the policy; PolicyError if it does not load."""
-        box = self._ready_box()
-        info = box.ready()
-        if not info.get("ok"):
-            raise PolicyError(info.get("error") or "the policy did not load")
-        self.defined = info.get("defined", "")
+        """Load the policy in a sandbox of its own (no cluster needed: any thread may do this).
+
+        Bounded by ``limits.load_budget`` (and the grace), plus the interpreter's
+        start if no worker was started ahead.  PolicyError (one line) if the
+        policy does not load; SandboxError if no sandbox starts.
+        """
+        if self.lua is None:
+            self.platform.start()
+            self.defined = "decide"
+            return
+        if self._box is not None and self._box.usable():
+            return
+        try:
+            self._box = self._spawn()
+        except _LoadFailed as e:
+            raise PolicyError(_load_words(e.kind, e.why, self.limits)) from None
+        self.defined = self._box.defined
+
+    def _spawn(self) -> Sandbox:
+        box = self.platform.launcher.take()
+        try:
+            box.load(self.platform.source, self.lua, self.limits)
+        except BaseException:
+            box.close()
+            raise
+        return box
 
     def close(self) -> None:
-        for box in (self._box, self._spare):
-            if box is not None:
-                box.close()
-        self._box = self._spare = None
+        self._closed = True
+        if self._box is not None:
+            self._box.close()
+        self._box = None
+        if self._own_platform:
+            self.platform.close()
 
     def __enter__(self) -> LuaProgram:
         return self
@@ -340,128 +732,103 @@ class LuaProgram:
             self.logs.extend(saved[5])
             self.on_failure, self.on_log = saved[6], saved[7]
 
+    @contextlib.contextmanager
+    def budget(self, seconds: float | None = None, *, until: float | None = None) -> Iterator[Budget]:
+        """Share ``seconds`` (or until the time.monotonic ``until``) among the decisions made inside.
+
+        Each decision still has its own deadline, cut to the budget's end; once
+        the budget is spent the rest go to the platform policy without asking
+        the user's sandbox, each Decision's reason saying so, and the Budget
+        yielded counts them (``handed_over``, ``line()`` for the log).  Nested,
+        a budget cannot outlast the one it is in.
+        """
+        start = time.monotonic()
+        if until is None:
+            if seconds is None:
+                raise ValueError("budget: give seconds or until")
+            until = start + seconds
+        outer = self._budget
+        if outer is not None:
+            until = min(until, outer.end)
+        b = Budget(seconds if seconds is not None else max(0.0, until - start), until)
+        self._budget = b
+        try:
+            yield b
+        finally:
+            self._budget = outer
+
     def _ready_box(self) -> Sandbox:
-        if self._box is not None:
-            if self._box.alive and self._box.proc.poll() is None:
-                return self._box
+        """The user's sandbox, started again (the policy loaded anew) if it was lost."""
+        box = self._box
+        if box is not None and box.usable():
+            return box
+        if box is not None:
             self._lost()  # died while idle (killed by the OOM killer, say): start another
+        if self._closed:
+            raise SandboxError("the program is closed")
         if time.monotonic() < self._retry_at:
             raise SandboxError("the sandbox would not start; trying again shortly")
-        box, self._spare = self._spare, None
         try:
-            if box is None or not box.alive:
-                box = Sandbox(self.platform, self.lua, self.limits)
-            box.ready()
-        except SandboxError:
-            if box is not None:
-                box.close()
+            box = self._spawn()
+        except (SandboxError, _LoadFailed):
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, 30.0)
             raise
         self._backoff = 0.5
         self._box = box
-        if self.counters["restarts"] and self.lua is not None:
-            # One killed sandbox makes another likely: have the next one already started.
-            try:
-                self._spare = Sandbox(self.platform, self.lua, self.limits)
-            except SandboxError:
-                pass
         return box
 
     def _lost(self) -> None:
-        """The sandbox was killed or died: the next call starts (or takes over) another."""
+        """The sandbox was killed or died: the next call starts another."""
         if self._box is not None:
             self._box.close()
         self._box = None
         self.counters["restarts"] += 1
+        self.platform.launcher.spare = True  # one killed sandbox makes another likely: start them ahead
 
-    # ------------------------------------------------------------ talking to the sandbox
-    def _plan(self, cluster: Cluster, box: Sandbox, again: bool) -> tuple[bool, list[str], list[str]]:
-        """What the sandbox must learn before deciding for ``cluster``: (full?, nodes, removed names).
-
-        ``again``: the cluster has not changed since the last call (a dry run's next request).
-        """
-        if cluster.program is not self:
-            # A dry run or a simulation: the whole cluster, leaving cluster.changed
-            # (the active program's business) alone.
-            box.mirror = None
-            self._tracking = None
-            if again and box.snapshot is not None and box.snapshot() is cluster:
-                return False, [], []
-            box.snapshot = weakref.ref(cluster)
-            return True, [encode_node(cluster, n) for n in cluster.nodes.values()], []
-        box.snapshot = None
-        # set_program() installs a new set naming every node; ours still there
-        # means every change since our last look is in it.
-        continuous = (self._tracking is not None and self._tracking() is cluster
-                      and cluster.changed is self._changed)
-        changed = cluster.changed
-        cluster.changed = self._changed = set()
-        self._tracking = weakref.ref(cluster)
-        nodes: list[str] = []
-        gone: list[str] = []
-        if continuous:
-            for name in changed:
-                n = cluster.nodes.get(name)
-                if n is None:
-                    self._cache.pop(name, None)
-                    gone.append(name)
-                else:
-                    self._cache[name] = js = encode_node(cluster, n)
-                    nodes.append(js)
-        else:
-            self._cache = {name: encode_node(cluster, n) for name, n in cluster.nodes.items()}
-            box.mirror = None
-        if box.mirror is not None and box.mirror() is cluster:
-            return False, nodes, gone
-        box.mirror = weakref.ref(cluster)
-        return True, list(self._cache.values()), []
-
-    def _ask(self, cluster: Cluster, name: str, req: Request, exclude: Iterable[str], who: str,
-             again: bool = False) -> dict[str, Any]:
-        """One decision by the sandbox; SandboxTimeout / SandboxError (and the sandbox gone) if it gives none."""
-        box = self._ready_box()
-        try:
-            full, nodes, gone = self._plan(cluster, box, again)
-            inline = not full and len(nodes) + len(gone) <= INLINE_NODES
-            if not inline:
-                size = sum(map(len, nodes))
-                try:
-                    box.call(_sync_message("sync", full, nodes, gone), self.limits.startup + size / 20e6)
-                except SandboxTimeout:
-                    raise SandboxError("the sandbox took too long to copy the cluster") from None
-                nodes, gone = [], []
-            head = json.dumps({"op": "decide", "c": name, "x": sorted(exclude), "who": who, "full": False,
-                               "gone": gone})
-            msg = (head[:-1] + ',"r":' + encode_request(req) + ',"nodes":[' + ",".join(nodes) + "]}\n").encode()
-            reply = box.call(msg, self.limits.deadline + self.limits.grace)
-        except SandboxError:
-            self._lost()
-            raise
+    def _told(self, reply: dict[str, Any]) -> None:
         for line in reply.get("log", ()):
             self.logs.append(line)
             _tell(self.on_log, line)
-        return reply
 
     # ------------------------------------------------------------ deciding
     def decide(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str]) -> Decision:
         self.counters["decisions"] += 1
+        self._view.refresh(cluster, self)
+        b = self._budget
+        if b is not None:
+            b.decisions += 1
         if self.lua is None:
             return self._platform(cluster, name, req, exclude, None)
+        if b is not None and b.spent():
+            return self._hand_over(cluster, name, req, exclude, b)
         try:
-            reply = self._ask(cluster, name, req, exclude, "policy")
-        except SandboxTimeout:
-            ms = round(self.limits.deadline * 1000)
-            self._failed("timeout", f"no answer within {ms} ms (stuck in one long call?); the sandbox was restarted")
+            box = self._ready_box()
+            reply, capped = _ask(box, self._view, name, req, exclude, self.limits, b.end if b else None)
+        except _LoadFailed as e:
+            self._failed("load", _load_words(e.kind, e.why, self.limits))
+            return self._platform(cluster, name, req, exclude, "load")
+        except SandboxTimeout as e:
+            self._lost()
+            if isinstance(e, _Killed) and e.capped and b is not None:
+                return self._hand_over(cluster, name, req, exclude, b)
+            self._failed("timeout", f"no answer within {_ms(self.limits.deadline)} (stuck in one long call?); "
+                                    "the sandbox was restarted")
             return self._platform(cluster, name, req, exclude, "timeout")
         except SandboxError as e:
+            if self._box is not None and not self._box.usable():
+                self._lost()
             self._failed("sandbox", str(e))
             return self._platform(cluster, name, req, exclude, "sandbox")
+        self._told(reply)
         fail = reply.get("fail")
         if fail:
+            if fail == "memory":
+                self._reload()
+            if fail == "timeout" and capped and b is not None:
+                return self._hand_over(cluster, name, req, exclude, b)
             self._failed(fail, reply.get("fail_why", ""))
-        if reply.get("by") != "policy":
-            return self._settle_platform(cluster, name, req, exclude, reply, fail or "error")
+            return self._platform(cluster, name, req, exclude, fail)
         node = reply.get("node")
         if reply.get("how") != "node" or node is None:
             self._good()
@@ -474,39 +841,69 @@ class LuaProgram:
         why = reply.get("why")
         return Decision(name, node, f"policy: {node}" + (f" ({why})" if why else ""), int(reply.get("looked", 1)))
 
-    def _platform(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str],
-                  cause: str | None) -> Decision:
-        """The platform policy's decision (cause: why the user's policy did not decide)."""
+    def _reload(self) -> None:
+        """After the policy ran out of memory (its globals dropped): load it again, outside any deadline."""
+        box = self._box
+        if box is None:
+            return
         try:
-            reply = self._ask(cluster, name, req, exclude, "platform")
-        except SandboxError as e:
-            return self._builtin(cluster, name, req, exclude, f"platform policy unavailable: {e}")
-        return self._settle_platform(cluster, name, req, exclude, reply, cause)
+            box.reload(self.limits)
+        except (SandboxError, _LoadFailed):
+            self._lost()
 
-    def _settle_platform(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str],
-                         reply: dict[str, Any], cause: str | None) -> Decision:
-        if reply.get("by") != "platform":
-            return self._builtin(cluster, name, req, exclude, f"platform policy failed: {reply.get('platform_fail')}")
+    def _hand_over(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str], b: Budget) -> Decision:
+        """The command's budget is spent: the platform decides, and the budget counts it."""
+        b.handed_over += 1
+        self.counters["handed_over"] += 1
+        return self._platform(cluster, name, req, exclude, None, b.note())
+
+    def _platform(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str], cause: str | None,
+                  note: str | None = None) -> Decision:
+        """The platform policy's decision, from its own sandbox (cause: why the user's policy did not decide)."""
+        if cause is not None:
+            note = f"the policy {_CAUSE.get(cause, 'failed')}"
+        b = self._budget
+        if b is not None and b.platform_down:
+            return self._builtin(cluster, name, req, exclude, "", note)
+        try:
+            reply = self.platform.decide(self._view, name, req, exclude)
+        except SandboxError as e:
+            return self._builtin(cluster, name, req, exclude, f"platform policy unavailable: {e}", note)
+        self._told(reply)
+        fail = reply.get("fail")
+        if fail:
+            return self._builtin(cluster, name, req, exclude, f"platform policy failed: {fail}: "
+                                 f"{reply.get('fail_why', '')}", note)
         if cause is not None:
             self.counters["fallbacks"] += 1
-        note = f"the policy {_CAUSE.get(cause, 'failed')}" if cause else ""
         node, why = reply.get("node"), reply.get("why")
         if reply.get("how") != "node" or node is None:
             return Decision(name, None, f"{why or 'unschedulable'}" + (f" ({note})" if note else ""), 0)
         wrong = self._wrong(cluster, node, req, exclude)
         if wrong:
-            return self._builtin(cluster, name, req, exclude, f"platform policy chose {node}, which {wrong}")
+            return self._builtin(cluster, name, req, exclude, f"platform policy chose {node}, which {wrong}", note)
         detail = "; ".join(x for x in (why, note) if x)
         return Decision(name, node, f"platform: {node}" + (f" ({detail})" if detail else ""),
                         int(reply.get("looked", 1)))
 
-    def _builtin(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str], why: str) -> Decision:
+    def _builtin(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str], why: str,
+                 note: str | None = None) -> Decision:
+        """The core's own spread: the platform's process could not answer (why; "" if already told)."""
         self.counters["builtin"] += 1
-        line = f"{why}; the built-in spread decided"
-        self.recent.append(line)
-        _tell(self.on_failure, line)
+        b = self._budget
+        if b is not None:
+            if note is not None and note == b.note():
+                b.builtin += 1
+            if why:  # the platform failed again in this command: the rest go straight to the built-in
+                b.platform_failures += 1
+                b.platform_down = b.platform_failures >= PLATFORM_TRIES
+        if why:
+            line = f"{why}; the built-in spread decided"
+            self.recent.append(line)
+            _tell(self.on_failure, line)
         d = cluster.decide_builtin(name, req, exclude)
-        return Decision(d.name, d.node, f"{d.reason} (built-in: the sandbox could not decide)", d.candidates)
+        return Decision(d.name, d.node, f"{d.reason} (built-in: the platform policy could not decide"
+                        + (f"; {note}" if note else "") + ")", d.candidates)
 
     @staticmethod
     def _wrong(cluster: Cluster, node: str, req: Request, exclude: frozenset[str]) -> str | None:
@@ -538,24 +935,29 @@ class LuaProgram:
     def dry_run(self, cluster: Cluster, requests: Sequence[Request] | None = None) -> list[Decision]:
         """Decide for sample requests against ``cluster`` without changing it or any counter.
 
-        PolicyError (naming the line where there is one) if the policy fails
-        any of them: an error, a timeout, running out of memory, a bad answer.
+        Each decision is bounded as any other.  PolicyError (one line, naming
+        the line where there is one) if the policy fails any of them: an
+        error, a timeout, running out of memory, a bad answer.  On the
+        thread that owns ``cluster``.
         """
         out = []
         for i, req in enumerate(requests if requests is not None else sample_requests(cluster)):
             name = req.name or f"dry-run-{i + 1}"
+            self._view.refresh(cluster, self, again=i > 0)
             try:
-                reply = self._ask(cluster, name, req, frozenset(), "policy" if self.lua is not None else "platform",
-                                  again=i > 0)
+                if self.lua is None:
+                    reply = self.platform.decide(self._view, name, req, frozenset())
+                else:
+                    if self._box is None or not self._box.usable():
+                        raise SandboxError("the policy's sandbox is not running")
+                    reply, _ = _ask(self._box, self._view, name, req, frozenset(), self.limits)
             except SandboxTimeout:
-                raise PolicyError(f"dry run: no answer within {round(self.limits.deadline * 1000)} ms "
+                raise PolicyError(f"dry run: no answer within {_ms(self.limits.deadline)} "
                                   "(stuck in one long call?)") from None
             except SandboxError as e:
                 raise PolicyError(f"dry run: {e}") from None
             if reply.get("fail"):
                 raise PolicyError(f"dry run: {_dry_words(reply['fail'], reply.get('fail_why', ''))}")
-            if reply.get("by") not in ("policy", "platform"):
-                raise PolicyError(f"dry run: the platform policy failed: {reply.get('platform_fail')}")
             node = reply.get("node") if reply.get("how") == "node" else None
             if node is not None:
                 wrong = self._wrong(cluster, node, req, frozenset())
@@ -570,8 +972,13 @@ class LuaProgram:
         """``key value`` lines: the state a service shows (counters, failing, the last failure)."""
         state = "failing" if self.failing else "ok"
         lines = [f"state {state}", f"defined {self.defined or '-'}",
-                 f"deadline {round(self.limits.deadline * 1000)}ms", f"memory_cap {format_size(self.limits.memory)}"]
+                 f"deadline {round(self.limits.deadline * 1000)}ms",
+                 f"load_budget {round(self.limits.load_budget * 1000)}ms",
+                 f"memory_cap {format_size(self.limits.memory)}"]
         lines += [f"{k} {v}" for k, v in self.counters.items()]
+        lines.append(f"platform_restarts {self.platform.restarts}")
+        if self.platform.error:
+            lines.append(f"platform unavailable: {self.platform.error}")
         if self.last_failure:
             lines.append(f"last_failure {self.last_failure}")
         return "\n".join(lines) + "\n"
@@ -584,6 +991,17 @@ def _tell(callback: Callable[[str], None] | None, line: str) -> None:
             callback(line)
         except Exception:  # whatever the callback does wrong, the decision stands
             pass
+
+
+def _load_words(kind: str, why: str, limits: Limits) -> str:
+    """Why a policy did not load, as a refusal: the worker's words, a timeout worded with the load budget."""
+    if kind == "timeout" and why.startswith("ran past "):
+        return f"timed out loading: {why} (the load budget)"
+    if kind == "timeout":
+        return f"timed out loading: {why}"
+    if kind == "memory":
+        return f"ran out of memory loading (the cap is {format_size(limits.memory)})"
+    return why
 
 
 def _dry_words(kind: str, why: str) -> str:

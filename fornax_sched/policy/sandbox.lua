@@ -7,10 +7,15 @@
 -- The cluster is mirrored in read-only tables, updated by deltas between
 -- decisions, so that a decision does not pay for converting every node.
 --
--- Limits: a count hook stops a policy that runs past its budget, and the
--- wrapped pcall, xpcall and coroutine functions cannot swallow that stop or
--- run outside the hook.  One long call inside a C function cannot be
--- stopped from here; the scheduler kills the whole worker for that.
+-- One sandbox runs one policy: a user's (with the platform policy loaded
+-- beside it as the library behind platform.decide), or the platform's own.
+--
+-- Limits: a count hook stops a policy that runs past its deadline, an
+-- absolute time on the scheduler's clock (CLOCK_MONOTONIC), and once it has
+-- passed nothing the policy catches (pcall, xpcall, coroutines, at any depth)
+-- makes the turn anything but timed out.  One long call inside a C function
+-- cannot be stopped from here; the scheduler kills the whole worker for that,
+-- at the deadline and a grace.
 
 local M = {}
 
@@ -21,9 +26,9 @@ local tonumber, load, collectgarbage = tonumber, load, collectgarbage
 local clock, sethook, getinfo = os.clock, debug.sethook, debug.getinfo
 local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
 local floor, huge, tointeger = math.floor, math.huge, math.tointeger
-local concat, sort, pack = table.concat, table.sort, table.pack
-local sfind, sformat, ssub, sbyte, slower, sgsub, smatch =
-  string.find, string.format, string.sub, string.byte, string.lower, string.gsub, string.match
+local concat, sort, pack, unpack = table.concat, table.sort, table.pack, table.unpack
+local sfind, sformat, ssub, sbyte, slower, sgsub, smatch, sgmatch =
+  string.find, string.format, string.sub, string.byte, string.lower, string.gsub, string.match, string.gmatch
 
 local function copy(t)
   local c = {}
@@ -515,41 +520,65 @@ end
 
 ---------------------------------------------------------------- limits
 
-local TIMEOUT = {} -- the error a stopped policy raises; only this chunk can make it
-local COUNT = 10000 -- instructions between looks at the clock
-local deadline = huge
-local stopped_at = nil
+-- One clock: the scheduler sends each turn's deadline as an absolute time on
+-- CLOCK_MONOTONIC, and the worker gives us time.monotonic (M.set_clock), so
+-- the time a message waited in the pipe counts and a loaded machine stops a
+-- policy at the same instant the scheduler would give up on it.
+local now = clock -- until the worker sets the monotonic clock
 
-local function hook()
-  if clock() > deadline then
-    if stopped_at == nil then
-      stopped_at = false
-      for level = 2, 20 do
-        local info = getinfo(level, "Sl")
-        if info == nil then break end
-        if info.source == "=policy" and info.currentline > 0 then
-          stopped_at = info.currentline
-          break
-        end
-      end
-    end
-    error(TIMEOUT, 0)
-  end
+function M.set_clock(f)
+  now = f
 end
 
--- pcall, xpcall and coroutines as policies get them: a stop passes through.
-local function pass_stop(ok, ...)
-  if not ok and (...) == TIMEOUT then error(TIMEOUT, 0) end
-  return ok, ...
+local TIMEOUT = {} -- the error a stopped policy raises; only this chunk can make it
+local COUNT = 10000 -- instructions between looks at the clock
+local deadline = huge -- the end of the current turn, on now()'s clock
+-- Once the deadline has passed, the turn is over whatever the policy's code
+-- catches: the hook raises again at every count, every wrapped pcall, xpcall
+-- and coroutine function raises again when it returns, and the harness
+-- treats the turn as timed out.  The flag matters where Lua itself swallows
+-- the stop: at the C-stack limit, the hook cannot even be called (the call
+-- fails with "C stack overflow"), nor can error() raise TIMEOUT.
+local stopped = false
+local stopped_at = nil -- the policy's line it was stopped at (false: not known)
+
+-- The innermost line of policy code on the stack, or nil.
+local function policy_line()
+  for level = 2, 40 do
+    local info = getinfo(level, "Sl")
+    if info == nil then break end
+    if info.source == "=policy" and info.currentline > 0 then return info.currentline end
+  end
+  return nil
+end
+
+local function stop()
+  if not stopped then
+    stopped, stopped_at = true, false -- first: what follows may itself fail at the C-stack limit
+    stopped_at = policy_line() or false
+  end
+  error(TIMEOUT, 0)
+end
+
+local function hook()
+  if stopped or now() > deadline then stop() end
+end
+
+-- After anything that caught an error (or may have): past the deadline, stop.
+local function pass_stop(...)
+  if stopped or now() > deadline then stop() end
+  return ...
 end
 
 local function safe_pcall(f, ...)
+  if stopped then stop() end
   return pass_stop(pcall(f, ...))
 end
 
 local function safe_xpcall(f, handler, ...)
+  if stopped then stop() end
   return pass_stop(xpcall(f, function(e)
-    if e == TIMEOUT then return TIMEOUT end
+    if stopped or e == TIMEOUT then return TIMEOUT end -- the policy's handler never sees a stop
     return handler(e)
   end, ...))
 end
@@ -561,29 +590,47 @@ local function co_new(f)
 end
 
 local function co_resume_safe(co, ...)
+  if stopped then stop() end
   return pass_stop(co_resume(co, ...))
 end
 
 local function co_wrap(f)
   local co = co_new(f)
   return function(...)
+    if stopped then stop() end
     local r = pack(co_resume(co, ...))
+    if stopped or now() > deadline then stop() end
     if not r[1] then error(r[2], 0) end
-    return table.unpack(r, 2, r.n)
+    return unpack(r, 2, r.n)
   end
 end
 
 local function co_close_safe(co)
+  if stopped then stop() end
   return pass_stop(co_close(co))
 end
 
--- Run f(...) under the hook for budget seconds; a table.pack of pcall's results.
-local function limited(budget, f, ...)
-  deadline, stopped_at = clock() + budget, nil
+local error_line = nil -- where the error that ended the turn was raised, if in policy code
+
+local function note_line(e)
+  if e ~= TIMEOUT and not stopped then error_line = policy_line() end
+  return e
+end
+
+-- Run f(...) under the hook until the absolute time end_at; a table.pack of
+-- pcall's results, {false, TIMEOUT} for a turn that ran past end_at, however
+-- it ended.
+local function limited(end_at, f, ...)
+  deadline, stopped, stopped_at, error_line = end_at, false, nil, nil
   sethook(hook, "", COUNT)
-  local r = pack(pcall(f, ...))
+  local r = pack(xpcall(f, note_line, ...))
   sethook()
+  local late = stopped or now() > deadline
   deadline = huge
+  if late then
+    stopped = true
+    return { false, TIMEOUT, n = 2 }
+  end
   return r
 end
 
@@ -630,21 +677,35 @@ local function new_env()
   return env
 end
 
+-- An error as one line of text: Lua's "policy:N:" made "line N:" (or, for an
+-- error raised elsewhere, the policy line it was raised from, if known); a
+-- traceback or anything after the first line dropped.
+local function first_line(s)
+  for line in sgmatch(s, "[^\r\n]+") do
+    if sfind(line, "%S") then return line end
+  end
+  return ""
+end
+
 local function message(e)
   if type(e) == "string" or type(e) == "number" then
-    e = sgsub(tostring(e), "^policy:(%d+): ", "line %1: ")
+    e = tostring(e)
+    local n, rest = smatch(e, "^policy:(%d+): (.*)$")
+    if n then e = rest end
+    e = first_line(e)
+    if e == "" then e = "an error with an empty message" end
+    if n then e = "line " .. n .. ": " .. e end
   else
     e = "an error with a " .. type(e) .. " value"
   end
+  if error_line and not sfind(e, "^line %d+: ") then e = "line " .. error_line .. ": " .. e end
   return clean(e, 400)
 end
 
-local budget_ms = 50
-
-local function failure(e)
+local function failure(e, ms)
   if e == TIMEOUT then
     local at = stopped_at and (" at line " .. stopped_at) or ""
-    return "timeout", "ran past " .. budget_ms .. " ms" .. at
+    return "timeout", "ran past " .. ms .. " ms" .. at
   end
   if e == "not enough memory" then return "memory", "ran out of memory" end
   return "error", message(e)
@@ -652,13 +713,20 @@ end
 
 local ENTRY = { "decide", "filter", "score" }
 
--- Load src as a policy into a fresh environment; the env, or nil, kind, why.
-local function load_policy(src, budget)
+local function ms_of(seconds)
+  return floor(seconds * 1000 + 0.5)
+end
+
+-- Load src as a policy into a fresh environment, its top-level code running
+-- until the absolute time end_at at most; the env, or nil, kind, why.
+local function load_policy(src, end_at, load_ms)
   local env = new_env()
-  local chunk, err = load(src, "=policy", "t", env)
+  -- under pcall: the parser running out of C stack is an error, not a syntax error
+  local ok, chunk, err = pcall(load, src, "=policy", "t", env)
+  if not ok then return nil, "syntax", message(chunk) end
   if chunk == nil then return nil, "syntax", message(err) end
-  local r = limited(budget, chunk)
-  if not r[1] then return nil, failure(r[2]) end
+  local r = limited(end_at, chunk)
+  if not r[1] then return nil, failure(r[2], load_ms) end
   local found = false
   for _, name in ipairs(ENTRY) do
     local f = env[name]
@@ -671,43 +739,68 @@ local function load_policy(src, budget)
   return env
 end
 
-local PLATFORM, USER, USER_SRC, USER_ERR = nil, nil, nil, nil
-local BUDGET = 0.05
+-- This sandbox runs one policy: the user's, or (user_src nil) the platform's.
+-- The user's sandbox also loads the platform policy, as the library behind
+-- platform.decide(ctx); the platform's own answer, when the user's policy
+-- fails, comes from the platform's own sandbox, another process.
+local PLATFORM, PLATFORM_SRC, USER, USER_SRC, USER_ERR = nil, nil, nil, nil, nil
+local budget_ms, LOAD_S = 50, 0.25
 
-function M.init(platform_src, user_src, budget, count)
-  BUDGET, COUNT, budget_ms = budget, count, floor(budget * 1000 + 0.5)
-  local env, _, why = load_policy(platform_src, 10)
+local function defined(env)
+  local out = {}
+  for _, name in ipairs(ENTRY) do
+    if env[name] ~= nil then out[#out + 1] = name end
+  end
+  return concat(out, " ")
+end
+
+-- init(platform, user or nil, end_at, count, deadline, load): load both by
+-- end_at (absolute); deadline (seconds) words timeouts, load bounds a reload.
+-- -> true, nil, "decide score" | false, kind, why
+function M.init(platform_src, user_src, end_at, count, deadline_s, load_s)
+  COUNT, budget_ms, LOAD_S = count, ms_of(deadline_s), load_s
+  PLATFORM_SRC, USER_SRC = platform_src, user_src
+  local env, _, why = load_policy(platform_src, end_at, ms_of(load_s))
   if env == nil then
     USER_ERR = "the platform policy did not load: " .. why
     return false, "platform", USER_ERR
   end
   PLATFORM = env
-  if user_src == nil then return true, nil, "" end
-  USER_SRC = user_src
+  if user_src == nil then
+    USER = PLATFORM
+    return true, nil, defined(USER)
+  end
   local kind
-  USER, kind, why = load_policy(user_src, budget)
+  USER, kind, why = load_policy(user_src, end_at, ms_of(load_s))
   if USER == nil then
     USER_ERR = why
     return false, kind, why
   end
-  local defined = {}
-  for _, name in ipairs(ENTRY) do
-    if USER[name] ~= nil then defined[#defined + 1] = name end
-  end
-  return true, nil, concat(defined, " ")
+  return true, nil, defined(USER)
 end
 
--- After a memory error the policy's globals may hold the memory: start it afresh.
-local function reload_user()
-  USER = nil
+-- After a memory error the policy's globals may hold the memory: drop them
+-- now, and load the policy afresh when the scheduler asks (M.reload), outside
+-- any decision's deadline.
+function M.drop()
+  USER, USER_ERR = nil, "dropped after it ran out of memory; not loaded again"
+  if USER_SRC == nil then PLATFORM = nil end
   collectgarbage("collect")
-  local kind, why
-  USER, kind, why = load_policy(USER_SRC, BUDGET)
-  if USER == nil then USER_ERR = kind .. ": " .. why end
 end
 
-function M.reload()
-  reload_user()
+function M.reload(end_at)
+  local kind, why
+  if USER_SRC == nil then
+    PLATFORM, kind, why = load_policy(PLATFORM_SRC, end_at, ms_of(LOAD_S))
+    USER = PLATFORM
+  else
+    USER, kind, why = load_policy(USER_SRC, end_at, ms_of(LOAD_S))
+  end
+  if USER == nil then
+    USER_ERR = why
+    return false, kind, why
+  end
+  return true, nil, defined(USER)
 end
 
 ---------------------------------------------------------------- deciding
@@ -822,9 +915,9 @@ function PLATFORM_API.decide(ctx)
   error("the platform policy failed: " .. tostring(a), 2)
 end
 
-local function attempt(env, ctx, budget)
-  local r = limited(budget, turn, env, ctx)
-  if not r[1] then return "fail", failure(r[2]) end
+local function attempt(env, ctx, end_at)
+  local r = limited(end_at, turn, env, ctx)
+  if not r[1] then return "fail", failure(r[2], budget_ms) end
   local kind, a, b, looked = r[2], r[3], r[4], r[5]
   if kind == "bad" then return "fail", "bad", clean(a, 400) end
   if kind == "none" then return "none", clean(a or "unschedulable", 400) end
@@ -837,36 +930,28 @@ local function set_of(list)
   return s
 end
 
--- Decide for container c with request r (excluding the nodes in exclude);
--- who: "policy" (the user's, with the platform as fallback) or "platform".
-function M.decide(c, r, exclude, who)
+-- Decide for container c with request r (excluding the nodes in exclude), by
+-- this sandbox's policy, stopping it at the absolute time end_at.  The reply:
+-- how ("node" | "none"), node, why, looked; or fail (a kind) and fail_why.
+function M.decide(c, r, exclude, end_at)
   LOG = {}
   local ctx = view({
     container = c, request = request_view(r), nodes = ORDER_VIEW, node = NODE_VIEW,
     placements = PLACED_VIEW, exclude = view(set_of(exclude)),
   })
   local reply = { log = LOG }
-  if who == "policy" then
-    if USER ~= nil then
-      local kind, a, b, looked = attempt(USER, ctx, BUDGET)
-      if kind ~= "fail" then
-        reply.by, reply.how, reply.node, reply.why, reply.looked = "policy", kind, a, b, looked
-        if kind == "none" then reply.node, reply.why = nil, a end
-        return reply
-      end
-      reply.fail, reply.fail_why = a, b
-      if a == "memory" then reload_user() end
-    else
-      reply.fail, reply.fail_why = "error", "the policy did not load: " .. tostring(USER_ERR)
-    end
-  end
-  local kind, a, b, looked = attempt(PLATFORM, ctx, BUDGET)
-  if kind == "fail" then
-    reply.by, reply.platform_fail = "none", a .. ": " .. b
+  if USER == nil then
+    reply.fail, reply.fail_why = "error", "the policy did not load: " .. tostring(USER_ERR)
     return reply
   end
-  reply.by, reply.how, reply.looked = "platform", kind, looked
-  if kind == "none" then reply.why = a else reply.node, reply.why = a, b end
+  local kind, a, b, looked = attempt(USER, ctx, end_at)
+  if kind == "fail" then
+    reply.fail, reply.fail_why = a, b
+    if a == "memory" then M.drop() end
+    return reply
+  end
+  reply.how, reply.node, reply.why, reply.looked = kind, a, b, looked
+  if kind == "none" then reply.node, reply.why = nil, a end
   return reply
 end
 

@@ -22,6 +22,13 @@ order); the first whose condition holds decides.  The Lua is what runs, so
 it is written to be read: users see it when they read the policy back.
 Every error names the YAML line (from the parser's marks), and nothing is
 compiled that could fail at run time for a reason visible here.
+
+No text from the YAML is ever spliced into the Lua as it is: values and
+reasons become string literals through ``lua_string``, names and
+descriptions become comments through ``lua_comment`` (which nothing can
+end early), and label keys become fields only when they are plain
+identifiers.  Names, reasons and the like must be one line of printable
+text; a control character in one is refused, naming the line.
 """
 
 from __future__ import annotations
@@ -57,13 +64,17 @@ GLOB_CHARS = re.compile(r"[*?\[]")
 
 def compile_yaml(text: str) -> tuple[str, str]:
     """(the Lua, the scheduler's name) for YAML rules; PolicyError naming the line if they are wrong."""
-    loader = yaml.SafeLoader(text)
     try:
+        loader = yaml.SafeLoader(text)  # the reader refuses characters YAML does not admit, here
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise PolicyError(f"{where}YAML: {e.problem or e.context}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not admit (a raw NUL, say)
+        line = text.count("\n", 0, e.position) + 1 if isinstance(e.position, int) else None
+        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        raise PolicyError(f"{f'line {line}: ' if line else ''}YAML: {char}: {e.reason}") from None
     except yaml.YAMLError as e:
         raise PolicyError(f"YAML: {e}") from None
     try:
@@ -75,19 +86,50 @@ def compile_yaml(text: str) -> tuple[str, str]:
 
 
 def lua_string(s: str) -> str:
-    """A Lua string literal for s."""
+    """A Lua string literal that Lua reads back as s in UTF-8 (lone surrogates as their bytes).
+
+    Printable text stays readable; everything else (control characters, line
+    and paragraph separators, format characters, surrogates) is written as
+    decimal byte escapes, so the literal is always one line of printable text.
+    """
     out = ['"']
     for ch in s:
         if ch in '"\\':
             out.append("\\" + ch)
         elif ch == "\n":
             out.append("\\n")
-        elif ord(ch) < 32 or ord(ch) == 127:
-            out.append(f"\\{ord(ch):03d}")
-        else:
+        elif " " <= ch <= "~" or (ch > "\x7f" and ch.isprintable()):
             out.append(ch)
+        else:
+            out.extend(f"\\{b:03d}" for b in ch.encode("utf-8", "surrogatepass"))
     out.append('"')
     return "".join(out)
+
+
+def lua_comment(text: str) -> str:
+    """A Lua comment line saying text: ``-- text``, with nothing in it that could end it or open a long one.
+
+    A short comment ends at the first \\n or \\r; ``--`` followed by a long
+    bracket would open a comment that ends elsewhere.  So the comment starts
+    with ``-- `` (never ``--[``) and every character that is not printable
+    (line terminators, control and format characters, separators,
+    surrogates) is written as ``\\u{XXXX}`` text instead.
+    """
+    out = ["-- "]
+    for ch in text:
+        if " " <= ch <= "~" or (ch > "\x7f" and ch.isprintable()):
+            out.append(ch)
+        else:
+            out.append(f"\\u{{{ord(ch):04X}}}")
+    return "".join(out)
+
+
+def _unprintable(value: str) -> str | None:
+    """The first character of value that may not be in a name or a one-line text, as U+XXXX."""
+    for ch in value:
+        if not (" " <= ch <= "~" or (ch > "\x7f" and ch.isprintable())):
+            return f"U+{ord(ch):04X}"
+    return None
 
 
 def _field(base: str, key: str) -> str:
@@ -163,13 +205,25 @@ class _Compiler:
         return self.loader.construct_object(node)
 
     def text(self, node: Node, what: str) -> str:
+        """One non-empty line of printable text: a name, a reason, a selection."""
         value = self.scalar(node, what)
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise self.fail(node, f"{what} must be text")
         value = str(value)
-        if not value or "\n" in value:
+        if not value:
             raise self.fail(node, f"{what} must be one non-empty line")
+        bad = _unprintable(value)
+        if bad is not None:
+            raise self.fail(node, f"{what} must be one line of printable text: it holds {bad}, a control "
+                                  "character or line break")
         return value
+
+    def prose(self, node: Node, what: str) -> list[str]:
+        """A description: any text, kept as comment lines (what cannot be printed is escaped there)."""
+        value = self.scalar(node, what)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(node, f"{what} must be text")
+        return [lua_comment(line.rstrip()) for line in str(value).splitlines() if line.strip()]
 
     # ------------------------------------------------------------ the document
     def top(self, root: Node) -> tuple[str, str]:
@@ -180,8 +234,7 @@ class _Compiler:
         sched = self.mapping(snode, "scheduler", ("name", "version", "description", "rules"))
         name = self.text(sched["name"][1], "the scheduler's name") if "name" in sched else ""
         version = self.text(sched["version"][1], "the version") if "version" in sched else ""
-        if "description" in sched:
-            self.text(sched["description"][1], "the description")
+        about = self.prose(sched["description"][1], "the description") if "description" in sched else []
         if "rules" not in sched:
             raise self.fail(snode, "scheduler needs rules: a list of rules")
         rnode = sched["rules"][1]
@@ -197,7 +250,7 @@ class _Compiler:
             names.add(rule.name)
             rules.append(rule)
         rules.sort(key=lambda r: (-r.priority, r.index))
-        return self.program(name, version, rules), name
+        return self.program(name, version, about, rules), name
 
     def rule(self, node: Node, index: int) -> _Rule:
         r = self.mapping(node, "a rule", ("name", "description", "condition", "action", "priority"))
@@ -216,9 +269,10 @@ class _Compiler:
             raise self.fail(node, f"{where} needs a condition: always, or tests on the request")
         if "action" not in r:
             raise self.fail(node, f"{where} needs an action: dispatch, use or wait")
+        about = self.prose(r["description"][1], f"{where}'s description") if "description" in r else []
         cond = self.condition(r["condition"][1], where)
         body = self.action(r["action"][1], where, name)
-        code = [f"-- {name}: priority {priority} (line {node.start_mark.line + 1})",
+        code = [lua_comment(f"{name}: priority {priority} (line {node.start_mark.line + 1})"), *about,
                 "rules[#rules + 1] = function(ctx, req)"]
         if cond != "true":
             code.append(f"  if not {_grouped(cond)} then return end")
@@ -410,13 +464,14 @@ class _Compiler:
 
     # ------------------------------------------------------------ the program
     @staticmethod
-    def program(name: str, version: str, rules: list[_Rule]) -> str:
+    def program(name: str, version: str, about: list[str], rules: list[_Rule]) -> str:
         title = f"scheduler {name}" if name else "scheduler"
         if version:
             title += f", version {version}"
         out = [
             "-- Compiled from YAML rules by fornax-sched: change the YAML, not this.",
-            f"-- {title}",
+            lua_comment(title),
+            *about,
             "--",
             "-- The rules, highest priority first (a tie keeps the order of the file).",
             "-- The first rule whose condition holds decides; one that dispatches but",

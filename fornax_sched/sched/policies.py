@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..policy import Limits, Loaded, LuaProgram, PolicyError, SandboxError, compile_policy, load_policy
+from ..policy import Limits, Loaded, LuaProgram, Platform, PolicyError, SandboxError, compile_policy, load_policy
 from .core import Cluster
 from .model import Policy
 
@@ -52,10 +52,14 @@ def _stamp(t: float) -> str:
 class Policies:
     """What the policy files and ctl's policy commands show, and the cluster's program."""
 
-    def __init__(self, cluster: Cluster, note: Callable[[str], None], *, limits: Limits | None = None) -> None:
+    def __init__(self, cluster: Cluster, note: Callable[[str], None], *, limits: Limits | None = None,
+                 platform: Platform | None = None) -> None:
         self.cluster = cluster
         self.note = note
         self.limits = limits
+        # The platform policy's own sandbox, behind every version (made here unless given; closed by close()).
+        self._own_platform = platform is None
+        self.platform = platform if platform is not None else Platform(limits=limits)
         self.versions: dict[int, Version] = {}
         self.active: Version | None = None  # None: never written, the default spread
         self.lua = ""  # the Lua that runs ("" for text rules)
@@ -123,7 +127,8 @@ class Policies:
     # ------------------------------------------------------------ changing it
     def check(self, text: str) -> Loaded:
         """Compile, start and dry-run ``text`` against the cluster; PolicyError says why not."""
-        return load_policy(text, self.cluster, limits=self.limits, on_failure=self._failed, on_log=self._logged)
+        return load_policy(text, self.cluster, platform=self.platform, limits=self.limits, on_failure=self._failed,
+                           on_log=self._logged)
 
     def plan_version(self, loaded: Loaded, at: float, by: str) -> tuple[Version, list[tuple[str, str, Any]]]:
         """The new version for ``loaded`` and the rows that record it (nothing changes here)."""
@@ -182,7 +187,12 @@ class Policies:
             return
         program = None
         if c.kind != "rules":
-            program = LuaProgram(c.lua, limits=self.limits, on_failure=self._failed, on_log=self._logged)
+            try:  # it starts by itself when first needed; now, so that the first fallback need not wait
+                self.platform.start()
+            except (PolicyError, SandboxError) as e:
+                self.note(f"the platform policy did not start: {e}; it is tried again when needed")
+            program = LuaProgram(c.lua, limits=self.limits, platform=self.platform, on_failure=self._failed,
+                                 on_log=self._logged)
             try:
                 program.start()
             except (PolicyError, SandboxError) as e:
@@ -195,7 +205,8 @@ class Policies:
         """The stored policy cannot run: keep it on show, let the platform policy decide."""
         self.active, self.lua, self.load_error = v, "", why
         self.note(f"policy v{v.n} ({v.kind}) did not start: {why}; the platform policy decides")
-        program = LuaProgram(None, limits=self.limits, on_failure=self._failed, on_log=self._logged)
+        program = LuaProgram(None, limits=self.limits, platform=self.platform, on_failure=self._failed,
+                             on_log=self._logged)
         try:
             program.start()
         except (PolicyError, SandboxError) as e:
@@ -211,6 +222,8 @@ class Policies:
     def close(self) -> None:
         if self.program is not None:
             self.program.close()
+        if self._own_platform:
+            self.platform.close()
 
     # ------------------------------------------------------------ what the sandbox says
     def _failed(self, line: str) -> None:

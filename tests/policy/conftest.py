@@ -1,4 +1,5 @@
-"""Fixtures for the policy tests: a small cluster, and started Lua programs that are closed afterwards."""
+"""Fixtures for the policy tests: a small cluster, the platform sandbox they share (as a scheduler's
+policies do), and started Lua programs that are closed afterwards."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fornax_sched.policy import Limits, LuaProgram
+from fornax_sched.policy import Limits, LuaProgram, Platform
 from fornax_sched.sched.core import Cluster
 from fornax_sched.sched.model import NodeFacts, Request
 
@@ -37,13 +38,22 @@ def cluster() -> Cluster:
 Make = Callable[..., LuaProgram]
 
 
+@pytest.fixture(scope="session")
+def platform() -> Iterator[Platform]:
+    """One platform sandbox for the whole run, as a scheduler has one for all its policies."""
+    with Platform() as p:
+        p.start()
+        yield p
+
+
 @pytest.fixture
-def make() -> Iterator[Make]:
-    """make(lua, **limits): a started LuaProgram for the source (None: the platform policy)."""
+def make(platform: Platform) -> Iterator[Make]:
+    """make(lua, **limits): a started LuaProgram for the source (None: the platform policy), with the
+    shared platform sandbox behind it (own=True: one of its own, with the same limits)."""
     made: list[LuaProgram] = []
 
-    def _make(lua: str | None, **limits: object) -> LuaProgram:
-        p = LuaProgram(lua, limits=Limits(**limits))  # type: ignore[arg-type]
+    def _make(lua: str | None, own: bool = False, **limits: object) -> LuaProgram:
+        p = LuaProgram(lua, limits=Limits(**limits), platform=None if own else platform)  # type: ignore[arg-type]
         made.append(p)
         p.start()
         return p

@@ -52,3 +52,15 @@ def test_platform_is_readable() -> None:
     assert out.returncode == 0 and "function decide(ctx)" in out.stdout
     path = policy("platform", "--path").stdout.strip()
     assert Path(path).read_text() == out.stdout
+
+
+def test_simulate_under_a_stalling_policy_keeps_to_the_budget(tmp_path: Path) -> None:
+    """Its decisions share one command's budget (1 s): the platform policy decides the rest."""
+    stall = tmp_path / "stall.lua"
+    stall.write_text("function decide(ctx)\n  if ctx.request.image == 'stall' then while true do end end\nend\n")
+    out = policy("simulate", str(stall), "place", "stall", "replicas=60")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 62 and lines[-1].startswith("policy budget of 1s spent after ")
+    assert lines[-1].endswith(" of 60 decisions; the platform policy decided the rest")
+    assert lines[-2].endswith(" containers, fewest; the command's policy budget of 1s was spent)")

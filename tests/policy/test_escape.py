@@ -67,7 +67,7 @@ ATTEMPTS = {
 @pytest.mark.parametrize("attempt", ATTEMPTS.values(), ids=ATTEMPTS.keys())
 def test_escape_fails(attempt: str, make: Make, cluster: Cluster, tmp_path: Path) -> None:
     marker = tmp_path / "escaped"
-    p = make(decide_body(attempt.replace("{marker}", str(marker))))
+    p = make(decide_body(attempt.replace("{marker}", str(marker))), deadline=0.5)  # some fail slowly: a 16M stack
     d = p.decide(cluster, "x", PLAIN, frozenset())
     assert not marker.exists()
     assert d.node == "node-3" and d.reason == "platform: node-3 (0 containers, fewest; the policy failed)", d

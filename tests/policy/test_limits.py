@@ -1,14 +1,15 @@
 """Deadlines and memory caps: a policy that runs long or allocates without end is
-stopped, the platform decides that request, and the next ones are answered as usual."""
+stopped, the platform decides that request, and the next ones are answered as usual.
+
+No test here measures time: that a stop came from the hook (not a kill) shows in
+``restarts``; how long decisions take under these policies is bench/policy_bounds_bench.py's.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import pytest
 
-from fornax_sched.policy import Limits, LuaProgram, PolicyError, load_policy
+from fornax_sched.policy import Limits, LuaProgram, Platform, PolicyError, load_policy
 from fornax_sched.sched.core import Cluster
 from fornax_sched.sched.model import Request
 
@@ -36,16 +37,51 @@ LOOPS = {
 
 @pytest.mark.parametrize("loop", LOOPS.values(), ids=LOOPS.keys())
 def test_loops_are_stopped_at_the_deadline(loop: str, make: Make, cluster: Cluster) -> None:
-    p = make(decide_body(loop), deadline=DEADLINE)
-    t = time.perf_counter()
+    p = make(decide_body(loop), deadline=DEADLINE, grace=1.0)  # a kill would be a failure of the hook
     d = p.decide(cluster, "x", PLAIN, frozenset())
-    took = time.perf_counter() - t
     assert d.node == "node-3", p.describe()
     assert d.reason == "platform: node-3 (0 containers, fewest; the policy timed out)"
     assert p.counters["timeouts"] == 1 and p.counters["restarts"] == 0  # stopped by the hook: no kill
     assert p.last_failure.startswith("timeout: ran past 50 ms")  # and, mostly, " at line N"
-    assert DEADLINE <= took < DEADLINE + 0.2
     assert p.decide(cluster, "y", PLAIN, frozenset()).node == "node-3"
+
+
+# Policies that catch errors at depth, hoping to catch the stop: at the C-stack
+# limit (about 200 nested C calls) Lua cannot even call the hook, nor raise the
+# stop; the flag the harness keeps makes the turn timed out all the same.
+NESTED = {
+    "pcall 200 deep, each level loops":
+        "local function f(n) if n > 0 then pcall(f, n - 1) end while true do end end f(200)",
+    "pcall 250 deep": "local function f(n) if n > 0 then pcall(f, n - 1) end while true do end end f(250)",
+    "pcall at the C-stack limit, looping there": "local function f() while true do pcall(f) end end f()",
+    "pcall at the limit, twice a level": "local function f() pcall(f) pcall(f) while true do end end f()",
+    "pcall at the limit, swallowing and going on":
+        "local function f(n) local ok = pcall(f, n + 1) while true do pcall(f, n + 1) end end f(1)",
+    "xpcall at the limit": "local function f() while true do xpcall(f, function(e) return e end) end end f()",
+    "xpcall handlers that loop":
+        "local function h(e) while true do end end local function f() xpcall(f, h) while true do end end f()",
+    "xpcall handler calling pcall":
+        "local function f() xpcall(f, function(e) while true do pcall(f) end end) end f()",
+    "coroutines nested to the limit":
+        "local function f() local co = coroutine.create(f) while true do coroutine.resume(co) end end f()",
+    "coroutine.wrap nested": "local function f() while true do pcall(coroutine.wrap(f)) end end f()",
+    "coroutine.close in a loop":
+        "while true do local co = coroutine.create(function() while true do end end) "
+        "coroutine.resume(co) coroutine.close(co) end",
+    "pcall of error at depth": "local function f(n) if n > 0 then pcall(f, n - 1) end "
+                               "while true do pcall(error, 'x') end end f(190)",
+}
+
+
+@pytest.mark.parametrize("body", NESTED.values(), ids=NESTED.keys())
+def test_no_pcall_depth_escapes_the_stop(body: str, make: Make, cluster: Cluster) -> None:
+    p = make(decide_body(body), deadline=DEADLINE, grace=2.0)  # a kill here would mean the stop was swallowed
+    d = p.decide(cluster, "x", PLAIN, frozenset())
+    assert d.reason == "platform: node-3 (0 containers, fewest; the policy timed out)", p.describe()
+    assert p.counters["timeouts"] == 1 and p.counters["restarts"] == 0, p.describe()
+    assert p.last_failure.startswith("timeout: ran past 50 ms"), p.last_failure
+    assert p.decide(cluster, "y", PLAIN, frozenset()).reason.endswith("the policy timed out)")
+    assert p.counters["restarts"] == 0
 
 
 def test_a_score_function_that_loops(make: Make, cluster: Cluster) -> None:
@@ -57,17 +93,15 @@ def test_a_score_function_that_loops(make: Make, cluster: Cluster) -> None:
 def test_one_long_c_call_is_killed(make: Make, cluster: Cluster) -> None:
     """A pattern match that backtracks inside C never meets the hook: the sandbox is killed."""
     p = make(decide_body("string.rep('a', 250):find('.-.-.-b')"), deadline=DEADLINE)
-    t = time.perf_counter()
+    restarts = p.platform.restarts
     d = p.decide(cluster, "x", PLAIN, frozenset())
-    took = time.perf_counter() - t
     assert d.node == "node-3" and d.reason.endswith("; the policy timed out)")
     assert p.counters["timeouts"] == 1 and p.counters["restarts"] == 1
     assert "the sandbox was restarted" in p.last_failure
-    # killed at deadline + grace; the platform then answered in a fresh sandbox
-    assert DEADLINE + p.limits.grace <= took < 1.0
-    t = time.perf_counter()
+    # the platform answered from its own process, untouched by the kill
+    assert p.platform.restarts == restarts and p.counters["builtin"] == 0
     assert p.decide(cluster, "y", PLAIN, frozenset()).node == "node-3"
-    assert p.counters["restarts"] == 2 and time.perf_counter() - t < 1.0
+    assert p.counters["restarts"] == 2
 
 
 MEMORY = {
@@ -121,7 +155,7 @@ function decide(ctx)
   if image == 'bomb' then local s = 'x' while true do s = s .. s end end
   return 'node-1', 'as asked'
 end
-""", deadline=DEADLINE)
+""", deadline=DEADLINE, memory=4 << 20)
     for bad in ("loop", "match", "bomb", "loop", "match"):
         d = p.decide(cluster, bad, Request(bad), frozenset())
         assert d.node == "node-3" and d.reason.startswith("platform: node-3 (0 containers, fewest; the policy")
@@ -131,46 +165,12 @@ end
     assert not p.failing  # a good decision between failures
 
 
-def test_asyncio_keeps_running_while_policies_misbehave(make: Make, cluster: Cluster) -> None:
-    """Decisions are synchronous, so each blocks the loop, but never for longer than its bound."""
-    p = make("""
-function decide(ctx)
-  if ctx.request.image == 'loop' then while true do end end
-  if ctx.request.image == 'match' then string.rep('a', 250):find('.-.-.-b') end
-  return 'node-1'
-end
-""", deadline=DEADLINE)
-    ticks: list[float] = []
-
-    async def ticker(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            await asyncio.sleep(0.005)
-
-    async def scheduler() -> list[str | None]:
-        stop = asyncio.Event()
-        task = asyncio.create_task(ticker(stop))
-        answers = []
-        for i in range(12):
-            image = ("loop", "match", "hello")[i % 3]
-            answers.append(p.decide(cluster, f"c{i}", Request(image), frozenset()).node)
-            await asyncio.sleep(0.01)
-        stop.set()
-        await task
-        return answers
-
-    answers = asyncio.run(scheduler())
-    assert answers == ["node-3", "node-3", "node-1"] * 4
-    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
-    assert len(ticks) >= 12 and max(gaps) < 0.5, max(gaps)
-
-
 def test_a_policy_that_never_loads_is_refused(cluster: Cluster) -> None:
-    with pytest.raises(PolicyError, match="timeout: ran past 50 ms at line 2|ran past 50 ms at line 2"):
+    with pytest.raises(PolicyError, match=r"^timed out loading: ran past 250 ms at line 2 \(the load budget\)$"):
         load_policy("local x = 0\nwhile true do x = x + 1 end\nfunction decide(ctx) end\n", cluster)
-    with pytest.raises(PolicyError, match="memory"):
+    with pytest.raises(PolicyError, match=r"^ran out of memory loading \(the cap is 64M\)$"):
         load_policy("local s = 'x'\nwhile true do s = s .. s end\n", cluster)
-    with pytest.raises(PolicyError, match="dry run: no answer within 50 ms"):
+    with pytest.raises(PolicyError, match=r"^dry run: no answer within 50 ms \(stuck in one long call\?\)$"):
         load_policy("function decide(ctx)\n  string.rep('a', 250):find('.-.-.-b')\nend\n", cluster)
     assert cluster.program is None
 
@@ -191,23 +191,28 @@ def test_a_policy_that_keeps_failing_is_reported(make: Make, cluster: Cluster) -
 
 
 def test_without_a_sandbox_the_builtin_decides(cluster: Cluster) -> None:
-    """A sandbox that cannot start (here: no time to) leaves the decision to the core's own spread."""
+    """A sandbox that cannot start (here: no time to) leaves the decision to the core's own spread,
+    but only when the platform's sandbox cannot start either."""
     lines: list[str] = []
     with LuaProgram("function decide(ctx) return 'node-1' end", limits=Limits(startup=0, deadline=0.001),
                     on_failure=lines.append) as p:
         d = p.decide(cluster, "x", PLAIN, frozenset())
         assert d.node == cluster.decide_builtin("x", PLAIN).node
-        assert d.reason.endswith("(built-in: the sandbox could not decide)")
+        assert d.reason.endswith("(built-in: the platform policy could not decide; the policy could not run)")
         assert p.counters["sandbox"] == 1 and p.counters["builtin"] == 1 and p.counters["timeouts"] == 0
         assert "the sandbox did not start in time" in lines[0]
+        assert lines[1].startswith("platform policy unavailable: the sandbox did not start in time")
     with pytest.raises(PolicyError, match="cannot check the policy: the sandbox did not start in time"):
         load_policy("function decide(ctx) end", cluster, limits=Limits(startup=0, deadline=0.001))
 
 
 def test_a_broken_platform_policy_leaves_it_to_the_builtin(cluster: Cluster) -> None:
-    with LuaProgram("function decide(ctx) error('mine fails too') end", platform="this is not Lua") as p:
+    with Platform("this is not Lua") as broken, \
+            LuaProgram("function decide(ctx) error('mine fails too') end", platform=broken) as p:
         with pytest.raises(PolicyError, match="the platform policy did not load: line 1"):
             p.start()
+        with pytest.raises(PolicyError, match="^the platform policy did not load: line 1"):
+            broken.start()
         d = p.decide(cluster, "x", PLAIN, frozenset())
-        assert d.node is not None and d.reason.endswith("(built-in: the sandbox could not decide)")
-        assert p.counters["builtin"] == 1 and "platform policy failed" in p.recent[-1]
+        assert d.node is not None and "(built-in: the platform policy could not decide" in d.reason
+        assert p.counters["builtin"] == 1 and "platform policy" in p.recent[-1]

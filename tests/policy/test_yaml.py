@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fornax_sched.policy import PolicyError, compile_policy, compile_yaml, load_policy
+from fornax_sched.policy.yamlrules import lua_comment, lua_string
 from fornax_sched.sched.core import Cluster
-from fornax_sched.sched.model import Request
+from fornax_sched.sched.model import NodeFacts, Request
 
 from .conftest import PLAIN, Make
 
@@ -157,3 +160,128 @@ def test_text_rules_still_work(cluster: Cluster) -> None:
     assert loaded.rules is not None and loaded.rules.text() == "pack\naffinity zone=west\n"
     with pytest.raises(PolicyError, match="^line 2: unknown rule 'packed'"):
         compile_policy("spread\npacked\n")
+
+
+# ---------------------------------------------------------------- text from YAML never becomes code
+
+
+def yaml_quote(s: str) -> str:
+    """s as a YAML double-quoted scalar, every character outside printable ASCII escaped."""
+    return '"' + "".join(ch if " " <= ch <= "~" and ch not in '"\\' else f"\\U{ord(ch):08X}" for ch in s) + '"'
+
+
+# Characters that end a line or a comment somewhere (Lua: \n and \r), or are not text.
+NASTY = ["\r", "\n", "\r\n", "\x00", "\v", "\f", "\t", "\x1b", "\x7f", "\x85", "\u2028", "\u2029", "\u202e", "\ufeff"]
+# Printable text that would be code if it were spliced: long brackets, quotes, statements.
+TRICKY = ["]]", "--[[", "]] os.exit(1) --[[", "]==] --[==[", '"); os.exit(1) --', "'", "\\", "\\\\",
+          "end end function decide(ctx) return 'node-1' end --", "ναι, zone ☃"]
+ALL_NASTY = "".join(NASTY) + "]] --[[ x"
+
+TEMPLATE = """\
+scheduler:
+  name: {sched}
+  version: {sched}
+  description: {about}
+  rules:
+    - name: {rule}
+      description: {about}
+      priority: 10
+      condition:
+        request.image: {{eq: {value}}}
+      action:
+        wait: {reason}
+    - name: {other}
+      condition: always
+      action:
+        dispatch: {{select: most-loaded, nodes: {{{key}: {{eq: {value}}}}}, prefer: {{labels.zone: {{eq: {value}}}}}}}
+"""
+
+
+def template(sched: str = "s", about: str = "plain", rule: str = "r1", other: str = "r2", value: str = "plain",
+             reason: str = "why", key: str = "labels.k-1") -> str:
+    return TEMPLATE.format(sched=yaml_quote(sched), about=yaml_quote(about), rule=yaml_quote(rule),
+                           other=yaml_quote(other), value=yaml_quote(value), reason=yaml_quote(reason),
+                           key=yaml_quote(key))
+
+
+@pytest.mark.parametrize("bad", NASTY, ids=[f"U+{ord(b[0]):04X}" for b in NASTY])
+def test_names_and_reasons_refuse_control_characters(bad: str) -> None:
+    """A name or a reason is one line of printable text; anything else is refused, naming the line."""
+    code = f"U+{ord(bad[0]):04X}"
+    for fields, line, what in (({"rule": f"a{bad}b"}, 6, "a rule's name"),
+                               ({"other": f"{bad}"}, 13, "a rule's name"),
+                               ({"sched": f"x{bad}"}, 2, "the scheduler's name"),
+                               ({"reason": f"x{bad}y"}, 12, "rule 'r1': wait (the reason)")):
+        with pytest.raises(PolicyError) as e:
+            compile_policy(template(**fields))
+        assert str(e.value) == (f"line {line}: {what} must be one line of printable text: it holds {code}, "
+                                "a control character or line break"), fields
+
+
+def test_a_raw_control_character_is_refused_with_its_line() -> None:
+    with pytest.raises(PolicyError, match=r"^line 3: YAML: U\+0000: special characters are not allowed$"):
+        compile_policy("scheduler:\n  rules:\n    - name: a\x00b\n")
+
+
+def _program_shape(lua: str) -> list[str]:
+    """What the Lua does (its tokens, strings blanked); every comment checked to be one short line."""
+    from .lualex import code, comments
+
+    found = comments(lua)
+    for t in found:
+        assert t.text.startswith("-- ") or t.text == "--", t  # a short comment: never --[ (a long one)
+        assert "\n" not in t.text and "\r" not in t.text, t
+        assert all(" " <= ch <= "~" or (ch > "\x7f" and ch.isprintable()) for ch in t.text), t
+    # one comment a line: a comment never runs into the next line's code
+    lines = lua.split("\n")
+    assert all(line.count("--") == 0 or line.lstrip().startswith("--") or "'" in line or '"' in line
+               for line in lines)
+    return code(lua)
+
+
+@pytest.mark.parametrize("tricky", TRICKY)
+def test_text_from_yaml_stays_in_strings_and_comments(tricky: str, make: Make, cluster: Cluster) -> None:
+    """Names, descriptions, values, reasons and label keys holding long brackets, quotes, line breaks
+    and code compile to the very program harmless text compiles to, and it decides the same."""
+    harmless = template()
+    nasty_value = tricky + ALL_NASTY
+    nasty = template(sched=tricky, about=nasty_value, rule=tricky, other=tricky + " 2", value=nasty_value,
+                     reason=tricky, key="labels." + nasty_value)
+    plain_lua, bad_lua = compile_policy(harmless).lua, compile_policy(nasty).lua
+    assert _program_shape(bad_lua) == _program_shape(plain_lua)
+    # and it decides the same: the rule that waits, the rule that dispatches (to the busiest of the nodes
+    # whose label k holds the value, or else no node: the platform policy)
+    for lua, value, key, rule, reason in ((plain_lua, "plain", "k-1", "r1", "why"),
+                                          (bad_lua, nasty_value, nasty_value, tricky, tricky)):
+        cluster.nodes["node-4"].facts = NodeFacts("node-4", 2, 4 * G, {"zone": value, key: value})
+        cluster.changed.add("node-4")
+        p = make(lua)
+        waits = p.decide(cluster, "c", Request(value), frozenset())
+        assert waits.node is None and waits.reason.startswith("policy: rule "), waits
+        assert waits.reason == "policy: " + _cleaned(f"rule {rule}: {reason}")
+        d = p.decide(cluster, "c", Request("other"), frozenset())
+        assert (d.node, d.reason) == ("node-4", "policy: " + _cleaned(f"node-4 (rule {rule} 2)" if rule == tricky
+                                                                       else "node-4 (rule r2)")), d
+        assert not p.last_failure
+
+
+def _cleaned(s: str) -> str:
+    """A reason as the sandbox makes it one line (sandbox.lua's clean)."""
+    return "".join("?" if ord(ch) < 32 or ord(ch) == 127 else ch for ch in s)
+
+
+@settings(max_examples=400, deadline=None)
+@given(s=st.text(st.characters(codec=None, categories=None, exclude_categories=())))
+def test_lua_string_and_lua_comment_hold_any_text(s: str) -> None:
+    import lupa.lua54 as lua
+
+    from .lualex import tokens
+
+    rt = lua.LuaRuntime(register_eval=False, encoding=None)
+    literal = lua_string(s)
+    assert "\n" not in literal and "\r" not in literal
+    assert rt.execute(("return " + literal).encode("utf-8", "surrogatepass")) == s.encode("utf-8", "surrogatepass")
+    comment = lua_comment(s)
+    assert [t.kind for t in tokens(comment)] == ["comment"] and "\n" not in comment and "\r" not in comment
+    assert rt.execute((comment + "\nreturn 1").encode("utf-8", "surrogatepass")) == 1
+    assert rt.execute((comment + "\rreturn 2").encode("utf-8", "surrogatepass")) == 2
