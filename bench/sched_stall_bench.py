@@ -1,7 +1,9 @@
 """Other clients' 9P read latency while a stalling Lua policy decides a `place replicas=200`.
 
-A real `fornax-sched serve` follows three real fornax-node daemons on
-loopback.  Reader connections (4 by default, each its own 9P connection in
+A real `fornax-sched serve` with three simulated nodes (`--sim-nodes 3`,
+which start nothing: so what the readers wait for is the scheduler, not
+200 processes starting beside it; `--real-nodes` runs three real
+fornax-node daemons instead).  Reader connections (4 by default, each its own 9P connection in
 this process) read /cluster/scheduler/ctl and list
 /cluster/scheduler/placements in a loop; meanwhile one writer places
 `hello replicas=200`.  The peer in the same run is the same with the
@@ -149,20 +151,25 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=200)
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--budget", default="1", help="the scheduler's --decide-budget")
+    ap.add_argument("--real-nodes", action="store_true",
+                    help="three real fornax-nodes instead of the scheduler's simulated ones (then 200 processes "
+                         "start during each place, and their start-up load is in the readers' latency too)")
     args = ap.parse_args()
     nodes: list[NodeProc] = []
     sched: SchedProc | None = None
     with tempfile.TemporaryDirectory(prefix="fornax-stall-bench-") as tmp:
         try:
-            gossip = [free_port(socket.SOCK_DGRAM) for _ in range(3)]
-            for i in range(3):
-                n = NodeProc(f"fornax-0{i + 1}", free_port(), gossip[i], Path(tmp) / f"node{i + 1}",
-                             peers=[gossip[(i + 1) % 3]])
-                nodes.append(n)
-                n.start()
-                drain(n.proc)
+            if args.real_nodes:
+                gossip = [free_port(socket.SOCK_DGRAM) for _ in range(3)]
+                for i in range(3):
+                    n = NodeProc(f"fornax-0{i + 1}", free_port(), gossip[i], Path(tmp) / f"node{i + 1}",
+                                 peers=[gossip[(i + 1) % 3]])
+                    nodes.append(n)
+                    n.start()
+                    drain(n.proc)
+            sim = [] if args.real_nodes else ["--sim-nodes", "3"]
             sched = SchedProc(Path(tmp) / "sched", [n.addr for n in nodes],
-                              extra=["--interval", "1", "--dead", "10", "--decide-budget", args.budget]).start()
+                              extra=["--interval", "1", "--dead", "10", "--decide-budget", args.budget, *sim]).start()
             drain(sched.proc)
             results = asyncio.run(run_all(sched, args))
         finally:

@@ -32,23 +32,36 @@ T = TypeVar("T")
 
 
 class Decider:
-    def __init__(self, *, budget: float = 1.0, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.state = State()
+    def __init__(self, *, budget: float = 1.0, monotonic: Callable[[], float] = time.monotonic,
+                 state: State | None = None) -> None:
+        self.state = state or State()
         self.budget = budget
         self.monotonic = monotonic
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fornax-decide")
         self._closed = False
 
     async def plan(self, fn: Callable[[State, Callable[[], bool]], T], budget: float | None = None) -> T:
-        """Run ``fn(state, budget_left)`` on the decider's thread, in a draft undone afterwards."""
+        """Run ``fn(state, budget_left)`` on the decider's thread, in a draft undone afterwards.
+
+        The decisions it makes share ``budget`` seconds of a programmable
+        policy's time; if the policy spent it, the line that says so is
+        added to the returned Plan's log (what ``fn`` returns, if a Plan).
+        """
         seconds = self.budget if budget is None else budget
 
         def job() -> T:
             end = self.monotonic() + seconds
             program = self.state.cluster.program
             limit = getattr(program, "budget", None)
-            with self.state.cluster.draft(), (limit(seconds) if callable(limit) else contextlib.nullcontext()):
-                return fn(self.state, lambda: self.monotonic() < end)
+            with self.state.cluster.draft(), (limit(seconds) if callable(limit) else contextlib.nullcontext()) as b:
+                out = fn(self.state, lambda: self.monotonic() < end)
+            line = b.line() if b is not None and hasattr(b, "line") else ""
+            log_ = getattr(out, "log", None)
+            if line and isinstance(log_, list):
+                log_.append(line)
+            elif line and isinstance(out, str):  # an answer (a simulation's) says it too
+                return out + line + "\n"  # type: ignore[return-value]
+            return out
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, job)
 

@@ -18,7 +18,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..policy import Limits, Loaded, LuaProgram, Platform, PolicyError, SandboxError, compile_policy, load_policy
+from ..policy import (
+    Limits,
+    Loaded,
+    LuaProgram,
+    Platform,
+    PolicyError,
+    SandboxError,
+    compile_policy,
+    dry_run_policy,
+    load_policy,
+    prepare_policy,
+)
 from .core import Cluster
 from .model import Policy
 
@@ -129,6 +140,15 @@ class Policies:
         """Compile, start and dry-run ``text`` against the cluster; PolicyError says why not."""
         return load_policy(text, self.cluster, platform=self.platform, limits=self.limits, on_failure=self._failed,
                            on_log=self._logged)
+
+    def prepare(self, text: str) -> Loaded:
+        """Step one of a check: compile, start and load the policy; needs no cluster (any thread)."""
+        return prepare_policy(text, platform=self.platform, limits=self.limits, on_failure=self._failed,
+                              on_log=self._logged)
+
+    def dry_run(self, loaded: Loaded) -> Loaded:
+        """Step two: the dry run against the cluster, on the thread that owns it (the decider's)."""
+        return dry_run_policy(loaded, self.cluster)
 
     def plan_version(self, loaded: Loaded, at: float, by: str) -> tuple[Version, list[tuple[str, str, Any]]]:
         """The new version for ``loaded`` and the rows that record it (nothing changes here)."""

@@ -31,6 +31,7 @@ class SchedConfig:
     listen: str = DEFAULT_LISTEN
     state: Path = field(default_factory=default_state)
     nodes: list[str] = field(default_factory=list)
+    sim_nodes: int = 0  # simulated nodes to make in this process (benchmarks, trying it out)
     writers: list[str] = field(default_factory=list)
     interval: float = 1.0
     dead: float = 10.0
@@ -63,7 +64,14 @@ class SchedDaemon:
         try:
             # One scheduler per state: a second one would undo the first's work.
             await store.campaign("scheduler", f"fornax-sched serve on {self.cfg.listen}", ttl=10, wait=False)
-            self.sched = Scheduler(store, seeds=self.cfg.nodes, interval=self.cfg.interval,
+            seeds = list(self.cfg.nodes)
+            if self.cfg.sim_nodes:
+                from .backends import CLUSTER as SIMULATED
+
+                for i in range(self.cfg.sim_nodes):
+                    SIMULATED.add(f"sim-{i + 1:04d}")
+                seeds.append("sim!sim-0001")  # the rest are found as its peers
+            self.sched = Scheduler(store, seeds=seeds, interval=self.cfg.interval,
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
                                    limits=self.cfg.policy_limits, budget=self.cfg.budget)
             await self.sched.start()
@@ -105,6 +113,9 @@ def add_parser(sub: Any) -> None:
                    help="where the state lives: sqlite:PATH (default: DIR/sched.db of --state)")
     p.add_argument("--fresh", action="store_true",
                    help="start with a new, empty store; the old store file is kept aside (sched.db.replaced-TIME)")
+    p.add_argument("--sim-nodes", type=int, default=0, metavar="N",
+                   help="also make N simulated nodes in this process (sim-0001 ...; 8 CPUs, 16G each): they run "
+                        "nothing, for benchmarks and for trying the scheduler out")
     p.add_argument("--node", action="append", default=[], metavar="ADDR",
                    help="9P address of a node to start from (repeat); more are found through its peers")
     p.add_argument("--writers", default="",
@@ -133,6 +144,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if not 0 <= args.sim_nodes <= 100_000:
+            raise ValueError("--sim-nodes: want 0 to 100000")
         if args.max_connections is not None and args.max_connections < 1:
             raise ValueError("--max-connections: want at least 1")
         if not 0 <= args.idle_evict <= 86400 or not 0.1 <= args.handshake_timeout <= 86400:
@@ -146,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         memory = parse_size(args.policy_memory, "--policy-memory")
         if memory < 1 << 20:
             raise ValueError("--policy-memory: want at least 1M")
-        limits = Limits(deadline=args.policy_deadline / 1000, memory=memory)
+        limits = Limits(deadline=args.policy_deadline / 1000, memory=memory, command=args.decide_budget)
     except ValueError as e:
         print(f"fornax-sched serve: {e}", flush=True)
         return 2
@@ -154,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                       writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead,
                       policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget,
                       node_timeout=args.node_timeout, max_connections=args.max_connections,
-                      idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout)
+                      idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,
+                      sim_nodes=args.sim_nodes)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

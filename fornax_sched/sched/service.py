@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..policy import Limits, PolicyError
@@ -86,7 +87,9 @@ class Scheduler:
                  budget: float = 1.0) -> None:
         self.store = store
         self.state = State()  # committed: what the file tree reads
-        self.decider = Decider(budget=budget, monotonic=monotonic)
+        # The decider's copy shares the one copy of each request and repeated string with it.
+        self.decider = Decider(budget=budget, monotonic=monotonic,
+                               state=State(_requests=self.state._requests, _text=self.state._text))
         self.policies = Policies(self.decider.state.cluster, self._note_from_thread, limits=limits)
         self.book = LogBook(LOG_LINES)
         self.liveness = Liveness(suspect_after=min(dead_after, max(node_timeout + interval, 3 * interval)),
@@ -99,6 +102,7 @@ class Scheduler:
         self.clock = clock
         self.monotonic = monotonic
         self._mutate = asyncio.Lock()  # one plan-and-commit at a time
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fornax-policy-load")
         self._unsaved: list[str] = []  # log lines noted outside a plan, not yet in the store
         # Placements being acted on (name -> [actions under way, since when]), and when each
         # was last acted on: a listing that began before cannot show what was done.
@@ -136,6 +140,7 @@ class Scheduler:
                 await lk.backend.close()
         await self.decider.call(lambda st: self.policies.close())
         self.decider.close()
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     async def _load(self) -> None:
         """Read the store into both copies of the state, a few thousand rows at a time."""
@@ -461,7 +466,10 @@ class Scheduler:
     async def set_policy(self, text: str, by: str = "-") -> str:
         """Check a policy (syntax, then a dry run) and make it active; CommandError if it is refused."""
         try:
-            loaded = await self.decider.call(lambda st: self.policies.check(text))
+            # Loading may stall (a policy stuck at load time): on a thread of its own, bounded by the
+            # load budget; then the dry run against the cluster, on the decider's thread.
+            prepared = await asyncio.get_running_loop().run_in_executor(self._loader, self.policies.prepare, text)
+            loaded = await self.decider.call(lambda st: self.policies.dry_run(prepared))
         except PolicyError as e:
             self.note(f"policy refused: {str(e).splitlines()[0]}")
             raise CommandError(f"policy refused, the old one stays: {e}") from None

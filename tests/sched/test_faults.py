@@ -3,6 +3,7 @@ rebuilt"), each through the interface where it was found: real processes, 9P, re
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
@@ -381,3 +382,75 @@ def test_fault6_a_thousand_idle_connections_do_not_lock_writers_out(tmp_path: Pa
             s.close()
         sched.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+STALLING = """-- For containers named s-*, decide() is stuck in one C call (a pattern that backtracks),
+-- which no hook can stop: its sandbox must be killed every time.
+function decide(ctx)
+  if ctx.container:sub(1, 2) == "s-" then
+    string.rep("a", 40):find(".-.-.-.-.-.-.-b")
+  end
+  return platform.decide(ctx)
+end
+"""
+
+STALLS_AT_LOAD = """string.rep("a", 40):find(".-.-.-.-.-.-.-b")
+function decide(ctx) return platform.decide(ctx) end
+"""
+
+
+def test_fault3_a_stalling_policy_never_stops_the_server(tmp_path: Path) -> None:
+    """A policy stuck in C calls: a simulate of 1,000 replicas and a place of 20 answer in bounded
+    time (the command's budget, then the platform decides), and other clients are served meanwhile;
+    a policy stuck at load is refused without making the platform policy unavailable."""
+    nodes = three_nodes(tmp_path)
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--decide-budget", "1"]).start()
+    try:
+        async def go() -> None:
+            await discovered(sched)
+            async with await Client.connect(sched.addr, version="9P2000.u", timeout=60) as c:
+                await c.write_file("cluster/scheduler/policy", STALLING.encode())
+            slowest = 0.0
+            done = False
+
+            async def reader() -> None:
+                nonlocal slowest
+                async with await Client.connect(sched.addr, timeout=60) as c:
+                    while not done:
+                        t = time.monotonic()
+                        await c.read_file("cluster/scheduler/ctl")
+                        slowest = max(slowest, time.monotonic() - t)
+                        await asyncio.sleep(0.01)
+
+            task = asyncio.create_task(reader())
+            try:
+                t = time.monotonic()
+                answer = await ctl(sched.addr, "simulate place hello name=s replicas=1000")
+                assert time.monotonic() - t < 20, "the simulation took the stalls one after another"
+                lines = answer.splitlines()
+                assert sum(1 for line in lines if " -> fornax-0" in line) == 1000, answer[-500:]
+                assert "policy budget of 1s spent after" in answer and "the platform policy decided the rest" in answer
+                t = time.monotonic()
+                answer = await ctl(sched.addr, "place hello name=s replicas=20")
+                assert time.monotonic() - t < 20
+                assert answer.count("status=running") == 20, answer
+                log = await read(sched.addr, "cluster/scheduler/log")
+                assert "policy budget of 1s spent after" in log
+                with pytest.raises(P9Error, match="did not load within"):  # stuck at load: refused in its budget
+                    t = time.monotonic()
+                    async with await Client.connect(sched.addr, version="9P2000.u", timeout=60) as c:
+                        await c.write_file("cluster/scheduler/policy", STALLS_AT_LOAD.encode())
+                assert time.monotonic() - t < 10
+                answer = await ctl(sched.addr, "place hello name=t replicas=3")  # the platform still decides
+                assert answer.count("status=running") == 3
+                assert "built-in" not in await read(sched.addr, "cluster/scheduler/log")
+            finally:
+                done = True
+                await task
+            assert slowest < 2.0, f"a read waited {slowest:.2f}s behind the policy"
+
+        run(go())
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
