@@ -94,6 +94,12 @@ class Program(Protocol):
     def decide(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str]) -> Decision: ...
 
 
+def simple(req: Request) -> bool:
+    """A request the cluster's indexes answer alone (at most one label, no name globs, no
+    anti-affinity): deciding it, even when nothing fits, never looks at every node."""
+    return len(req.labels) <= 1 and not (req.include or req.exclude or req.avoid)
+
+
 class _Index:
     """Nodes by affinity class, then container count (insertion-ordered within a bucket), with a
     bound per bucket on the room its nodes have free: a decision skips a bucket of full nodes at
@@ -467,12 +473,13 @@ class Cluster:
                 return "full"
             return "avoid"
 
-        ix = self._among(req) if req.labels else None
-        if req.labels and (ix is None or (len(req.labels) == 1 and not (req.include or req.exclude or req.avoid))):
-            # Every node with the label is allowed and, none having been chosen, lacks room;
-            # every other node is filtered out: all of it from the tallies.
+        ix = self._among(req)
+        if simple(req) or (req.labels and ix is None):
+            # Every node of the index (all, or those with the one label) is allowed and, none
+            # having been chosen, lacks room; every other node is filtered out: all from the tallies.
             listed = [self.nodes[name] for name in skip if name in self.nodes]
-            mine = [n for n in listed if ix is not None and n.facts.labels.get(req.labels[0][0]) == req.labels[0][1]]
+            mine = [n for n in listed if ix is not None
+                    and (not req.labels or n.facts.labels.get(req.labels[0][0]) == req.labels[0][1])]
             theirs = [n for n in listed if n not in mine]
 
             def tallied(nodes: list[NodeState]) -> tuple[int, int]:

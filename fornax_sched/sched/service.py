@@ -43,6 +43,7 @@ from .backends import (
     Spec,
     connect,
 )
+from .core import simple
 from .decider import Decider
 from .liveness import Liveness, Transition
 from .logbook import LogBook, capped
@@ -55,6 +56,7 @@ from .store import Batch, Store, StoreError
 log = logging.getLogger("fornax_sched.sched")
 
 LOG_LINES = 10_000  # log lines kept in memory for the log file (the store keeps more)
+SMALL = 16  # decisions a command may make on the event loop under the built-in policy (see _decide_and_commit)
 QUOTE = 120  # characters of a refused command quoted in the log
 
 __all__ = ["CommandError", "Scheduler"]
@@ -104,6 +106,7 @@ class Scheduler:
         self._mutate = asyncio.Lock()  # one plan-and-commit at a time
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fornax-policy-load")
         self._unsaved: list[str] = []  # log lines noted outside a plan, not yet in the store
+        self._dirty: set[str] = set()  # placements whose observed status is newer in memory than in the store
         # Placements being acted on (name -> [actions under way, since when]), and when each
         # was last acted on: a listing that began before cannot show what was done.
         self._busy: dict[str, list[float]] = {}
@@ -124,6 +127,7 @@ class Scheduler:
             self._try_addr(addr)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="sched-housekeeping"))
         self._tasks.append(asyncio.create_task(self._ticker(), name="sched-liveness"))
+        self._tasks.append(asyncio.create_task(self._persister(), name="sched-persist"))
 
     async def close(self) -> None:
         self._closing = True
@@ -160,6 +164,7 @@ class Scheduler:
                 self._link(name, meta.addr)
         # The policy last: its sandbox starts with the cluster's placements known.
         await self.decider.call(lambda st: self.policies.load(dict(st.policies), self.clock()))
+        self._same_rules()
         self.note(f"scheduler started: {len(self.state.cluster.nodes)} nodes, {len(self.state.records)} placements "
                   f"from the store, policy {self.policies.label()}")
 
@@ -178,9 +183,19 @@ class Scheduler:
             loop.call_soon_threadsafe(self.note, line)
 
     async def _flush_log(self) -> None:
-        if self._unsaved:
+        """Write what is only in memory: log lines noted outside a plan, and observed statuses."""
+        if self._unsaved or self._dirty:
             async with self._mutate:
-                await self._execute(Plan(self.clock()))
+                plan = Plan(self.clock())
+                dirty, self._dirty = self._dirty, set()
+                for name in dirty:
+                    if name in self.state.records:
+                        plan.put("placements", name, self.state.placement_row(name))
+                try:
+                    await self._execute(plan, observed=False)
+                except BaseException:
+                    self._dirty |= dirty
+                    raise
 
     def _store_failed(self, e: StoreError) -> None:
         """A store failure outside a command: logged once until it changes."""
@@ -190,13 +205,22 @@ class Scheduler:
             self.note(f"store: {e}")
 
     # ================================================================ the one path of change
-    async def _execute(self, plan: Plan) -> None:
+    async def _execute(self, plan: Plan, observed: bool = True) -> None:
         """Commit a plan's rows and log, then make them true in memory.  The caller holds _mutate.
 
-        StoreError if the store cannot take it: then nothing changed.
+        StoreError if the store cannot take it: then nothing changed.  A plan
+        that only records what nodes reported (a container running, ended,
+        refused; see ``observes_only``) changes no intent: it is made true in
+        memory at once and written to the store with the next flush, a fraction
+        of a second later (after a crash the nodes tell it again).
         """
         lines = [capped(line) for line in plan.log]
-        if plan.durable or self._unsaved:
+        if observed and plan.changes and observes_only(self.state, plan):
+            self._dirty.update(k for _, k in plan.changes)
+            self._unsaved += lines
+            if len(self._dirty) > 1000:
+                self._kick.set()  # the flush comes sooner
+        elif plan.durable or self._unsaved:
             batch = Batch()
             for table, key, value in plan.rows():
                 if value is None:
@@ -226,11 +250,25 @@ class Scheduler:
         async with self._mutate:
             await self._execute(plan)
 
-    async def _decide_and_commit(self, planner: Callable[[State, Callable[[], bool]], Plan]) -> Plan:
+    async def _decide_and_commit(self, planner: Callable[[State, Callable[[], bool]], Plan],
+                                 small: bool = False) -> Plan:
+        """Plan on the decider's thread and commit.  A ``small`` plan under the built-in policy (a few
+        decisions the cluster's indexes answer at once, see core.simple) is planned here instead, in a
+        draft of the served state: it cannot take long, and it saves two thread switches a command."""
         async with self._mutate:
-            plan = await self.decider.plan(planner)
+            if small and self.decider.state.cluster.program is None:
+                with self.state.cluster.draft():
+                    plan = planner(self.state, lambda: True)
+            else:
+                plan = await self.decider.plan(planner)
             await self._execute(plan)
         return plan
+
+    def _same_rules(self) -> None:
+        """The served state's cluster decides by the same text rules as the decider's (for small plans)."""
+        rules = self.decider.state.cluster.policy
+        if self.state.cluster.policy != rules:
+            self.state.cluster.set_policy(rules)
 
     # ================================================================ acting on nodes
     async def _act(self, plan: Plan) -> Outcome:
@@ -356,7 +394,8 @@ class Scheduler:
         assert req is not None
         label, marked = self._label(), tuple(cmd.marked)
         plan = await self._decide_and_commit(
-            lambda st, left: plans.plan_place(st, req, req.replicas, self.clock(), label, marked=marked))
+            lambda st, left: plans.plan_place(st, req, req.replicas, self.clock(), label, marked=marked),
+            small=req.replicas <= SMALL and simple(req))
         return await self._finish_place(plan)
 
     async def _finish_place(self, plan: Plan) -> str:
@@ -395,7 +434,8 @@ class Scheduler:
         name = cmd.targets[0]
         plans.placement(self.state, name)
         label = self._label()
-        plan = await self._decide_and_commit(lambda st, left: plans.plan_start(st, name, self.clock(), label))
+        plan = await self._decide_and_commit(lambda st, left: plans.plan_start(st, name, self.clock(), label),
+                                             small=simple(self.state.cluster.placements[name].request))
         return await self._run_plan(plan)
 
     async def _cmd_remove(self, cmd: lang.Command) -> str:
@@ -486,6 +526,7 @@ class Scheduler:
                     loaded.program.close()
                 raise
             old = await self.decider.call(lambda st: self.policies.install(v, loaded))
+            self._same_rules()
         if old is not None:
             old.close()
         return f"policy v{v.n} active: {self.policies.label()}\n"
@@ -645,6 +686,19 @@ class Scheduler:
             async with self._mutate:
                 await self._execute(plan)
 
+    async def _persister(self) -> None:
+        """Write observed statuses and stray log lines to the store, a few times a second."""
+        while not self._closing:
+            await asyncio.sleep(0.2)
+            try:
+                await self._flush_log()
+            except asyncio.CancelledError:
+                raise
+            except StoreError as e:
+                self._store_failed(e)
+            except Exception:
+                log.exception("persisting")
+
     # ================================================================ pending work
     async def _housekeeping(self) -> None:
         """Place pending containers when capacity may have appeared (and now and then); save the log."""
@@ -731,6 +785,24 @@ class Scheduler:
 
     def log_text(self) -> str:
         return self.book.text()
+
+
+OBSERVED = ("running", "exited", "failed", "stopped")  # statuses that only say what a node reported
+INTENT = ("request", "node", "reason", "group", "want", "created")
+
+
+def observes_only(state: State, plan: Plan) -> bool:
+    """Whether every change of ``plan`` only records what a node reported (status, cid, detail),
+    leaving what the user wants and where it goes as they were."""
+    if plan.stops or plan.starts or plan.kick:
+        return False
+    for (table, key), row in plan.changes.items():
+        if table != "placements" or row is None or key not in state.records or row["status"] not in OBSERVED:
+            return False
+        now = state.placement_row(key)
+        if any(row[f] != now[f] for f in INTENT):
+            return False
+    return True
 
 
 def _acting(plan: Plan) -> set[str]:

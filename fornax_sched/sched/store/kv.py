@@ -355,7 +355,12 @@ class KVStore:
         self._queue.append(p)
         if self._committer is None or self._committer.done():
             self._committer = loop.create_task(self._commit_all(), name="store-commit")
-        return await asyncio.shield(p.future)
+        try:
+            return await p.future
+        except asyncio.CancelledError:
+            # The caller went away; the batch may still commit (the committer takes it or has taken
+            # it), as a write whose writer vanished may.
+            raise
 
     async def _commit_all(self) -> None:
         """Commit what is queued, several batches to a transaction where they fit."""
@@ -445,8 +450,9 @@ class KVStore:
         if rev is None:
             if self._hold is not None and self._hold.lost.is_set():
                 raise self._deposed()
-            p.future.set_exception(Conflict(f"a row this change depends on changed meanwhile "
-                                            f"({_keys(p.compares)}): nothing was written"))
+            if not p.future.done():
+                p.future.set_exception(Conflict(f"a row this change depends on changed meanwhile "
+                                                f"({_keys(p.compares)}): nothing was written"))
             return
         self._committed(rev, len(lines) if self._ops_of(p) <= self.max_ops else 0, [p])
 

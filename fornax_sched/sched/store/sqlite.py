@@ -112,7 +112,9 @@ class SqliteKV:
         self._rdb: sqlite3.Connection | None = None
         self._feeds: set[_Feed] = set()
         self._history: deque[tuple[int, list[Change]]] = deque(maxlen=HISTORY)
-        self._revision = 0
+        self._revision = 0  # the last revision published to this process
+        self._written = 0  # the last revision the writer thread committed
+        self._leases = False  # whether any lease may be live (else transactions skip expiring them)
         self._expirer: asyncio.Task[None] | None = None
         self._reading = asyncio.Lock()  # one snapshot at a time on the reader connection
         self._closed = False
@@ -156,6 +158,8 @@ class SqliteKV:
                 self._create(db, migrate=existed)
                 self.created = not existed
             self._revision = int(db.execute("SELECT value FROM info WHERE name='revision'").fetchone()[0])
+            self._written = self._revision
+            self._leases = bool(db.execute("SELECT 1 FROM leases LIMIT 1").fetchone())
         except sqlite3.Error as e:
             raise StoreError(f"cannot read the store {path}: {e}") from None
 
@@ -264,8 +268,8 @@ class SqliteKV:
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                rev = int(db.execute("SELECT value FROM info WHERE name='revision'").fetchone()[0]) + 1
-                changes = self._expire(db, now, rev)
+                rev = self._written + 1  # this connection, on this thread, is the only writer
+                changes = self._expire(db, now, rev) if self._leases else []
                 for c in compares:
                     row = db.execute("SELECT rev FROM kv WHERE key = ?", (c.key,)).fetchone()
                     if (row[0] if row else 0) != c.revision:
@@ -291,6 +295,7 @@ class SqliteKV:
                         changes.append(Change(op.key, None, rev))
                 db.execute("UPDATE info SET value = ? WHERE name='revision'", (str(rev),))
                 db.execute("COMMIT")
+                self._written = rev
             except BaseException:
                 if db.in_transaction:  # SQLite may have rolled back already (a full disk does)
                     db.execute("ROLLBACK")
@@ -299,10 +304,10 @@ class SqliteKV:
             raise StoreError(f"cannot write the store {self.path}: {e}") from None
         return rev, changes
 
-    @staticmethod
-    def _expire(db: sqlite3.Connection, now: float, rev: int) -> list[Change]:
+    def _expire(self, db: sqlite3.Connection, now: float, rev: int) -> list[Change]:
         """Delete the keys of expired leases (within the caller's transaction)."""
         dead = [lid for (lid,) in db.execute("SELECT id FROM leases WHERE expires <= ?", (now,))]
+        self._leases = bool(db.execute("SELECT 1 FROM leases WHERE expires > ? LIMIT 1", (now,)).fetchone())
         changes: list[Change] = []
         for lid in dead:
             keys = db.execute("SELECT key FROM kv WHERE lease = ?", (lid,)).fetchall()
@@ -379,6 +384,7 @@ class SqliteKV:
                 cur = db.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)", (ttl, now + ttl))
             except sqlite3.Error as e:
                 raise StoreError(f"cannot write the store {self.path}: {e}") from None
+            self._leases = True
             return int(cur.lastrowid or 0)
 
         lease = await self._write(add)
@@ -404,6 +410,7 @@ class SqliteKV:
             db = self._conn()
             try:
                 db.execute("UPDATE leases SET expires = 0 WHERE id = ?", (lease,))
+                self._leases = True
             except sqlite3.Error as e:
                 raise StoreError(f"cannot write the store {self.path}: {e}") from None
             return self._txn([], [], self.clock())
