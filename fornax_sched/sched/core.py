@@ -189,8 +189,13 @@ class Cluster:
         What the draft undoes is the state decisions depend on (assignments, reservations,
         statuses, cordons, placements); the order nodes are visited in may differ.
         """
-        if self._journal is not None:
-            raise RuntimeError("a draft is already open")
+        if self._journal is not None:  # within a draft: back to here on leaving
+            point = self.savepoint()
+            try:
+                yield self
+            finally:
+                self.rollback_to(point)
+            return
         self._journal = []
         try:
             yield self
@@ -202,6 +207,25 @@ class Cluster:
     def _undo(self, step: Callable[[], object]) -> None:
         if self._journal is not None:
             self._journal.append(step)
+
+    def savepoint(self) -> int:
+        """Where the open draft is now, to roll back to (``rollback_to``) without closing it."""
+        if self._journal is None:
+            raise RuntimeError("no draft is open")
+        return len(self._journal)
+
+    def rollback_to(self, point: int) -> None:
+        """Undo what the open draft did since ``savepoint`` returned ``point``."""
+        journal = self._journal
+        if journal is None:
+            raise RuntimeError("no draft is open")
+        undo, journal[point:] = journal[point:], []
+        self._journal = None
+        try:
+            for step in reversed(undo):
+                step()
+        finally:
+            self._journal = journal
 
     # ------------------------------------------------------------ policy
     def set_policy(self, policy: Policy) -> None:

@@ -40,28 +40,20 @@ class Decider:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fornax-decide")
         self._closed = False
 
-    async def plan(self, fn: Callable[[State, Callable[[], bool]], T], budget: float | None = None) -> T:
-        """Run ``fn(state, budget_left)`` on the decider's thread, in a draft undone afterwards.
-
-        The decisions it makes share ``budget`` seconds of a programmable
-        policy's time; if the policy spent it, the line that says so is
-        added to the returned Plan's log (what ``fn`` returns, if a Plan).
-        """
+    async def plan(self, fn: Callable[[State, Callable[[], bool]], T],
+                   budget: float | None = None) -> tuple[T, str]:
+        """Run ``fn(state, budget_left)`` on the decider's thread, in a draft of the state undone
+        afterwards; returns what it returned and, if a programmable policy spent the budget of
+        ``budget`` seconds its decisions share, the line that says so ("" if not)."""
         seconds = self.budget if budget is None else budget
 
-        def job() -> T:
+        def job() -> tuple[T, str]:
             end = self.monotonic() + seconds
             program = self.state.cluster.program
             limit = getattr(program, "budget", None)
-            with self.state.cluster.draft(), (limit(seconds) if callable(limit) else contextlib.nullcontext()) as b:
+            with self.state.draft(), (limit(seconds) if callable(limit) else contextlib.nullcontext()) as b:
                 out = fn(self.state, lambda: self.monotonic() < end)
-            line = b.line() if b is not None and hasattr(b, "line") else ""
-            log_ = getattr(out, "log", None)
-            if line and isinstance(log_, list):
-                log_.append(line)
-            elif line and isinstance(out, str):  # an answer (a simulation's) says it too
-                return out + line + "\n"  # type: ignore[return-value]
-            return out
+            return out, (b.line() if b is not None and hasattr(b, "line") else "")
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, job)
 

@@ -13,10 +13,15 @@ import bisect
 LINE_MAX = 500  # characters of one line (a refused command is quoted in part)
 
 
+_CONTROL = {c: "?" for c in range(32) if c != 9}
+_CONTROL[127] = "?"
+
+
 def capped(line: str, limit: int = LINE_MAX) -> str:
     """One line, at most ``limit`` characters: control characters replaced, the end cut with '...'."""
-    line = "".join(ch if ch >= " " or ch == "\t" else "?" for ch in line)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    if len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return line if line.isprintable() else line.translate(_CONTROL)
 
 
 class LogBook:

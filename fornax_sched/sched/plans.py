@@ -508,3 +508,29 @@ def plan_stopped(state: State, s: Stop, error: str, now: float) -> Plan:
         plan.edit(state, s.name, status="stopped", detail="stopped by the user")
         plan.note(f"stopped {s.name}")
     return plan
+
+
+def plan_unplace(state: State, names: list[str], why: str, now: float) -> Plan:
+    """A place the nodes refused for every replica keeps nothing: its rows go."""
+    plan = Plan(now)
+    for name in names:
+        if name in state.records:
+            plan.delete("placements", name)
+    plan.note(f"place refused by the nodes, nothing kept: {why}")
+    return plan
+
+
+def plan_node_info(state: State, name: str, row: dict[str, Any], now: float) -> Plan:
+    """What a node says of itself, recorded if it changed (its cordon is the scheduler's)."""
+    plan = Plan(now)
+    known = state.cluster.nodes.get(name)
+    row = {**row, "cordoned": known.cordoned if known is not None else False}
+    if known is not None and name in state.nodes and state.node_row(name) == row:
+        return plan
+    plan.put("nodes", name, row)
+    if known is None:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items()))
+        plan.note(f"node {name} ({row['kind']}) at {row['addr']}: cpus {row['cpus']:g}, mem {format_size(row['mem'])}"
+                  + (f", labels {labels}" if labels else ""))
+    plan.kick = True
+    return plan

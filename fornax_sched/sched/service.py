@@ -56,7 +56,8 @@ from .store import Batch, Store, StoreError
 log = logging.getLogger("fornax_sched.sched")
 
 LOG_LINES = 10_000  # log lines kept in memory for the log file (the store keeps more)
-SMALL = 16  # decisions a command may make on the event loop under the built-in policy (see _decide_and_commit)
+SMALL = 16  # decisions a command may make on the event loop under the built-in policy (see _run_group)
+GROUP = 64  # plans planned and committed together at most
 QUOTE = 120  # characters of a refused command quoted in the log
 
 __all__ = ["CommandError", "Scheduler"]
@@ -77,6 +78,26 @@ class Outcome:
     """What acting on a plan's nodes gave: the refusals of starts, by name."""
 
     refused: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """What the planners of one group share: the time their decisions may take, and the placements
+    being acted on (those of earlier plans of the group included)."""
+
+    left: Callable[[], bool]
+    busy: set[str]
+    acted: dict[str, float]
+
+
+Planner = Callable[[State, Group], Plan]
+
+
+@dataclass
+class _Job:
+    planner: Planner
+    small: bool  # may be planned on the event loop (see _run_group)
+    future: asyncio.Future[Plan]
 
 
 class Scheduler:
@@ -104,6 +125,9 @@ class Scheduler:
         self.clock = clock
         self.monotonic = monotonic
         self._mutate = asyncio.Lock()  # one plan-and-commit at a time
+        self._jobs: list[_Job] = []  # plans waiting to be planned (see _submit)
+        self._grouping = False  # a caller or a task is planning groups
+        self._grouper: asyncio.Task[None] | None = None
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fornax-policy-load")
         self._unsaved: list[str] = []  # log lines noted outside a plan, not yet in the store
         self._dirty: set[str] = set()  # placements whose observed status is newer in memory than in the store
@@ -205,7 +229,7 @@ class Scheduler:
             self.note(f"store: {e}")
 
     # ================================================================ the one path of change
-    async def _execute(self, plan: Plan, observed: bool = True) -> None:
+    async def _execute(self, plan: Plan, observed: bool = True, claim: bool = True) -> None:
         """Commit a plan's rows and log, then make them true in memory.  The caller holds _mutate.
 
         StoreError if the store cannot take it: then nothing changed.  A plan
@@ -242,27 +266,87 @@ class Scheduler:
         for line in lines:
             self.book.add(f"{stamp(now)} {line}")
             log.info("%s", line)
-        self._claim(_acting(plan))
+        if claim:
+            self._claim(_acting(plan))
         if plan.kick:
             self._kick.set()
 
-    async def _commit(self, plan: Plan) -> None:
-        async with self._mutate:
-            await self._execute(plan)
+    # ================================================================ plans, grouped
+    async def _submit(self, planner: Planner, small: bool = True) -> Plan:
+        """Plan, commit and apply: the one way the state changes.  Returns the committed plan
+        (for its caller to act on); CommandError or StoreError if it was refused.
 
-    async def _decide_and_commit(self, planner: Callable[[State, Callable[[], bool]], Plan],
-                                 small: bool = False) -> Plan:
-        """Plan on the decider's thread and commit.  A ``small`` plan under the built-in policy (a few
-        decisions the cluster's indexes answer at once, see core.simple) is planned here instead, in a
-        draft of the served state: it cannot take long, and it saves two thread switches a command."""
+        Plans submitted while others are being made are planned together, each on top of the ones
+        before it, and committed in one transaction: eight writers pay one commit, not eight in a row.
+        """
+        loop = asyncio.get_running_loop()
+        job = _Job(planner, small, loop.create_future())
+        self._jobs.append(job)
+        if not self._grouping:
+            # Nobody is planning: this caller does, until its own plan is made (no task to start,
+            # which a lone writer would pay every time); what others queued meanwhile, a task takes.
+            self._grouping = True
+            try:
+                await self._run_jobs(until=job)
+            finally:
+                self._grouping = False
+                if self._jobs:
+                    self._grouping = True
+                    self._grouper = loop.create_task(self._run_jobs(), name="sched-plans")
+        return await job.future
+
+    async def _run_jobs(self, until: _Job | None = None) -> None:
+        try:
+            while self._jobs and (until is None or not until.future.done()):
+                jobs, self._jobs = self._jobs[:GROUP], self._jobs[GROUP:]
+                try:
+                    await self._run_group(jobs)
+                except BaseException as e:  # every plan of the group not yet answered learns why
+                    err = e if isinstance(e, Exception) else StoreError("the scheduler is stopping")
+                    for j in jobs:
+                        if not j.future.done():
+                            j.future.set_exception(err)
+                    if not isinstance(e, Exception):
+                        raise
+        finally:
+            if until is None:
+                self._grouping = False
+                if self._jobs:  # queued as the task ended
+                    self._grouping = True
+                    self._grouper = asyncio.get_running_loop().create_task(self._run_jobs(), name="sched-plans")
+
+    async def _run_group(self, jobs: list[_Job]) -> None:
+        """Plan a group (on the decider's thread, or here if every plan is small and the built-in
+        policy decides: a few decisions the cluster's indexes answer at once, see core.simple),
+        commit it once, apply it, answer each plan's caller."""
         async with self._mutate:
-            if small and self.decider.state.cluster.program is None:
-                with self.state.cluster.draft():
-                    plan = planner(self.state, lambda: True)
+            busy, acted = set(self._busy_now()), dict(self._acted)
+            if all(j.small for j in jobs) and self.decider.state.cluster.program is None:
+                results = _plan_all(self.state, jobs, Group(lambda: True, busy, acted))
             else:
-                plan = await self.decider.plan(planner)
-            await self._execute(plan)
-        return plan
+                results, spent = await self.decider.plan(
+                    lambda st, left: _plan_all(st, jobs, Group(left, busy, acted)))
+                first = next((r for r in results if isinstance(r, Plan)), None)
+                if spent and first is not None:
+                    first.note(spent)
+            made = [(j, r) for j, r in zip(jobs, results, strict=True) if isinstance(r, Plan)]
+            merged = Plan(self.clock())
+            for _, plan in made:
+                merged.extend(plan)
+            try:
+                await self._execute(merged, claim=False)
+            except StoreError as e:
+                for j, _ in made:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+            else:
+                for j, plan in made:
+                    self._claim(_acting(plan))
+                    if not j.future.done():
+                        j.future.set_result(plan)
+            for j, r in zip(jobs, results, strict=True):
+                if isinstance(r, BaseException) and not j.future.done():
+                    j.future.set_exception(r)
 
     def _same_rules(self) -> None:
         """The served state's cluster decides by the same text rules as the decider's (for small plans)."""
@@ -301,13 +385,13 @@ class Scheduler:
         try:
             cid = await lk.backend.run(self._spec(name, p.request))
         except NodeRefused as e:
-            refused = str(e)
-            obs = plans.plan_refused(self.state, name, node, refused, self.clock())
+            refused = why = str(e)
+            await self._observe(lambda st, g: plans.plan_refused(st, name, node, why, self.clock()))
         except NodeUnreachable as e:
-            obs = plans.plan_unreachable(self.state, name, node, str(e), self.clock())
+            err = str(e)
+            await self._observe(lambda st, g: plans.plan_unreachable(st, name, node, err, self.clock()))
         else:
-            obs = plans.plan_started(self.state, name, node, cid, self.clock())
-        await self._observe(obs, name)
+            await self._observe(lambda st, g: plans.plan_started(st, name, node, cid, self.clock()))
         return refused
 
     async def _stop(self, s: Stop) -> None:
@@ -322,12 +406,12 @@ class Scheduler:
                 pass  # already gone: what we wanted
             except BackendError as e:
                 err = str(e)
-        await self._observe(plans.plan_stopped(self.state, s, err, self.clock()), s.name)
+        await self._observe(lambda st, g: plans.plan_stopped(st, s, err, self.clock()))
 
-    async def _observe(self, plan: Plan, name: str) -> None:
-        """Commit what acting showed, then act on it (a start that must be stopped again)."""
+    async def _observe(self, planner: Planner) -> None:
+        """Plan and commit what acting showed, then act on it (a start that must be stopped again)."""
         try:
-            await self._commit(plan)
+            plan = await self._submit(planner)
         except StoreError as e:
             self._store_failed(e)
             return
@@ -393,8 +477,8 @@ class Scheduler:
         req = cmd.request
         assert req is not None
         label, marked = self._label(), tuple(cmd.marked)
-        plan = await self._decide_and_commit(
-            lambda st, left: plans.plan_place(st, req, req.replicas, self.clock(), label, marked=marked),
+        plan = await self._submit(
+            lambda st, g: plans.plan_place(st, req, req.replicas, self.clock(), label, marked=marked),
             small=req.replicas <= SMALL and simple(req))
         return await self._finish_place(plan)
 
@@ -402,13 +486,9 @@ class Scheduler:
         """Start what a place decided; if the nodes refused every one (a bad image, say), that is the error."""
         out = await self._act(plan)
         if out.refused and len(out.refused) == len(plan.report):
-            undo = Plan(self.clock())
-            for name in plan.report:
-                if name in self.state.records:
-                    undo.delete("placements", name)
-            undo.note(f"place refused by the nodes, nothing kept: {next(iter(out.refused.values()))}")
-            await self._commit(undo)
-            raise CommandError(next(iter(out.refused.values())))
+            why = next(iter(out.refused.values()))
+            await self._submit(lambda st, g: plans.plan_unplace(st, plan.report, why, self.clock()))
+            raise CommandError(why)
         return plan.answer + "".join(self._answer(name) for name in plan.report)
 
     def _answer(self, name: str) -> str:
@@ -424,31 +504,28 @@ class Scheduler:
         return plan.answer + "".join(self._answer(name) for name in plan.report)
 
     async def _cmd_stop(self, cmd: lang.Command) -> str:
-        name = cmd.targets[0]
-        async with self._mutate:
-            plan = plans.plan_stop(self.state, name, self.clock(), cmd.user or "-")
-            await self._execute(plan)
+        name, user = cmd.targets[0], cmd.user or "-"
+        plan = await self._submit(lambda st, g: plans.plan_stop(st, name, self.clock(), user))
         return await self._run_plan(plan)
 
     async def _cmd_start(self, cmd: lang.Command) -> str:
         name = cmd.targets[0]
         plans.placement(self.state, name)
         label = self._label()
-        plan = await self._decide_and_commit(lambda st, left: plans.plan_start(st, name, self.clock(), label),
-                                             small=simple(self.state.cluster.placements[name].request))
+        plan = await self._submit(lambda st, g: plans.plan_start(st, name, self.clock(), label),
+                                  small=simple(self.state.cluster.placements[name].request))
         return await self._run_plan(plan)
 
     async def _cmd_remove(self, cmd: lang.Command) -> str:
-        async with self._mutate:
-            plan = plans.plan_remove(self.state, cmd.targets[0], self.clock())
-            await self._execute(plan)
+        name = cmd.targets[0]
+        plan = await self._submit(lambda st, g: plans.plan_remove(st, name, self.clock()))
         await self._act(plan)
         return plan.answer
 
     async def _cmd_scale(self, cmd: lang.Command) -> str:
         group, want = cmd.targets[0], cmd.count
         label = self._label()
-        plan = await self._decide_and_commit(lambda st, left: plans.plan_scale(st, group, want, self.clock(), label))
+        plan = await self._submit(lambda st, g: plans.plan_scale(st, group, want, self.clock(), label), small=False)
         if plan.answer:  # scaled down
             await self._act(plan)
             return plan.answer
@@ -456,32 +533,28 @@ class Scheduler:
 
     async def _cmd_migrate(self, cmd: lang.Command) -> str:
         name, src, dst = cmd.targets
-        async with self._mutate:
-            plan = plans.plan_migrate(self.state, name, src, dst, self.clock())
-            await self._execute(plan)
+        plan = await self._submit(lambda st, g: plans.plan_migrate(st, name, src, dst, self.clock()))
         return await self._run_plan(plan)
 
     async def _cmd_evacuate(self, cmd: lang.Command) -> str:
         node = cmd.targets[0]
         plans.node_of(self.state, node)
         label = self._label()
-        plan = await self._decide_and_commit(lambda st, left: plans.plan_evacuate(st, node, self.clock(), label))
+        plan = await self._submit(lambda st, g: plans.plan_evacuate(st, node, self.clock(), label), small=False)
         await self._act(plan)
         return plan.answer
 
     async def _cmd_rebalance(self, cmd: lang.Command) -> str:
         limit = cmd.count or 10
         label = self._label()
-        busy = self._busy_now()
-        plan = await self._decide_and_commit(
-            lambda st, left: plans.plan_rebalance(st, limit, self.clock(), label, busy))
+        plan = await self._submit(
+            lambda st, g: plans.plan_rebalance(st, limit, self.clock(), label, frozenset(g.busy)), small=False)
         await self._act(plan)
         return plan.answer
 
     async def _cmd_cordon(self, cmd: lang.Command, on: bool = True) -> str:
-        async with self._mutate:
-            plan = plans.plan_cordon(self.state, cmd.targets[0], on, self.clock())
-            await self._execute(plan)
+        node = cmd.targets[0]
+        plan = await self._submit(lambda st, g: plans.plan_cordon(st, node, on, self.clock()))
         return plan.answer
 
     async def _cmd_uncordon(self, cmd: lang.Command) -> str:
@@ -497,7 +570,8 @@ class Scheduler:
             with program.aside() if program is not None else contextlib.nullcontext():
                 return plans.plan_simulate(st, req, self.clock(), label, marked)
 
-        return await self.decider.plan(simulate)
+        answer, spent = await self.decider.plan(simulate)
+        return answer + (spent + "\n" if spent else "")
 
     # ================================================================ policy
     def policy_text(self) -> str:
@@ -591,22 +665,13 @@ class Scheduler:
 
     async def _node_info(self, name: str, info: NodeInfo, lk: Link) -> None:
         """Record what a node says of itself, if it changed."""
-        known = self.state.cluster.nodes.get(name)
-        meta = self.state.nodes.get(name)
         row = {"addr": lk.addr, "kind": info.kind, "cpus": info.cpus, "mem": info.mem, "labels": dict(info.labels),
-               "cordoned": known.cordoned if known else False,
-               "images": list(info.images) if info.images is not None else None}
-        if known is not None and meta is not None and self.state.node_row(name) == row:
+               "cordoned": False, "images": list(info.images) if info.images is not None else None}
+        known = self.state.cluster.nodes.get(name)
+        if known is not None and name in self.state.nodes and \
+                self.state.node_row(name) == {**row, "cordoned": known.cordoned}:
             return
-        plan = Plan(self.clock())
-        plan.put("nodes", name, row)
-        if known is None:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
-            plan.note(f"node {name} ({info.kind}) at {lk.addr}: cpus {info.cpus:g}, mem {format_size(info.mem)}"
-                      + (f", labels {labels}" if labels else ""))
-        plan.kick = True
-        async with self._mutate:
-            await self._execute(plan)
+        await self._submit(lambda st, g: plans.plan_node_info(st, name, row, self.clock()))
 
     async def _follow(self, name: str, lk: Link) -> None:
         """The reconciler of one node: look, plan, act, every interval."""
@@ -639,11 +704,9 @@ class Scheduler:
         finally:
             lk.rounds += 1
         await self._transitions(self.liveness.ok(name, self.monotonic()))
-        async with self._mutate:
-            plan = reconcile.plan_node(self.state, name, found, cluster=self.store.cluster, now=self.clock(),
-                                       listed_at=listed, busy=self._busy_now(), acted=self._acted)
-            if plan:
-                await self._execute(plan)
+        cluster = self.store.cluster
+        plan = await self._submit(lambda st, g: reconcile.plan_node(
+            st, name, found, cluster=cluster, now=self.clock(), listed_at=listed, busy=g.busy, acted=g.acted))
         if plan.stops or plan.starts:
             await self._act(plan)
 
@@ -672,19 +735,18 @@ class Scheduler:
         for t in moves:
             if t.now == "dead":
                 label = self._label()
-                plan = await self._decide_and_commit(
-                    lambda st, left, t=t, label=label: plans.plan_node_dead(  # type: ignore[misc]
-                        st, t.node, t.why, self.clock(), label))
+                plan = await self._submit(
+                    lambda st, g, t=t, label=label: plans.plan_node_dead(  # type: ignore[misc]
+                        st, t.node, t.why, self.clock(), label), small=False)
                 await self._act(plan)
                 continue
-            plan = Plan(self.clock(), statuses=[(t.node, t.now)], kick=t.now == "online")
             if t.now == "online":
                 lk = self.links.get(t.node)
                 self.note(f"node {t.node} online" + (f" at {lk.addr}" if lk else "") + f" (was {t.was})")
             else:
                 self.note(f"node {t.node} {t.now}: {t.why}")
-            async with self._mutate:
-                await self._execute(plan)
+            await self._submit(lambda st, g, t=t: Plan(self.clock(), statuses=[(t.node, t.now)],  # type: ignore[misc]
+                                                       kick=t.now == "online"))
 
     async def _persister(self) -> None:
         """Write observed statuses and stray log lines to the store, a few times a second."""
@@ -715,9 +777,9 @@ class Scheduler:
                 if self.state.pending and (kicked or idle >= 5 * quiet):
                     idle = 0.0
                     label = self._label()
-                    plan = await self._decide_and_commit(
-                        lambda st, left, label=label: plans.plan_pending(  # type: ignore[misc]
-                            st, self.clock(), label, left))
+                    plan = await self._submit(
+                        lambda st, g, label=label: plans.plan_pending(  # type: ignore[misc]
+                            st, self.clock(), label, g.left), small=False)
                     await self._act(plan)
                 await self._flush_log()
             except asyncio.CancelledError:
@@ -803,6 +865,31 @@ def observes_only(state: State, plan: Plan) -> bool:
         if any(row[f] != now[f] for f in INTENT):
             return False
     return True
+
+
+def _plan_all(state: State, jobs: list[_Job], group: Group) -> list[Plan | Exception]:
+    """Plan a group in order, each on the rows of the plans before it (in a draft of ``state``,
+    undone afterwards); a plan refused (CommandError) or failed leaves nothing of itself behind."""
+    out: list[Plan | Exception] = []
+    with state.draft():
+        for job in jobs:
+            point = state.savepoint()
+            try:
+                plan = job.planner(state, group)
+            except Exception as e:  # its own refusal, or a bug: that plan alone fails
+                state.rollback_to(point)
+                if not isinstance(e, CommandError):
+                    log.exception("planning")
+                out.append(e)
+                continue
+            state.apply(plan.rows())
+            for node, status in plan.statuses:
+                state.set_status(node, status)
+            for node, names in plan.foreign.items():
+                state.observe_foreign(node, names)
+            group.busy.update(_acting(plan))
+            out.append(plan)
+    return out
 
 
 def _acting(plan: Plan) -> set[str]:

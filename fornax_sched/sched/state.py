@@ -21,9 +21,10 @@ with ``set_status`` and ``observe_foreign``.
 
 from __future__ import annotations
 
-import re
+import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,72 @@ class State:
     foreign: dict[str, set[str]] = field(default_factory=dict)  # node -> names it runs that we did not place
     _requests: dict[Request, Request] = field(default_factory=dict)  # one copy of each request
     _text: dict[str, str] = field(default_factory=dict)  # one copy of each repeated string
+    _journal: list[Callable[[], None]] | None = field(default=None, repr=False)  # undo steps of a draft
+
+    # ------------------------------------------------------------ drafts
+    @contextmanager
+    def draft(self) -> Iterator[State]:
+        """Rows applied inside (and the cluster's changes) are undone on leaving: a group of plans
+        is computed one on top of the other, each seeing the rows of those before it."""
+        if self._journal is not None:  # within a draft: back to here on leaving
+            point = self.savepoint()
+            try:
+                yield self
+            finally:
+                self.rollback_to(point)
+            return
+        with self.cluster.draft():
+            self._journal = []
+            try:
+                yield self
+            finally:
+                journal, self._journal = self._journal, None
+                for undo in reversed(journal):
+                    undo()
+
+    def savepoint(self) -> tuple[int, int]:
+        assert self._journal is not None, "no draft is open"
+        return len(self._journal), self.cluster.savepoint()
+
+    def rollback_to(self, point: tuple[int, int]) -> None:
+        """Undo what the open draft did since ``savepoint`` (a plan that failed half way)."""
+        journal = self._journal
+        assert journal is not None, "no draft is open"
+        undo, journal[point[0]:] = journal[point[0]:], []
+        self._journal = None
+        try:
+            for step in reversed(undo):
+                step()
+        finally:
+            self._journal = journal
+        self.cluster.rollback_to(point[1])
+
+    def _keep(self, table: str, key: str) -> None:
+        """In a draft: remember what a row's memory was, to put it back."""
+        if self._journal is None:
+            return
+        if table == "placements":
+            r = self.records.get(key)
+            was = copy.copy(r) if r is not None else None
+            pending = key in self.pending
+
+            def placement() -> None:
+                if was is None:
+                    self.records.pop(key, None)
+                else:
+                    self.records[key] = was
+                if pending:
+                    self.pending[key] = None
+                else:
+                    self.pending.pop(key, None)
+
+            self._journal.append(placement)
+        elif table == "nodes":
+            self._journal.append(_put_back(self.nodes, key))
+        elif table == "meta":
+            self._journal.append(_put_back(self.seq, key[4:]))
+        elif table == "policies":
+            self._journal.append(_put_back(self.policies, key))
 
     # ------------------------------------------------------------ rows
     def placement_row(self, name: str) -> dict[str, Any]:
@@ -89,6 +156,9 @@ class State:
     def apply(self, changes: Iterable[Change]) -> None:
         """Make committed rows true in memory (nodes before the placements that name them)."""
         changes = list(changes)
+        if self._journal is not None:
+            for table, key, _ in changes:
+                self._keep(table, key)
         for table, key, value in changes:
             if table == "nodes":
                 self._node(key, value)
@@ -183,6 +253,8 @@ class State:
             self.cluster.set_status(node, status)
 
     def observe_foreign(self, node: str, names: set[str]) -> None:
+        if self._journal is not None:
+            self._journal.append(_put_back(self.foreign, node))
         if names:
             self.foreign[node] = set(names)
         else:
@@ -212,6 +284,20 @@ class State:
         return {k for n in self.cluster.nodes.values() for k in n.facts.labels}
 
 
+def _put_back(d: dict[Any, Any], key: Any) -> Callable[[], None]:
+    """An undo step: ``d[key]`` as it is now (absent if it is absent now)."""
+    missing = key not in d
+    was = copy.copy(d.get(key))
+
+    def undo() -> None:
+        if missing:
+            d.pop(key, None)
+        else:
+            d[key] = was
+
+    return undo
+
+
 def _want_of(status: str) -> str:
     """The intent of a row written before intents were kept apart."""
     if status in ("stopping", "stopped"):
@@ -238,8 +324,6 @@ def request_from_json(d: dict[str, Any]) -> Request:
                    labels=tuple((k, v) for k, v in d.get("labels", ())), include=tuple(d.get("include", ())),
                    exclude=tuple(d.get("exclude", ())), avoid=tuple(d.get("avoid", ())))
 
-
-_STEM = re.compile(r"^(.*)-(\d+)$")
 
 
 def stamp(t: float) -> str:

@@ -79,6 +79,43 @@ class Planners(RuleBasedStateMachine):
 
         self._try(go)
 
+    @rule(cmds=st.lists(st.tuples(st.sampled_from(["place", "stop", "remove", "cordon"]), NAMES,
+                                   st.integers(1, 3)), min_size=2, max_size=5))
+    def a_group_of_commands(self, cmds: list[tuple[str, str, int]]) -> None:
+        """Several commands planned together, each on top of the others (as concurrent writers'
+        are), committed once: the same invariants hold as for one at a time."""
+        from fornax_sched.sched.service import Group, _Job, _plan_all
+
+        w = self.w
+
+        def planner(verb: str, name: str, n: int):  # type: ignore[no-untyped-def]
+            if verb == "place":
+                req = Request("hello", name=name, replicas=n, cpus=0.5)
+                return lambda st, g: plans.plan_place(st, req, n, w.now, "spread")
+            if verb == "stop":
+                return lambda st, g: plans.plan_stop(st, f"{name}-{n}", w.now, "t")
+            if verb == "remove":
+                return lambda st, g: plans.plan_remove(st, f"{name}-{n}", w.now)
+            return lambda st, g: plans.plan_cordon(st, f"n{n}", bool(n % 2), w.now)
+
+        jobs = [_Job(planner(*c), True, None) for c in cmds]  # type: ignore[arg-type]
+        results = _plan_all(w.state, jobs, Group(lambda: True, set(), {}))
+        made = [r for r in results if isinstance(r, plans.Plan)]
+        for (verb, _, _), r in zip(cmds, results, strict=True):
+            assert isinstance(r, plans.Plan) or isinstance(r, CommandError), r
+        merged = plans.Plan(w.now)
+        for plan in made:
+            merged.extend(plan)
+        w.commit(merged)
+        for plan, (verb, name, n) in zip(results, cmds, strict=True):
+            if isinstance(plan, plans.Plan):
+                if verb == "place":
+                    w.acknowledged.update(plan.report)
+                elif verb == "remove":
+                    w.acknowledged.discard(f"{name}-{n}")
+        for plan in made:
+            w.act(plan)
+
     @rule(node=NODES)
     def evacuate(self, node: str) -> None:
         self._try(lambda: self.w.act(self.w.decide(lambda s: plans.plan_evacuate(s, node, self.w.now, "spread"))))
