@@ -21,6 +21,7 @@ the usual decision looks at a handful of nodes, not all of them.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -101,14 +102,15 @@ def simple(req: Request) -> bool:
 
 
 class _Index:
-    """Nodes by affinity class, then container count (insertion-ordered within a bucket), with a
-    bound per bucket on the room its nodes have free: a decision skips a bucket of full nodes at
-    once (pack meets them first, and they pile up)."""
+    """Nodes by affinity class, then container count, in name order within a bucket (so a tie
+    goes to the first node by name, as in platform.lua), with a bound per bucket on the room its
+    nodes have free: a decision skips a bucket of full nodes at once (pack meets them first, and
+    they pile up)."""
 
     __slots__ = ("buckets", "room", "size", "down", "cordoned")
 
     def __init__(self) -> None:
-        self.buckets: dict[int, dict[int, dict[str, None]]] = {}
+        self.buckets: dict[int, dict[int, list[str]]] = {}
         self.room: dict[tuple[int, int], list[float]] = {}  # at least the most any node there has free
         self.size = 0
         self.down = 0  # nodes not online
@@ -122,7 +124,7 @@ class _Index:
 
     def insert(self, n: NodeState) -> None:
         count = len(n.containers)
-        self.buckets.setdefault(n.klass, {}).setdefault(count, {})[n.name] = None
+        bisect.insort(self.buckets.setdefault(n.klass, {}).setdefault(count, []), n.name)
         self.size += 1
         self.tally(n, 1)
         free_cpus, free_mem = n.facts.cpus - n.used_cpus, n.facts.mem - n.used_mem
@@ -136,16 +138,24 @@ class _Index:
     def remove(self, n: NodeState) -> None:
         counts = self.buckets.get(n.klass, {})
         bucket = counts.get(len(n.containers))
-        if bucket is not None and n.name in bucket:
-            del bucket[n.name]
+        if bucket is None:
+            return
+        i = bisect.bisect_left(bucket, n.name)
+        if i < len(bucket) and bucket[i] == n.name:
+            del bucket[i]
             self.size -= 1
             self.tally(n, -1)
             if not bucket:
                 del counts[len(n.containers)]
                 self.room.pop((n.klass, len(n.containers)), None)
 
+    def names(self) -> Iterator[str]:
+        for counts in self.buckets.values():
+            for bucket in counts.values():
+                yield from bucket
+
     def order(self, nodes: dict[str, NodeState], pack: bool, req: Request | None) -> Iterator[NodeState]:
-        """Nodes in policy order: class, then base order, then arrival.  Given a request, only nodes
+        """Nodes in policy order: class, then base order, then name.  Given a request, only nodes
         with the room it needs; a bucket gone through without one gets its bound lowered."""
         for klass in sorted(self.buckets):
             counts = self.buckets[klass]
@@ -518,7 +528,7 @@ class Cluster:
             counts["full"] = size - len(mine) - (in_down - md) - (in_cordoned - mc)
             counts["filtered"] = len(self.nodes) - len(listed) - counts["down"] - counts["cordoned"] - counts["full"]
         elif req.labels and ix is not None:
-            names = {name for counts_ in ix.buckets.values() for b in counts_.values() for name in b}
+            names = set(ix.names())
             for name in names:
                 counts[classify(self.nodes[name])] += 1
             others = [self.nodes[name] for name in skip if name in self.nodes and name not in names]

@@ -173,7 +173,7 @@ class Machine(RuleBasedStateMachine):
         c = self.c
         for key, ix in [(None, c._index), *c._labelled.items()]:
             want = sorted(n for n, st_ in c.nodes.items() if key is None or st_.facts.labels.get(key[0]) == key[1])
-            indexed = [name for counts in ix.buckets.values() for b in counts.values() for name in b]
+            indexed = list(ix.names())
             assert sorted(indexed) == want and ix.size == len(want), key
             for klass, counts in ix.buckets.items():
                 for count, bucket in counts.items():
@@ -201,9 +201,9 @@ class Machine(RuleBasedStateMachine):
             if c.nodes:  # counted as the plain way does: each node under its first reason
                 want = plain_why_not(c, req, frozenset(skip))
                 assert d.reason == want, (d.reason, want)
-        else:
+        else:  # the best, and of equals the first by name
             pack = c.policy.base == "pack"
-            key = {n.name: (n.klass, -len(n.containers) if pack else len(n.containers)) for n in feasible}
+            key = {n.name: (n.klass, -len(n.containers) if pack else len(n.containers), n.name) for n in feasible}
             assert d.node in key and key[d.node] == min(key.values()), (d, key)
 
     @rule(data=st.data())
