@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -22,14 +21,12 @@ from fornax_sched.fs import proto as P
 from fornax_sched.fs.client import Client
 
 from ..conftest import ServerProc, start_ramfs, stop
+from ..helpers import run
 from .util import eventually
 
 TIMEOUT = 1.0
 SLACK = 2.0  # scheduling on a loaded machine; far below "for ever"
 
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,12 +16,9 @@ from fornax_sched.fs.client import Client
 from fornax_sched.fs.ramfs import RamFS
 from fornax_sched.fs.server import Server, _Connection
 
+from ..helpers import run
 from .test_server import Scheduler
 from .util import FakeClock, Raw, eventually, serving
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 async def still_serving(srv: Server) -> None:

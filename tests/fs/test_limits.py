@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,13 +29,11 @@ from fornax_sched.fs.server import Server, default_max_connections, evictee
 from fornax_sched.fs.tree import Ctx, Dir, DynamicDir, File
 
 from ..conftest import start_ramfs, stop
+from ..helpers import run
 from .util import FakeClock, Raw, eventually, serving
 
 HOLDER = Path(__file__).with_name("holder.py")
 
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 class Holder:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from typing import Any
 
 import pytest
 
@@ -16,6 +15,7 @@ from fornax_sched.fs.errors import P9Error
 from fornax_sched.fs.ramfs import RamFS
 from fornax_sched.fs.tree import Ctx, Dir, DynamicDir, File
 
+from ..helpers import run
 from .util import Raw, eventually, serving
 
 
@@ -58,9 +58,6 @@ class Scheduler:
 
 GROUPS = {"writers": frozenset({"glenda", "rob"})}
 
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 @pytest.mark.parametrize("dialect", P.DIALECTS)

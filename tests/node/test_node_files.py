@@ -13,20 +13,17 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
+from ..helpers import run
 from .cluster import IMAGES, NodeProc, alive, ctl, eventually, free_port, read, status
 
 SHUTDOWN = "stopped: node shutting down"
 
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 def images(tmp: Path) -> Path:
