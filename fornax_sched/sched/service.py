@@ -135,6 +135,7 @@ class Scheduler:
         # was last acted on: a listing that began before cannot show what was done.
         self._busy: dict[str, list[float]] = {}
         self._acted: dict[str, float] = {}
+        self._pruned = 0.0  # when _acted was last pruned
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._addrs: set[str] = set()
@@ -320,10 +321,11 @@ class Scheduler:
         policy decides: a few decisions the cluster's indexes answer at once, see core.simple),
         commit it once, apply it, answer each plan's caller."""
         async with self._mutate:
-            busy, acted = set(self._busy_now()), dict(self._acted)
+            busy = set(self._busy_now())
             if all(j.small for j in jobs) and self.decider.state.cluster.program is None:
-                results = _plan_all(self.state, jobs, Group(lambda: True, busy, acted))
+                results = _plan_all(self.state, jobs, Group(lambda: True, busy, self._acted))
             else:
+                acted = dict(self._acted)  # (the decider's thread reads it while this one goes on)
                 results, spent = await self.decider.plan(
                     lambda st, left: _plan_all(st, jobs, Group(left, busy, acted)))
                 first = next((r for r in results if isinstance(r, Plan)), None)
@@ -441,8 +443,12 @@ class Scheduler:
         limit = now - (4 * self.node_timeout + 10)
         for name in [n for n, (_, at) in self._busy.items() if at < limit]:
             del self._busy[name]
-        if len(self._acted) > 10_000:  # no listing takes this long: forget old marks
-            self._acted = {n: at for n, at in self._acted.items() if at > limit}
+        if len(self._acted) > 10_000 and now - self._pruned > 1.0:
+            # No listing started before this is still under way (a round's calls are bounded):
+            # its marks can go.
+            self._pruned = now
+            oldest = now - (2 * self.node_timeout + self.interval + 1)
+            self._acted = {n: at for n, at in self._acted.items() if at > oldest}
         return frozenset(self._busy)
 
     # ================================================================ commands

@@ -72,6 +72,7 @@ class State:
     _requests: dict[Request, Request] = field(default_factory=dict)  # one copy of each request
     _text: dict[str, str] = field(default_factory=dict)  # one copy of each repeated string
     _journal: list[Callable[[], None]] | None = field(default=None, repr=False)  # undo steps of a draft
+    _known: tuple[set[str] | None, set[str]] | None = field(default=None, repr=False)  # see _facts
 
     # ------------------------------------------------------------ drafts
     @contextmanager
@@ -175,6 +176,7 @@ class State:
 
     def _node(self, name: str, d: dict[str, Any] | None) -> None:
         c = self.cluster
+        self._known = None
         if d is None:
             if name in c.nodes:
                 c.remove_node(name)
@@ -272,16 +274,25 @@ class State:
 
     def images(self) -> set[str] | None:
         """Every image some node says it has; None if a node does not say (then any may exist)."""
-        out: set[str] = set()
-        for name in self.cluster.nodes:
-            m = self.nodes.get(name)
-            if m is None or m.images is None:
-                return None
-            out.update(m.images)
-        return out
+        return self._facts()[0]
 
     def label_keys(self) -> set[str]:
-        return {k for n in self.cluster.nodes.values() for k in n.facts.labels}
+        return self._facts()[1]
+
+    def _facts(self) -> tuple[set[str] | None, set[str]]:
+        """(images, label keys) of all the nodes, worked out again only after a node changed."""
+        if self._known is None:
+            images: set[str] | None = set()
+            for name in self.cluster.nodes:
+                m = self.nodes.get(name)
+                if m is None or m.images is None:
+                    images = None
+                    break
+                assert images is not None
+                images.update(m.images)
+            keys = {k for n in self.cluster.nodes.values() for k in n.facts.labels}
+            self._known = (images, keys)
+        return self._known
 
 
 def _put_back(d: dict[Any, Any], key: Any) -> Callable[[], None]:

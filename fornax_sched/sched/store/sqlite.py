@@ -41,6 +41,7 @@ T = TypeVar("T")
 MAGIC = b"SQLite format 3\x00"
 OLD_TABLES = ("placements", "nodes", "meta", "policies")
 HISTORY = 10_000  # transactions a watch may start back from
+HISTORY_BYTES = 4 << 20  # ... and at most this much of their values, kept in memory
 
 
 class _Feed:
@@ -111,7 +112,8 @@ class SqliteKV:
         self._db: sqlite3.Connection | None = None
         self._rdb: sqlite3.Connection | None = None
         self._feeds: set[_Feed] = set()
-        self._history: deque[tuple[int, list[Change]]] = deque(maxlen=HISTORY)
+        self._history: deque[tuple[int, list[Change], int]] = deque()
+        self._history_bytes = 0
         self._revision = 0  # the last revision published to this process
         self._written = 0  # the last revision the writer thread committed
         self._leases = False  # whether any lease may be live (else transactions skip expiring them)
@@ -319,7 +321,11 @@ class SqliteKV:
     def _published(self, rev: int, changes: list[Change]) -> None:
         self._revision = max(self._revision, rev)
         if changes:
-            self._history.append((rev, changes))
+            size = sum(len(c.key) + len(c.value or "") for c in changes)
+            self._history.append((rev, changes, size))
+            self._history_bytes += size
+            while len(self._history) > HISTORY or self._history_bytes > HISTORY_BYTES:
+                self._history_bytes -= self._history.popleft()[2]
             for f in list(self._feeds):
                 f.push(changes)
 
@@ -368,7 +374,7 @@ class SqliteKV:
             if since + 1 < oldest:
                 raise StoreError(f"the store {self.path} keeps no changes from revision {since} on "
                                  f"(oldest kept: {oldest}): read it again")
-            for rev, changes in self._history:
+            for rev, changes, _ in self._history:
                 if rev > since:
                     feed.push(changes)
         self._feeds.add(feed)
