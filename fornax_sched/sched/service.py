@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -682,14 +682,7 @@ class Scheduler:
     async def _follow(self, name: str, lk: Link) -> None:
         """The reconciler of one node: look, plan, act, every interval."""
         while not self._closing:
-            try:
-                await self._round(name, lk)
-            except asyncio.CancelledError:
-                raise
-            except StoreError as e:
-                self._store_failed(e)
-            except Exception:  # a bug must not stop following the node
-                log.exception("following node %s", name)
+            await self._step(f"following node {name}", self._round(name, lk))
             await asyncio.sleep(self.interval)
 
     async def _round(self, name: str, lk: Link) -> None:
@@ -728,14 +721,7 @@ class Scheduler:
         """Time passing: nodes that fell silent become suspect, then dead, whatever their calls do."""
         while not self._closing:
             await asyncio.sleep(min(self.interval, 1.0))
-            try:
-                await self._transitions(self.liveness.tick(self.monotonic()))
-            except asyncio.CancelledError:
-                raise
-            except StoreError as e:
-                self._store_failed(e)
-            except Exception:
-                log.exception("liveness")
+            await self._step("liveness", self._transitions(self.liveness.tick(self.monotonic())))
 
     async def _transitions(self, moves: list[Transition]) -> None:
         for t in moves:
@@ -758,18 +744,22 @@ class Scheduler:
         """Write observed statuses and stray log lines to the store, a few times a second."""
         while not self._closing:
             await asyncio.sleep(0.2)
-            try:
-                await self._flush_log()
-            except asyncio.CancelledError:
-                raise
-            except StoreError as e:
-                self._store_failed(e)
-            except Exception:
-                log.exception("persisting")
+            await self._step("persisting", self._flush_log())
+
+    async def _step(self, what: str, step: Awaitable[None]) -> None:
+        """One step of a loop that must go on: a store failure is logged (once), a bug logged too."""
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise
+        except StoreError as e:
+            self._store_failed(e)
+        except Exception:  # a bug must not stop the loop
+            log.exception("%s", what)
 
     # ================================================================ pending work
     async def _housekeeping(self) -> None:
-        """Place pending containers when capacity may have appeared (and now and then); save the log."""
+        """Place pending containers when capacity may have appeared, and now and then."""
         quiet = max(self.interval, 0.5)
         idle = 0.0
         while not self._closing:
@@ -779,21 +769,14 @@ class Scheduler:
                 kicked = True
             self._kick.clear()
             idle = 0.0 if kicked else idle + quiet
-            try:
-                if self.state.pending and (kicked or idle >= 5 * quiet):
-                    idle = 0.0
-                    label = self._label()
-                    plan = await self._submit(
-                        lambda st, g, label=label: plans.plan_pending(  # type: ignore[misc]
-                            st, self.clock(), label, g.left), small=False)
-                    await self._act(plan)
-                await self._flush_log()
-            except asyncio.CancelledError:
-                raise
-            except StoreError as e:
-                self._store_failed(e)
-            except Exception:
-                log.exception("housekeeping")
+            if self.state.pending and (kicked or idle >= 5 * quiet):
+                idle = 0.0
+                await self._step("placing pending containers", self._place_pending())
+
+    async def _place_pending(self) -> None:
+        label = self._label()
+        plan = await self._submit(lambda st, g: plans.plan_pending(st, self.clock(), label, g.left), small=False)
+        await self._act(plan)
 
     # ================================================================ views
     def summary(self) -> str:
