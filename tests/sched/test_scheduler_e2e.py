@@ -320,7 +320,7 @@ def test_concurrent_places_start_each_container_once(cluster: tuple[SchedProc, l
         cluster_id = (await read(sched.addr, "cluster/scheduler/ctl")).split("cluster ")[1].split()[0]
         await node_ctl(node.addr, "cluster/ctl", f"run hello name=w0x0 label=fornax.sched/cluster={cluster_id}")
         await node_ctl(node.addr, "cluster/ctl", "run hello name=w0x0")
-        assert (await instances())["w0x0"] == 3
+        # (the reconciler may already have stopped our extra copy: rounds run every 0.2 s)
 
         async def once() -> bool:
             return (await instances())["w0x0"] == 2
