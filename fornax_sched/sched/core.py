@@ -214,9 +214,16 @@ class Cluster:
             for undo in reversed(journal):
                 undo()
 
+    @property
+    def drafting(self) -> bool:
+        return self._journal is not None
+
     def _undo(self, step: Callable[[], object]) -> None:
+        """In a draft: ``step`` puts back what is about to change (others, the State, add theirs)."""
         if self._journal is not None:
             self._journal.append(step)
+
+    remember = _undo
 
     def savepoint(self) -> int:
         """Where the open draft is now, to roll back to (``rollback_to``) without closing it."""
@@ -437,7 +444,7 @@ class Cluster:
 
     # ------------------------------------------------------------ deciding
     def _order(self, req: Request | None = None) -> Iterator[NodeState]:
-        """Nodes in policy order (affinity class, then base order, then arrival); given a request,
+        """Nodes in policy order (affinity class, then base order, then name); given a request,
         only those with its labels and the room it needs."""
         ix = self._among(req) if req is not None else self._index
         if ix is not None:

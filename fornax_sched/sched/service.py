@@ -1,9 +1,10 @@
 """The scheduler service: planners, the store and the nodes, driven.
 
-Every change follows one path, ``_execute``: a planner (plans.py,
-reconcile.py) computes a Plan from the state and ``now``; its rows and log
-lines are committed to the store in one batch; only then are they applied
-to memory (this state, and the decider's copy) and only then does
+Every change follows one path, ``_submit``: a planner (plans.py,
+reconcile.py) computes a Plan from the state and ``now``; plans submitted
+together are planned one on top of the other and their rows and log lines
+committed to the store in one batch (``_execute``); only then are they
+applied to memory (this state, and the decider's copy) and only then does
 ``_act`` touch nodes.  A failed commit changes nothing anywhere, and a
 command answers with the store's reason.  Planners that decide run on the
 decider's thread (decider.py), so no policy ever holds the event loop.
@@ -13,9 +14,9 @@ it, concurrently.
 Three kinds of loop keep the world moving toward the state: one per node
 (list its containers, plan what the listing means, act: reconcile.py), a
 liveness ticker (online, suspect, dead from the times of the last answers:
-liveness.py; a dead node's containers are decided again), and housekeeping
-(pending placements when capacity may have appeared, log lines not yet
-stored).
+liveness.py; a dead node's containers are decided again), housekeeping
+(pending placements when capacity may have appeared) and the persister
+(observed statuses and log lines not yet stored).
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ class Scheduler:
         for name, meta in self.state.nodes.items():
             self.liveness.add(name, now)
             if meta.addr:
-                self._link(name, meta.addr)
+                with contextlib.suppress(ValueError):  # an address no backend serves: noted, left dead
+                    self._link(name, meta.addr)
         # The policy last: its sandbox starts with the cluster's placements known.
         await self.decider.call(lambda st: self.policies.load(dict(st.policies), self.clock()))
         self._same_rules()
@@ -230,7 +232,7 @@ class Scheduler:
             self.note(f"store: {e}")
 
     # ================================================================ the one path of change
-    async def _execute(self, plan: Plan, observed: bool = True, claim: bool = True) -> None:
+    async def _execute(self, plan: Plan, observed: bool = True) -> None:
         """Commit a plan's rows and log, then make them true in memory.  The caller holds _mutate.
 
         StoreError if the store cannot take it: then nothing changed.  A plan
@@ -243,8 +245,6 @@ class Scheduler:
         if observed and plan.changes and observes_only(self.state, plan):
             self._dirty.update(k for _, k in plan.changes)
             self._unsaved += lines
-            if len(self._dirty) > 1000:
-                self._kick.set()  # the flush comes sooner
         elif plan.durable or self._unsaved:
             batch = Batch()
             for table, key, value in plan.rows():
@@ -267,8 +267,6 @@ class Scheduler:
         for line in lines:
             self.book.add(f"{stamp(now)} {line}")
             log.info("%s", line)
-        if claim:
-            self._claim(_acting(plan))
         if plan.kick:
             self._kick.set()
 
@@ -290,11 +288,14 @@ class Scheduler:
             try:
                 await self._run_jobs(until=job)
             finally:
-                self._grouping = False
-                if self._jobs:
-                    self._grouping = True
-                    self._grouper = loop.create_task(self._run_jobs(), name="sched-plans")
+                self._hand_over()
         return await job.future
+
+    def _hand_over(self) -> None:
+        """Planning stops here: what is still queued goes to a task of its own."""
+        self._grouping = bool(self._jobs)
+        if self._jobs:
+            self._grouper = asyncio.get_running_loop().create_task(self._run_jobs(), name="sched-plans")
 
     async def _run_jobs(self, until: _Job | None = None) -> None:
         try:
@@ -311,10 +312,7 @@ class Scheduler:
                         raise
         finally:
             if until is None:
-                self._grouping = False
-                if self._jobs:  # queued as the task ended
-                    self._grouping = True
-                    self._grouper = asyncio.get_running_loop().create_task(self._run_jobs(), name="sched-plans")
+                self._hand_over()
 
     async def _run_group(self, jobs: list[_Job]) -> None:
         """Plan a group (on the decider's thread, or here if every plan is small and the built-in
@@ -336,7 +334,7 @@ class Scheduler:
             for _, plan in made:
                 merged.extend(plan)
             try:
-                await self._execute(merged, claim=False)
+                await self._execute(merged)
             except StoreError as e:
                 for j, _ in made:
                     if not j.future.done():

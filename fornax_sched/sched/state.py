@@ -71,51 +71,29 @@ class State:
     foreign: dict[str, set[str]] = field(default_factory=dict)  # node -> names it runs that we did not place
     _requests: dict[Request, Request] = field(default_factory=dict)  # one copy of each request
     _text: dict[str, str] = field(default_factory=dict)  # one copy of each repeated string
-    _journal: list[Callable[[], None]] | None = field(default=None, repr=False)  # undo steps of a draft
     _known: tuple[set[str] | None, set[str]] | None = field(default=None, repr=False)  # see _facts
 
     # ------------------------------------------------------------ drafts
     @contextmanager
     def draft(self) -> Iterator[State]:
         """Rows applied inside (and the cluster's changes) are undone on leaving: a group of plans
-        is computed one on top of the other, each seeing the rows of those before it."""
-        if self._journal is not None:  # within a draft: back to here on leaving
-            point = self.savepoint()
-            try:
-                yield self
-            finally:
-                self.rollback_to(point)
-            return
+        is computed one on top of the other, each seeing the rows of those before it.  The undo
+        steps of the rows go into the cluster's draft, so one journal holds both, in order."""
         with self.cluster.draft():
-            self._journal = []
-            try:
-                yield self
-            finally:
-                journal, self._journal = self._journal, None
-                for undo in reversed(journal):
-                    undo()
+            yield self
 
-    def savepoint(self) -> tuple[int, int]:
-        assert self._journal is not None, "no draft is open"
-        return len(self._journal), self.cluster.savepoint()
+    def savepoint(self) -> int:
+        return self.cluster.savepoint()
 
-    def rollback_to(self, point: tuple[int, int]) -> None:
+    def rollback_to(self, point: int) -> None:
         """Undo what the open draft did since ``savepoint`` (a plan that failed half way)."""
-        journal = self._journal
-        assert journal is not None, "no draft is open"
-        undo, journal[point[0]:] = journal[point[0]:], []
-        self._journal = None
-        try:
-            for step in reversed(undo):
-                step()
-        finally:
-            self._journal = journal
-        self.cluster.rollback_to(point[1])
+        self.cluster.rollback_to(point)
 
     def _keep(self, table: str, key: str) -> None:
         """In a draft: remember what a row's memory was, to put it back."""
-        if self._journal is None:
+        if not self.cluster.drafting:
             return
+        remember = self.cluster.remember
         if table == "placements":
             r = self.records.get(key)
             was = copy.copy(r) if r is not None else None
@@ -131,13 +109,13 @@ class State:
                 else:
                     self.pending.pop(key, None)
 
-            self._journal.append(placement)
+            remember(placement)
         elif table == "nodes":
-            self._journal.append(_put_back(self.nodes, key))
+            remember(_put_back(self.nodes, key))
         elif table == "meta":
-            self._journal.append(_put_back(self.seq, key[4:]))
+            remember(_put_back(self.seq, key[4:]))
         elif table == "policies":
-            self._journal.append(_put_back(self.policies, key))
+            remember(_put_back(self.policies, key))
 
     # ------------------------------------------------------------ rows
     def placement_row(self, name: str) -> dict[str, Any]:
@@ -157,7 +135,7 @@ class State:
     def apply(self, changes: Iterable[Change]) -> None:
         """Make committed rows true in memory (nodes before the placements that name them)."""
         changes = list(changes)
-        if self._journal is not None:
+        if self.cluster.drafting:
             for table, key, _ in changes:
                 self._keep(table, key)
         for table, key, value in changes:
@@ -255,8 +233,8 @@ class State:
             self.cluster.set_status(node, status)
 
     def observe_foreign(self, node: str, names: set[str]) -> None:
-        if self._journal is not None:
-            self._journal.append(_put_back(self.foreign, node))
+        if self.cluster.drafting:
+            self.cluster.remember(_put_back(self.foreign, node))
         if names:
             self.foreign[node] = set(names)
         else:

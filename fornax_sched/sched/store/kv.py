@@ -355,12 +355,8 @@ class KVStore:
         self._queue.append(p)
         if self._committer is None or self._committer.done():
             self._committer = loop.create_task(self._commit_all(), name="store-commit")
-        try:
-            return await p.future
-        except asyncio.CancelledError:
-            # The caller went away; the batch may still commit (the committer takes it or has taken
-            # it), as a write whose writer vanished may.
-            raise
+        # (If the caller goes away, the batch may still commit, as a write whose writer vanished may.)
+        return await p.future
 
     async def _commit_all(self) -> None:
         """Commit what is queued, several batches to a transaction where they fit."""
