@@ -34,7 +34,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,18 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fornax_sched.fs.client import Client  # noqa: E402
+from tests.helpers import drain  # noqa: E402
 from tests.node.cluster import NodeProc, eventually, free_port  # noqa: E402
 from tests.sched.harness import SchedProc  # noqa: E402
 
 CTL = "cluster/scheduler/ctl"
 GROUP = "fo"
 
-
-def drain(proc: Any) -> None:
-    """Read a daemon's pipes so that it never blocks on a full one."""
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            threading.Thread(target=pipe.read, daemon=True).start()
 
 
 async def ctl(c: Client, command: str) -> str:

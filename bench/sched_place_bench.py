@@ -31,7 +31,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fornax_sched.fs.client import Client  # noqa: E402
+from tests.helpers import drain  # noqa: E402
 from tests.node.cluster import NodeProc, eventually, free_port  # noqa: E402
 from tests.sched.harness import SchedProc  # noqa: E402
 
@@ -66,12 +66,6 @@ def cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
 
-
-def drain(proc: Any) -> None:
-    """Read a daemon's pipes so that it never blocks on a full one."""
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            threading.Thread(target=pipe.read, daemon=True).start()
 
 
 async def nodes_online(addr: str, count: int) -> list[str]:

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fornax_sched.fs.client import Client  # noqa: E402
-from tests.helpers import eventually, free_port  # noqa: E402
+from tests.helpers import drain, eventually, free_port  # noqa: E402
 from tests.node.cluster import NodeProc  # noqa: E402
 from tests.sched.harness import SchedProc  # noqa: E402
 
@@ -56,14 +56,6 @@ function decide(ctx)
 end
 """
 
-
-def drain(proc: Any) -> None:
-    """Read a daemon's pipes so that it never blocks on a full one."""
-    import threading
-
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            threading.Thread(target=pipe.read, daemon=True).start()
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -72,3 +72,12 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def drain(proc: subprocess.Popen[Any]) -> None:
+    """Read a daemon's pipes in the background, so that it never blocks on a full one."""
+    import threading
+
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            threading.Thread(target=pipe.read, daemon=True).start()
