@@ -36,6 +36,7 @@ from .backends import (
     CLUSTER_LABEL,
     Backend,
     BackendError,
+    ContainerInfo,
     Discovery,
     NodeInfo,
     NodeRefused,
@@ -72,6 +73,8 @@ class Link:
     addr: str
     task: asyncio.Task[None] | None = None
     rounds: int = 0
+    listing: tuple[list[ContainerInfo], float] | None = None  # the newest listing not yet reconciled
+    reconciler: asyncio.Task[None] | None = None  # planning and acting on the listings, one at a time
 
 
 @dataclass
@@ -157,7 +160,7 @@ class Scheduler:
 
     async def close(self) -> None:
         self._closing = True
-        tasks = self._tasks + [lk.task for lk in self.links.values() if lk.task is not None]
+        tasks = self._tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -678,10 +681,16 @@ class Scheduler:
         await self._submit(lambda st, g: plans.plan_node_info(st, name, row, self.clock()))
 
     async def _follow(self, name: str, lk: Link) -> None:
-        """The reconciler of one node: look, plan, act, every interval."""
-        while not self._closing:
-            await self._step(f"following node {name}", self._round(name, lk))
-            await asyncio.sleep(self.interval)
+        """The prober of one node: look every interval.  What a look shows is reconciled apart
+        (``_reconcile``), so that a slow plan (a policy deciding for its whole budget) never delays
+        the next look: the node's liveness is the node's, not the scheduler's queue."""
+        try:
+            while not self._closing:
+                await self._step(f"following node {name}", self._round(name, lk))
+                await asyncio.sleep(self.interval)
+        finally:
+            if lk.reconciler is not None:
+                lk.reconciler.cancel()
 
     async def _round(self, name: str, lk: Link) -> None:
         listed = self.monotonic()
@@ -701,11 +710,24 @@ class Scheduler:
         finally:
             lk.rounds += 1
         await self._transitions(self.liveness.ok(name, self.monotonic()))
+        lk.listing = (found, listed)  # a listing still waiting to be planned is replaced by this newer one
+        if lk.reconciler is None or lk.reconciler.done():
+            lk.reconciler = asyncio.create_task(self._reconcile(name, lk), name=f"sched-reconcile-{name}")
+
+    async def _reconcile(self, name: str, lk: Link) -> None:
+        """Plan what the newest listing of a node means, commit it and act, until none is left."""
         cluster = self.store.cluster
-        plan = await self._submit(lambda st, g: reconcile.plan_node(
-            st, name, found, cluster=cluster, now=self.clock(), listed_at=listed, busy=g.busy, acted=g.acted))
-        if plan.stops or plan.starts:
-            await self._act(plan)
+        while lk.listing is not None and not self._closing:
+            (found, listed), lk.listing = lk.listing, None
+
+            async def step(found: list[ContainerInfo] = found, listed: float = listed) -> None:
+                plan = await self._submit(lambda st, g: reconcile.plan_node(
+                    st, name, found, cluster=cluster, now=self.clock(), listed_at=listed, busy=g.busy,
+                    acted=g.acted))
+                if plan.stops or plan.starts:
+                    await self._act(plan)
+
+            await self._step(f"reconciling node {name}", step())
 
     async def _learn_peers(self, backend: Discovery) -> None:
         now = self.monotonic()

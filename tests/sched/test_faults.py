@@ -402,9 +402,11 @@ function decide(ctx) return platform.decide(ctx) end
 def test_fault3_a_stalling_policy_never_stops_the_server(tmp_path: Path) -> None:
     """A policy stuck in C calls: a simulate of 1,000 replicas and a place of 20 answer in bounded
     time (the command's budget, then the platform decides), and other clients are served meanwhile;
-    a policy stuck at load is refused without making the platform policy unavailable."""
+    a policy stuck at load is refused without making the platform policy unavailable.  The budget
+    (2.5 s) is longer than a node may stay silent (--dead 2): the nodes' liveness must not wait
+    behind the plans being decided (it did, and all three nodes were declared dead mid-place)."""
     nodes = three_nodes(tmp_path)
-    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--decide-budget", "1"]).start()
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--decide-budget", "2.5"]).start()
     try:
         async def go() -> None:
             await discovered(sched)
@@ -429,13 +431,15 @@ def test_fault3_a_stalling_policy_never_stops_the_server(tmp_path: Path) -> None
                 assert time.monotonic() - t < 20, "the simulation took the stalls one after another"
                 lines = answer.splitlines()
                 assert sum(1 for line in lines if " -> fornax-0" in line) == 1000, answer[-500:]
-                assert "policy budget of 1s spent after" in answer and "the platform policy decided the rest" in answer
+                # (on a loaded machine the platform's own sandbox may miss its deadline too: the built-in spread
+                # then decides part of the rest, which the line says)
+                assert "policy budget of 2.5s spent after" in answer and "the platform policy decided" in answer
                 t = time.monotonic()
                 answer = await ctl(sched.addr, "place hello name=s replicas=20")
                 assert time.monotonic() - t < 20
-                assert answer.count("status=running") == 20, answer
                 log = await read(sched.addr, "cluster/scheduler/log")
-                assert "policy budget of 1s spent after" in log
+                assert answer.count("status=running") == 20, answer + log
+                assert " dead " not in log and " suspect" not in log, log
                 with pytest.raises(P9Error, match="did not load within"):  # stuck at load: refused in its budget
                     t = time.monotonic()
                     async with await Client.connect(sched.addr, version="9P2000.u", timeout=60) as c:
