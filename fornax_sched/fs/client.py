@@ -115,7 +115,8 @@ class Client:
                 coro = loop.create_connection(lambda: _Protocol(self), addr.host, addr.port)
             transport, _ = await asyncio.wait_for(coro, timeout)
         except (TimeoutError, OSError) as e:
-            raise ConnectionError(f"cannot dial 9P server {addr}: {e or 'timed out'}") from None
+            why = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e) or "timed out"
+            raise ConnectionError(f"cannot dial 9P server {addr}: {why}") from None
         self._transport = transport
         try:
             await self._negotiate(version, msize)

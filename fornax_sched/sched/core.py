@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Protocol
 
+from ..units import format_size
 from .model import Affinity, AntiAffinity, NodeFacts, Policy, Request
 
 EPSILON = 1e-9
@@ -187,6 +188,7 @@ class Cluster:
         self.program: Program | None = None
         self.changed: set[str] = set()  # nodes changed since the program last looked
         self._index = _Index()  # every node
+        self._largest: tuple[float, int] | None = None  # the most cpus and memory any node has (None: work it out)
         self._labelled: dict[tuple[str, str], _Index] = {}  # the nodes with each label, to decide among
         self._journal: list[Callable[[], object]] | None = None  # undo steps while a draft is open
 
@@ -312,6 +314,7 @@ class Cluster:
             else:
                 was_facts, was_status = old.facts, old.status
                 self._undo(lambda: self.add_node(was_facts, was_status))
+        self._largest = None
         if old is not None:
             self._unindex(old)
             old.facts = facts
@@ -362,6 +365,7 @@ class Cluster:
             self.unassign(p, reason=f"node {name} removed")
         self._unindex(n)
         del self.nodes[name]
+        self._largest = None
         self._changed(name)
         return moved
 
@@ -552,6 +556,15 @@ class Cluster:
             for n in self.nodes.values():
                 counts[classify(n)] += 1
         parts = [f"{v} {k}" for k, v in counts.items() if v]
+        if counts["full"]:
+            if self._largest is None:
+                self._largest = (max(n.facts.cpus for n in self.nodes.values()),
+                                 max(n.facts.mem for n in self.nodes.values()))
+            cpus, mem = self._largest
+            if req.cpus > cpus + EPSILON or req.mem > mem:
+                i = list(k for k, v in counts.items() if v).index("full")
+                parts[i] = (f"{counts['full']} too small (it asks for more than any node offers: "
+                            f"the largest has {cpus:g} cpus and {format_size(mem)} memory)")
         need = req.constraints()
         return f"no node fits{' ' + need if need else ''}: " + ", ".join(parts)
 

@@ -4,7 +4,7 @@ ctl, one command per write::
 
     place IMAGE [CONSTRAINT ...] [-- ARG ...]
     migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
-    stop CONTAINER | start CONTAINER | remove CONTAINER
+    stop NAME | start NAME | remove NAME      (NAME: a container, or a group: all its replicas)
     cordon NODE | uncordon NODE | scale NAME REPLICAS
   simulate place IMAGE [CONSTRAINT ...]      (what place would decide; nothing changes)
   policy history | policy restore VERSION
@@ -43,7 +43,7 @@ USAGE = """commands:
   place IMAGE [cpu>=N] [mem>=SIZE] [KEY=VALUE] [label:KEY=VALUE] [node=GLOB] [node!=GLOB] [anti-affinity=GLOB]
               [name=NAME] [replicas=N] [-- ARG ...]
   migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
-  stop CONTAINER | start CONTAINER | remove CONTAINER
+  stop NAME | start NAME | remove NAME      (NAME: a container, or a group: all its replicas)
   cordon NODE | uncordon NODE | scale NAME REPLICAS
   simulate place IMAGE [CONSTRAINT ...]      (what place would decide; nothing changes)
   policy history | policy restore VERSION
@@ -65,8 +65,8 @@ class Command:
 
 
 _ARITY = {
-    "migrate": ("CONTAINER FROM TO", 3), "evacuate": ("NODE", 1), "stop": ("CONTAINER", 1),
-    "start": ("CONTAINER", 1), "remove": ("CONTAINER", 1), "cordon": ("NODE", 1), "uncordon": ("NODE", 1),
+    "migrate": ("CONTAINER FROM TO", 3), "evacuate": ("NODE", 1), "stop": ("NAME", 1),
+    "start": ("NAME", 1), "remove": ("NAME", 1), "cordon": ("NODE", 1), "uncordon": ("NODE", 1),
 }
 
 
@@ -85,8 +85,12 @@ def parse_command(text: str) -> Command:
         what, n = _ARITY[verb]
         if len(rest) != n:
             raise LangError(f"usage: {verb} {what}")
-        for w in rest:
-            _name(w, "container" if "CONTAINER" in what and w == rest[0] else "node")
+        roles = {"CONTAINER": "container", "FROM": "source node", "TO": "target node", "NODE": "node",
+                 "NAME": "container or group"}
+        for w, role in zip(rest, what.split(), strict=True):
+            if not NAME.match(w):
+                raise LangError(f"{verb}: {w!r} is not a {roles[role]} name (letters, digits, '.', '_' and '-', "
+                                f"at most 63); usage: {verb} {what}")
         return Command(verb, targets=rest)
     if verb == "rebalance":
         if len(rest) > 1:

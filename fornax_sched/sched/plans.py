@@ -158,6 +158,31 @@ def placement(state: State, name: str) -> tuple[Any, Any]:
     return p, state.records[name]
 
 
+def targets(state: State, word: str) -> list[str]:
+    """The placements a command names: one container, or every replica of a group (``place ... name=web``
+    makes the group ``web``; ``start web``, ``stop web``, ``remove web`` act on all of it)."""
+    if word in state.cluster.placements:
+        return [word]
+    members = state.members(word)
+    if members:
+        return members
+    raise CommandError(f"no container or group {word!r} (ls /cluster/scheduler/placements lists them)")
+
+
+def plan_each(state: State, word: str, now: float, one: Callable[[str], Plan]) -> Plan:
+    """One plan of ``one`` for each placement ``word`` names (see ``targets``)."""
+    names = targets(state, word)
+    if names == [word]:
+        return one(word)
+    plan = Plan(now)
+    for name in names:
+        sub = one(name)
+        plan.extend(sub)
+        plan.answer += sub.answer
+        plan.report += sub.report
+    return plan
+
+
 def node_of(state: State, name: str) -> NodeState:
     n = state.cluster.nodes.get(name)
     if n is None:
@@ -203,7 +228,8 @@ def plan_place(state: State, req: Request, count: int, now: float, policy: str, 
 def plan_scale(state: State, group: str, want: int, now: float, policy: str) -> Plan:
     members = state.members(group)
     if not members:
-        raise CommandError(f"no group {group!r}: scale works on containers placed with name=")
+        raise CommandError(f"no group {group!r}: a group is the name= of a place (place IMAGE name={group} "
+                           f"replicas=N), or the name of a container placed alone")
     if want <= len(members):
         drop = members[want:]
         plan = Plan(now)

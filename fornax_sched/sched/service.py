@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..policy import Limits, PolicyError
 from ..units import format_size
@@ -38,6 +39,7 @@ from .backends import (
     BackendError,
     ContainerInfo,
     Discovery,
+    Health,
     NodeInfo,
     NodeRefused,
     NodeUnreachable,
@@ -52,8 +54,9 @@ from .logbook import LogBook, capped
 from .model import Request
 from .plans import CommandError, Plan, Stop
 from .policies import Policies
-from .state import State, stamp
+from .state import State, replica_order, stamp
 from .store import Batch, Store, StoreError
+from .store.api import LogLine
 
 log = logging.getLogger("fornax_sched.sched")
 
@@ -75,6 +78,7 @@ class Link:
     rounds: int = 0
     listing: tuple[list[ContainerInfo], float] | None = None  # the newest listing not yet reconciled
     reconciler: asyncio.Task[None] | None = None  # planning and acting on the listings, one at a time
+    health: Health | None = None  # what the node last said of its load and memory (every few rounds)
 
 
 @dataclass
@@ -133,7 +137,7 @@ class Scheduler:
         self._grouping = False  # a caller or a task is planning groups
         self._grouper: asyncio.Task[None] | None = None
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fornax-policy-load")
-        self._unsaved: list[str] = []  # log lines noted outside a plan, not yet in the store
+        self._unsaved: list[LogLine] = []  # log lines (with their times) not yet in the store
         self._dirty: set[str] = set()  # placements whose observed status is newer in memory than in the store
         # Placements being acted on (name -> [actions under way, since when]), and when each
         # was last acted on: a listing that began before cannot show what was done.
@@ -184,7 +188,7 @@ class Scheduler:
                 self.decider.apply(rows)
         self.state.sort_pending()
         await self.decider.call(lambda st: st.sort_pending())
-        for at, line in await self.store.log_tail(LOG_LINES):
+        for at, line in sorted(await self.store.log_tail(LOG_LINES), key=lambda t: t[0]):  # (stable)
             self.book.add(f"{stamp(at)} {line}")
         now = self.monotonic()
         for name, meta in self.state.nodes.items():
@@ -201,9 +205,9 @@ class Scheduler:
     # ================================================================ the log
     def note(self, line: str) -> None:
         """A log line outside a plan: in memory now, in the store with the next commit."""
-        line = capped(line)
-        self.book.add(f"{stamp(self.clock())} {line}")
-        self._unsaved.append(line)
+        line, at = capped(line), self.clock()
+        self.book.add(f"{stamp(at)} {line}")
+        self._unsaved.append((at, line))
         log.info("%s", line)
 
     def _note_from_thread(self, line: str) -> None:
@@ -244,7 +248,11 @@ class Scheduler:
         memory at once and written to the store with the next flush, a fraction
         of a second later (after a crash the nodes tell it again).
         """
-        lines = [capped(line) for line in plan.log]
+        # Each line keeps the time it is shown with, in the store too: after a restart the log reads
+        # as it did (lines noted outside a plan reach the store with a later commit).
+        at = self.clock()
+        texts = [capped(line) for line in plan.log]
+        lines: list[LogLine] = [(at, text) for text in texts]
         if observed and plan.changes and observes_only(self.state, plan):
             self._dirty.update(k for _, k in plan.changes)
             self._unsaved += lines
@@ -266,10 +274,9 @@ class Scheduler:
         for node, names in plan.foreign.items():
             self.state.observe_foreign(node, names)
         self.decider.apply(rows, plan.statuses, plan.foreign)
-        now = self.clock()
-        for line in lines:
-            self.book.add(f"{stamp(now)} {line}")
-            log.info("%s", line)
+        for text in texts:
+            self.book.add(f"{stamp(at)} {text}")
+            log.info("%s", text)
         if plan.kick:
             self._kick.set()
 
@@ -511,21 +518,24 @@ class Scheduler:
         return plan.answer + "".join(self._answer(name) for name in plan.report)
 
     async def _cmd_stop(self, cmd: lang.Command) -> str:
-        name, user = cmd.targets[0], cmd.user or "-"
-        plan = await self._submit(lambda st, g: plans.plan_stop(st, name, self.clock(), user))
+        word, user = cmd.targets[0], cmd.user or "-"
+        plan = await self._submit(lambda st, g: plans.plan_each(
+            st, word, self.clock(), lambda name: plans.plan_stop(st, name, self.clock(), user)))
         return await self._run_plan(plan)
 
     async def _cmd_start(self, cmd: lang.Command) -> str:
-        name = cmd.targets[0]
-        plans.placement(self.state, name)
+        word = cmd.targets[0]
+        names = plans.targets(self.state, word)
         label = self._label()
-        plan = await self._submit(lambda st, g: plans.plan_start(st, name, self.clock(), label),
-                                  small=simple(self.state.cluster.placements[name].request))
+        small = len(names) <= SMALL and all(simple(self.state.cluster.placements[n].request) for n in names)
+        plan = await self._submit(lambda st, g: plans.plan_each(
+            st, word, self.clock(), lambda name: plans.plan_start(st, name, self.clock(), label)), small=small)
         return await self._run_plan(plan)
 
     async def _cmd_remove(self, cmd: lang.Command) -> str:
-        name = cmd.targets[0]
-        plan = await self._submit(lambda st, g: plans.plan_remove(st, name, self.clock()))
+        word = cmd.targets[0]
+        plan = await self._submit(lambda st, g: plans.plan_each(
+            st, word, self.clock(), lambda name: plans.plan_remove(st, name, self.clock())))
         await self._act(plan)
         return plan.answer
 
@@ -700,6 +710,8 @@ class Scheduler:
                 if info.name != name:
                     self.note(f"node at {lk.addr} now calls itself {info.name}, not {name}")
                 await self._node_info(name, info, lk)
+            if lk.rounds % 5 == 0:
+                lk.health = await lk.backend.health()
             listed = self.monotonic()
             found = await lk.backend.list()
             if lk.rounds % 5 == 0 and isinstance(lk.backend, Discovery):
@@ -756,7 +768,9 @@ class Scheduler:
                 lk = self.links.get(t.node)
                 self.note(f"node {t.node} online" + (f" at {lk.addr}" if lk else "") + f" (was {t.was})")
             else:
-                self.note(f"node {t.node} {t.now}: {t.why}")
+                lk = self.links.get(t.node)
+                why = t.why.replace(f"node {t.node} at {lk.addr}: ", "") if lk else t.why
+                self.note(f"node {t.node} {t.now}" + (f" at {lk.addr}" if lk else "") + f": {why}")
             await self._submit(lambda st, g, t=t: Plan(self.clock(), statuses=[(t.node, t.now)],  # type: ignore[misc]
                                                        kick=t.now == "online"))
 
@@ -857,6 +871,56 @@ class Scheduler:
     def log_text(self) -> str:
         return self.book.text()
 
+    # ---------------------------------------------------------------- listings (one read each)
+    def status_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every placement (name, image, node, status, age, why), and per group what is wanted and running."""
+        now = self.clock()
+        rows: list[dict[str, Any]] = []
+        groups: dict[str, dict[str, Any]] = {}
+        for name in sorted(self.state.records, key=replica_order):
+            r, p = self.state.records[name], self.state.cluster.placements[name]
+            rows.append({"name": name, "image": p.request.image, "node": p.node or "-", "status": r.status,
+                         "want": r.want, "group": r.group, "age_s": round(max(now - r.created, 0.0), 1),
+                         "since_s": round(max(now - r.since, 0.0), 1), "why": r.detail})
+            g = groups.setdefault(r.group, {"group": r.group, "wanted": 0, "running": 0, "pending": 0, "other": 0})
+            g["wanted"] += r.want == "run"
+            key = r.status if r.status in ("running", "pending") else "other"
+            g[key] += 1
+        return rows, [groups[k] for k in sorted(groups)]
+
+    def status_table(self) -> str:
+        rows, groups = self.status_rows()
+        out = _table(["NAME", "IMAGE", "NODE", "STATUS", "AGE", "WHY"],
+                     [[r["name"], r["image"], r["node"],
+                       r["status"] + ("" if r["want"] == "run" else f" ({r['want']})"),
+                       _age(r["age_s"]), r["why"] or "-"] for r in rows])
+        out += "\n" + _table(["GROUP", "WANTED", "RUNNING", "PENDING", "OTHER"],
+                             [[g["group"], g["wanted"], g["running"], g["pending"], g["other"]] for g in groups])
+        return out
+
+    def node_rows(self) -> list[dict[str, Any]]:
+        """Every node: kind, status, cpu and memory offered and reserved, what it last said it uses."""
+        out = []
+        for name in sorted(self.state.cluster.nodes):
+            n, meta, lk = self.state.cluster.nodes[name], self.state.nodes.get(name), self.links.get(name)
+            h = lk.health if lk is not None else None
+            out.append({"name": name, "kind": meta.kind if meta else "", "addr": meta.addr if meta else "",
+                        "status": n.status + (" cordoned" if n.cordoned else ""),
+                        "cpus": n.facts.cpus, "cpus_reserved": n.used_cpus, "mem": n.facts.mem,
+                        "mem_reserved": n.used_mem,
+                        "mem_used": n.facts.mem - h.mem_free if h is not None and h.mem_free is not None else None,
+                        "load": h.load if h is not None else None, "containers": len(n.containers)})
+        return out
+
+    def nodes_table(self) -> str:
+        def size(v: int | None) -> str:
+            return "-" if v is None else format_size(max(v, 0))
+
+        return _table(["NAME", "KIND", "STATUS", "CPUS", "RESERVED", "MEM", "RESERVED", "USED", "LOAD", "CONTAINERS"],
+                      [[r["name"], r["kind"], r["status"], f"{r['cpus']:g}", f"{r['cpus_reserved']:g}", size(r["mem"]),
+                        size(r["mem_reserved"]), size(r["mem_used"]),
+                        "-" if r["load"] is None else f"{r['load']:.2f}", r["containers"]] for r in self.node_rows()])
+
 
 OBSERVED = ("running", "exited", "failed", "stopped")  # statuses that only say what a node reported
 INTENT = ("request", "node", "reason", "group", "want", "created")
@@ -909,8 +973,24 @@ def _connect(addr: str, timeout: float) -> Backend:
     return connect(addr, timeout=timeout)
 
 
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    """Columns padded to their widest cell, the last one left as it is."""
+    cells = [head] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head) - 1)]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] + "\n"
+                   for r in cells)
+
+
 def _one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())[:200]
+
+
+def _age(seconds: float) -> str:
+    """An age as kubectl shows one: 45s, 12m, 3h, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def _ago(seconds: float) -> str:

@@ -7,6 +7,8 @@
     /cluster/scheduler/history/N      the policy versions kept (ctl: policy restore N)
     /cluster/scheduler/placements/C   one file per container
     /cluster/scheduler/log            decisions and actions, one timestamped line each
+    /cluster/scheduler/status         every placement and group as a table (status.json: the same as JSON)
+    /cluster/scheduler/nodes          every node as a table: offered, reserved, in use (nodes.json)
     /cluster/nodes/N/{status,kind,addr,resources,containers,health}
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 from collections.abc import Awaitable, Callable
 
 from ..fs.errors import P9Error
@@ -80,6 +83,10 @@ class _LogHandle(Handle):
         return self.book.read(self.base + offset, count)
 
 
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":")) + "\n"
+
+
 def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
     def ro(name: str, text: Callable[[Ctx], str]) -> File:
         return File(name, read=text, uid=owner)
@@ -120,6 +127,10 @@ def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
         DynamicDir("placements", names=lambda ctx: list(sched.state.records), make=placement,
                    exists=lambda n: n in sched.state.records, uid=owner),
         LogFile("log", sched.book, owner),
+        ro("status", lambda ctx: sched.status_table()),
+        ro("status.json", lambda ctx: _json(dict(zip(("placements", "groups"), sched.status_rows(), strict=True)))),
+        ro("nodes", lambda ctx: sched.nodes_table()),
+        ro("nodes.json", lambda ctx: _json({"nodes": sched.node_rows()})),
     ], uid=owner)
     nodes = DynamicDir("nodes", names=lambda ctx: list(sched.state.cluster.nodes), make=node_dir,
                        exists=lambda n: n in sched.state.cluster.nodes, uid=owner)

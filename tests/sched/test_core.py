@@ -9,6 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from fornax_sched.sched.core import Cluster
 from fornax_sched.sched.lang import parse_place, parse_policy
 from fornax_sched.sched.model import NodeFacts, Request
+from fornax_sched.units import format_size
 
 G = 1 << 30
 
@@ -35,7 +36,7 @@ def test_constraints_filter() -> None:
     assert c.place("b", parse_place(["web", "node!=fornax-0[12]"])).node == "fornax-03"
     assert c.place("c", parse_place(["web", "anti-affinity=a"])).node != "fornax-02"
     d = c.place("d", parse_place(["web", "mem>=8G"]))
-    assert d.node is None and "no node fits mem>=8G: 3 full" in d.reason
+    assert d.node is None and "no node fits mem>=8G: 3 too small (it asks for more than any node offers" in d.reason
     assert c.placements["d"].node is None
 
 
@@ -83,8 +84,13 @@ def plain_why_not(c: Cluster, req: Request, skip: frozenset[str] = frozenset()) 
         why = ("excluded" if n.name in skip else "down" if n.status != "online" else "cordoned" if n.cordoned else
                "filtered" if not req.allows(n.facts) else "full" if not n.room_for(req) else "avoid")
         counts[why] += 1
+    parts = [f"{v} {k}" for k, v in counts.items() if v]
+    cpus, mem = max(n.facts.cpus for n in c.nodes.values()), max(n.facts.mem for n in c.nodes.values())
+    if counts["full"] and (req.cpus > cpus + 1e-9 or req.mem > mem):
+        parts = [p if not p.endswith(" full") else f"{counts['full']} too small (it asks for more than any node "
+                 f"offers: the largest has {cpus:g} cpus and {format_size(mem)} memory)" for p in parts]
     need = req.constraints()
-    return f"no node fits{' ' + need if need else ''}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    return f"no node fits{' ' + need if need else ''}: " + ", ".join(parts)
 
 
 class Machine(RuleBasedStateMachine):

@@ -76,7 +76,8 @@ class FornaxNode:
                     if self.name == self.addr:  # learn what the node calls itself
                         self.name = (await c.read_file("cluster/self/name")).decode().strip() or self.addr
                 except (ConnectionError, TimeoutError, OSError) as e:
-                    raise NodeUnreachable(f"{self._where()}: {e or 'timed out'}") from None
+                    why = str(e).removeprefix(f"cannot dial 9P server {self.addr}: ") or "timed out"
+                    raise NodeUnreachable(f"{self._where()}: cannot connect: {why}") from None
                 except P9Error as e:
                     raise NodeUnreachable(f"{self._where()}: {e}") from None
                 self._client = c

@@ -59,6 +59,9 @@ class Event:
     revision: int
 
 
+LogLine = str | tuple[float, str]  # a log line; with its time if it was made before the commit
+
+
 @dataclass
 class Batch:
     """Changes that land together or not at all, with the conditions they need.
@@ -71,7 +74,7 @@ class Batch:
     puts: list[tuple[str, str, Any, int]] = field(default_factory=list)  # (table, key, JSON value, lease)
     deletes: list[tuple[str, str]] = field(default_factory=list)
     requires: list[tuple[str, str, int]] = field(default_factory=list)
-    log: list[str] = field(default_factory=list)
+    log: list[LogLine] = field(default_factory=list)  # a line, or (when it was written, line)
 
     def put(self, table: str, key: str, value: Any, lease: int = 0) -> Batch:
         check_table(table)
@@ -88,7 +91,7 @@ class Batch:
         self.requires.append((table, key, revision))
         return self
 
-    def note(self, line: str) -> Batch:
+    def note(self, line: LogLine) -> Batch:
         self.log.append(line)
         return self
 

@@ -31,7 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .api import Batch, Conflict, Event, Item, NotLeader, StoreError, check_table
+from .api import Batch, Conflict, Event, Item, LogLine, NotLeader, StoreError, check_table
 
 FORMAT = 1
 IDENTITY = "i"
@@ -415,9 +415,11 @@ class KVStore:
     def _deposed(self) -> NotLeader:
         return NotLeader(f"this scheduler no longer leads the store {self.where}: nothing was written")
 
-    def _log_ops(self, lines: list[str], at: float, first: int) -> list[Put | Delete]:
-        ops: list[Put | Delete] = [Put(_log_key(first + i), encode({"at": at, "line": line[:LINE_MAX]}))
-                                   for i, line in enumerate(lines)]
+    def _log_ops(self, lines: list[LogLine], at: float, first: int) -> list[Put | Delete]:
+        ops: list[Put | Delete] = []
+        for i, line in enumerate(lines):
+            when, text = line if isinstance(line, tuple) else (at, line)
+            ops.append(Put(_log_key(first + i), encode({"at": when, "line": text[:LINE_MAX]})))
         if lines:
             keep_from = first + len(lines) - self.log_keep
             if keep_from > 1:
@@ -459,7 +461,7 @@ class KVStore:
             if not p.future.done():
                 p.future.set_result(rev)
 
-    async def _commit_staged(self, ops: list[Put | Delete], lines: list[str],
+    async def _commit_staged(self, ops: list[Put | Delete], lines: list[LogLine],
                              compares: list[Compare]) -> int | None:
         """Stage, commit with one small transaction, then roll forward; None if a condition failed."""
         bid = f"{int(self.clock() * 1000):013d}-{secrets.token_hex(4)}"

@@ -1,0 +1,162 @@
+"""The operator's everyday through the real file tree: group commands and one-read listings.
+
+A real `fornax-sched serve` over three real fornax-node daemons; everything
+goes through 9P as a user's `echo` and `cat` would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fornax_sched.fs.errors import P9Error
+
+from ..node.cluster import NodeProc, eventually, read
+from .harness import SchedProc, ctl, discovered, running_on, scheduler_over_three
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[SchedProc, list[NodeProc]]]:
+    with scheduler_over_three(tmp_path, every_seed=True) as c:
+        yield c
+
+
+async def running_everywhere(nodes: list[NodeProc]) -> list[str]:
+    """Names running on any node, each once per copy."""
+    names: list[str] = []
+    for n in nodes:
+        names += await running_on(n)
+    return sorted(names)
+
+
+def test_group_stop_start_remove_act_on_every_replica(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
+    sched, nodes = cluster
+
+    async def go() -> None:
+        await discovered(sched)
+        reply = await ctl(sched.addr, "place hello name=web replicas=4")
+        assert reply.count("status=running") == 4, reply
+        assert len({line.split()[1] for line in reply.splitlines()}) == 3  # spread over every node
+        await ctl(sched.addr, "place hello name=api")
+        assert await running_everywhere(nodes) == ["api", "web-1", "web-2", "web-3", "web-4"]
+
+        reply = await ctl(sched.addr, "stop web")
+        assert sorted(line.split()[0] for line in reply.splitlines()) == ["web-1", "web-2", "web-3", "web-4"], reply
+
+        async def only_api() -> bool:
+            return await running_everywhere(nodes) == ["api"]
+
+        await eventually(only_api, timeout=15)
+        status = await read(sched.addr, "cluster/scheduler/status")
+        assert status.count("stopped (stop)") == 4, status
+
+        reply = await ctl(sched.addr, "start web")
+        assert reply.count("status=running") == 4, reply
+
+        async def all_back() -> bool:
+            return await running_everywhere(nodes) == ["api", "web-1", "web-2", "web-3", "web-4"]
+
+        await eventually(all_back, timeout=15)
+        reply = await ctl(sched.addr, "remove web")
+        assert reply.split() == ["removed", "web-1", "removed", "web-2", "removed", "web-3", "removed", "web-4"]
+        await eventually(only_api, timeout=15)
+        with pytest.raises(P9Error, match="no container or group 'web'"):
+            await ctl(sched.addr, "stop web")
+        with pytest.raises(P9Error, match=r"no group 'nosuch': a group is the name= of a place"):
+            await ctl(sched.addr, "scale nosuch 2")
+
+    asyncio.run(go())
+
+
+def test_status_and_nodes_are_one_read_each(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
+    sched, nodes = cluster
+
+    async def go() -> None:
+        await discovered(sched)
+        await ctl(sched.addr, "place hello name=web replicas=2")
+        await ctl(sched.addr, "place hello name=big cpu>=64")  # fits nowhere: waits, saying why
+        table = (await read(sched.addr, "cluster/scheduler/status")).splitlines()
+        assert table[0].split() == ["NAME", "IMAGE", "NODE", "STATUS", "AGE", "WHY"]
+        blank = table.index("")
+        rows = {line.split()[0]: line for line in table[1:blank]}
+        assert set(rows) == {"web-1", "web-2", "big"}, table
+        assert " running " in rows["web-1"] and "fornax-0" in rows["web-1"]
+        assert " pending " in rows["big"], rows["big"]
+        assert "no node fits cpu>=64: 3 too small (it asks for more than any node offers" in rows["big"], rows["big"]
+        assert table[blank + 1].split() == ["GROUP", "WANTED", "RUNNING", "PENDING", "OTHER"]
+        groups = {line.split()[0]: line.split()[1:] for line in table[blank + 2:]}
+        assert groups == {"web": ["2", "2", "0", "0"], "big": ["1", "0", "1", "0"]}, groups
+
+        doc = json.loads(await read(sched.addr, "cluster/scheduler/status.json"))
+        by_name = {p["name"]: p for p in doc["placements"]}
+        assert by_name["web-2"]["status"] == "running" and by_name["big"]["why"].startswith("no node fits")
+        assert {g["group"]: g["running"] for g in doc["groups"]} == {"big": 0, "web": 2}
+
+        async def loads_known() -> list[dict] | None:  # type: ignore[type-arg]
+            listed = json.loads(await read(sched.addr, "cluster/scheduler/nodes.json"))["nodes"]
+            return listed if all(n["load"] is not None for n in listed) else None
+
+        listed = await eventually(loads_known, timeout=15)
+        assert [n["name"] for n in listed] == ["fornax-01", "fornax-02", "fornax-03"]
+        assert sum(n["containers"] for n in listed) == 2
+        for n in listed:
+            assert n["kind"] == "fornax" and n["status"] == "online" and n["cpus"] > 0
+            assert 0 <= n["mem_used"] <= n["mem"]  # (as the node says: limits, or use if larger)
+        table = (await read(sched.addr, "cluster/scheduler/nodes")).splitlines()
+        assert table[0].split()[:4] == ["NAME", "KIND", "STATUS", "CPUS"] and len(table) == 4
+
+    asyncio.run(go())
+
+
+def test_the_log_reads_the_same_after_a_restart(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
+    """Every line keeps its time and its place: lines noted outside a plan (a node coming online, a
+    container that started) reach the store with a later commit, and once came back out of order."""
+    sched, nodes = cluster
+
+    async def before() -> list[str]:
+        await discovered(sched)
+        await ctl(sched.addr, "place hello name=web replicas=3")
+        await ctl(sched.addr, "stop web-2")
+        await ctl(sched.addr, "place hello")
+        return (await read(sched.addr, "cluster/scheduler/log")).splitlines()
+
+    lines = asyncio.run(before())
+    sched.stop()
+    sched.start()
+
+    async def after() -> list[str]:
+        await discovered(sched)
+        return (await read(sched.addr, "cluster/scheduler/log")).splitlines()
+
+    again = asyncio.run(after())
+    assert again[:len(lines)] == lines
+    stamps = [line.split()[0] for line in again]
+    assert stamps == sorted(stamps)
+
+
+def test_unclear_messages_name_what_they_are_about(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
+    sched, nodes = cluster
+
+    async def go() -> None:
+        await discovered(sched)
+        with pytest.raises(P9Error, match=r"migrate: '-' is not a source node name .*; usage: migrate CONTAINER"):
+            await ctl(sched.addr, "migrate web-5 - fornax-01")
+        with pytest.raises(P9Error, match=r"stop: 'a b' is not|usage: stop NAME"):
+            await ctl(sched.addr, "stop a b")
+        nodes[2].kill9()
+
+        async def suspect() -> str | None:
+            log = await read(sched.addr, "cluster/scheduler/log")
+            return next((line for line in log.splitlines() if "node fornax-03 suspect" in line), None)
+
+        line = await eventually(suspect, timeout=15)
+        assert line.count(nodes[2].addr) == 1, line  # the address once, not three times
+        assert "Connection refused" in line or "timed out" in line or "closed" in line, line
+
+    asyncio.run(go())
