@@ -75,9 +75,13 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 def drain(proc: subprocess.Popen[Any]) -> None:
-    """Read a daemon's pipes in the background, so that it never blocks on a full one."""
+    """Read a daemon's pipes in the background, so that it never blocks on a full one (a chatty
+    scheduler did, once its log had filled 64 KB of stderr).  Once per process."""
     import threading
 
+    if getattr(proc, "_drained", False):
+        return
+    proc._drained = True  # type: ignore[attr-defined]
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             threading.Thread(target=pipe.read, daemon=True).start()

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Protocol
 
-from ..units import format_size
 from .model import Affinity, AntiAffinity, NodeFacts, Policy, Request
 
 EPSILON = 1e-9
@@ -563,8 +562,7 @@ class Cluster:
             cpus, mem = self._largest
             if req.cpus > cpus + EPSILON or req.mem > mem:
                 i = list(k for k, v in counts.items() if v).index("full")
-                parts[i] = (f"{counts['full']} too small (it asks for more than any node offers: "
-                            f"the largest has {cpus:g} cpus and {format_size(mem)} memory)")
+                parts[i] = f"{counts['full']} too small (it asks for more than any node offers)"
         need = req.constraints()
         return f"no node fits{' ' + need if need else ''}: " + ", ".join(parts)
 

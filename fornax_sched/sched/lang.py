@@ -37,11 +37,12 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 GLOB = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,64}$")
 LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 MAX_REPLICAS = 1000
+RESTARTS = ("never", "on-failure", "always")  # restart= of a place
 MAX_COMMAND = 16384  # characters of one ctl command
 
 USAGE = """commands:
   place IMAGE [cpu>=N] [mem>=SIZE] [KEY=VALUE] [label:KEY=VALUE] [node=GLOB] [node!=GLOB] [anti-affinity=GLOB]
-              [name=NAME] [replicas=N] [-- ARG ...]
+              [name=NAME] [replicas=N] [restart=always|on-failure|never] [-- ARG ...]
   migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
   stop NAME | start NAME | remove NAME      (NAME: a container, or a group: all its replicas)
   cordon NODE | uncordon NODE | scale NAME REPLICAS
@@ -129,7 +130,7 @@ def parse_place_marked(words: list[str]) -> tuple[Request, tuple[str, ...]]:
     if "--" in rest:
         cut = rest.index("--")
         rest, args = rest[:cut], rest[cut + 1 :]
-    cpus, mem, replicas, name = 0.0, 0, 1, ""
+    cpus, mem, replicas, name, restart = 0.0, 0, 1, "", "never"
     labels: list[tuple[str, str]] = []
     include: list[str] = []
     exclude: list[str] = []
@@ -147,7 +148,7 @@ def parse_place_marked(words: list[str]) -> tuple[Request, tuple[str, ...]]:
             labels.append((key, value))
             marked.append(key)
             continue
-        if key in ("cpu", "mem", "name", "replicas") and key in seen:
+        if key in ("cpu", "mem", "name", "replicas", "restart") and key in seen:
             raise LangError(f"{key} given twice")
         seen.add(key)
         if key == "cpu" and op in (">=", "="):  # cpu=N: the same, and no quoting in a shell
@@ -162,6 +163,10 @@ def parse_place_marked(words: list[str]) -> tuple[Request, tuple[str, ...]]:
             name = _name(value, "container name")
         elif key == "replicas" and op == "=":
             replicas = _count(value, "replicas", 1, MAX_REPLICAS)
+        elif key == "restart" and op == "=":
+            if value not in RESTARTS:
+                raise LangError(f"bad restart policy {w!r}: want restart=always, restart=on-failure or restart=never")
+            restart = value
         elif op == "=" and LABEL_KEY.match(key) and key not in ("cpu", "mem"):
             if not value or " " in value:
                 raise LangError(f"bad label constraint {w!r}: want KEY=VALUE")
@@ -169,10 +174,11 @@ def parse_place_marked(words: list[str]) -> tuple[Request, tuple[str, ...]]:
         else:
             raise LangError(f"unknown constraint {w!r}: want cpu>=N (or cpu=N), mem>=SIZE (or mem=SIZE), "
                             "KEY=VALUE, node=GLOB, "
-                            "node!=GLOB, anti-affinity=GLOB, name=NAME or replicas=N (arguments go after --)")
+                            "node!=GLOB, anti-affinity=GLOB, name=NAME, replicas=N or restart=POLICY "
+                            "(arguments go after --)")
     return Request(image=image, args=tuple(args), name=name, replicas=replicas, cpus=cpus, mem=mem,
                    labels=tuple(labels), include=tuple(include), exclude=tuple(exclude),
-                   avoid=tuple(avoid)), tuple(marked)
+                   avoid=tuple(avoid), restart=restart), tuple(marked)
 
 
 def parse_policy(text: str) -> Policy:
@@ -281,6 +287,8 @@ def format_place(req: Request) -> str:
         words.append(f"name={req.name}")
     if req.replicas != 1:
         words.append(f"replicas={req.replicas}")
+    if req.restart != "never":
+        words.append(f"restart={req.restart}")
     if req.args:
         words += ["--", *(shlex.quote(a) for a in req.args)]
     return " ".join(words)

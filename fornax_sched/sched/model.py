@@ -66,6 +66,7 @@ class Request:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     avoid: tuple[str, ...] = ()
+    restart: str = "never"  # never | on-failure | always: what to do when the container ends on its own
 
     def allows(self, node: NodeFacts) -> bool:
         """The static filters (name globs, labels); capacity is the core's business."""

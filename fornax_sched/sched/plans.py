@@ -82,7 +82,7 @@ class Plan:
         self.changes[("placements", name)] = {
             "request": request_to_json(req), "node": d.node, "reason": d.reason if d.node else "", "group": group,
             "want": "run", "status": "starting" if d.node else "pending", "cid": "", "since": self.now,
-            "detail": "" if d.node else d.reason, "created": self.now}
+            "detail": "" if d.node else d.reason, "created": self.now, "restarts": 0, "restarted": 0.0}
         if d.node:
             self.starts.append(name)
 

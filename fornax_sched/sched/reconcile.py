@@ -42,6 +42,48 @@ def ours(c: ContainerInfo, cluster: str, state: State, node: str) -> bool:
     return r is not None and p is not None and p.node == node and bool(r.cid) and r.cid == c.id
 
 
+RESTART_BASE = 1.0  # seconds before the first restart; doubled for each further one
+RESTART_CAP = 30.0  # the longest wait between restarts
+RESTARTS_PER_NODE = 3  # restarts on one node in a row before it is placed on another
+RESTART_RESET = 60.0  # a container that ran this long since its last restart starts counting afresh
+
+
+def restart_wanted(policy: str, ended: str) -> bool:
+    """Whether a container that ended (``exited``: code 0, ``failed``: anything else) runs again."""
+    return policy == "always" or (policy == "on-failure" and ended == "failed")
+
+
+def backoff(restarts: int) -> float:
+    return min(RESTART_BASE * 2 ** restarts, RESTART_CAP)
+
+
+def _restart(plan: Plan, state: State, name: str, node: str, now: float) -> None:
+    """Run an ended container again: on its node, or, after RESTARTS_PER_NODE restarts there in a row
+    (a crash loop), wherever else the policy puts it (on its node still if no other fits)."""
+    r, c = state.records[name], state.cluster
+    p = c.placements[name]
+    why = r.detail.split("; ", 1)[0] or r.status
+    if r.restarts >= RESTARTS_PER_NODE:
+        reason = p.reason
+        c.unassign(name)
+        d = c.decide(name, p.request, exclude=(node,))
+        if d.node is not None:
+            c.assign(name, d.node, d.reason)
+            plan.note(f"{name}: crash loop on {node} ({r.restarts} restarts, last: {why}): "
+                      f"placing it on {d.node}: {d.reason}")
+            plan.edit(state, name, node=d.node, reason=d.reason, status="starting", cid="", restarts=0,
+                      restarted=now, detail=f"moved from {node} after {r.restarts} restarts ({why})")
+            plan.starts.append(name)
+            return
+        c.assign(name, node, reason, force=True)
+        plan.note(f"{name}: crash loop on {node} ({r.restarts} restarts); no other node fits ({d.reason}): "
+                  f"restarting it there")
+    plan.note(f"{name}: restart {r.restarts + 1} on {node} (restart={p.request.restart}; it ended: {why})")
+    plan.edit(state, name, status="starting", cid="", restarts=r.restarts + 1, restarted=now,
+              detail=f"restart {r.restarts + 1} after {why}")
+    plan.starts.append(name)
+
+
 def _newest(items: list[ContainerInfo]) -> ContainerInfo:
     return max(items, key=lambda i: (len(i.id), i.id))
 
@@ -78,7 +120,7 @@ def plan_node(state: State, node: str, listing: Sequence[ContainerInfo], *, clus
                 plan.note(f"{name} also runs on {node} ({where}): stopping it there")
             plan.stops.append(Stop(node, name, c.id, destroy=True))
     # What should be here.
-    for name in placed_here:
+    for name in list(placed_here):  # (a crash loop's move takes a name off this node)
         if not fresh(name):
             continue
         r = state.records[name]
@@ -111,14 +153,24 @@ def plan_node(state: State, node: str, listing: Sequence[ContainerInfo], *, clus
                           detail=last.reason if last else "")
         elif r.status == "pending":
             continue
-        elif last is not None and last.state in ("exited", "failed") and last.id == r.cid:
-            if r.status != last.state:  # the recorded instance ended on its own: it stays ended
+        elif (last is not None and last.state in ("exited", "failed") and last.id == r.cid) or \
+                r.status in ("exited", "failed"):
+            req = state.cluster.placements[name].request
+            if last is not None and last.id == r.cid and r.status != last.state:
+                # The recorded instance ended on its own: recorded so (and run again only if its
+                # restart policy says so, once its backoff has passed: the rounds after this one).
                 how = f"exit code {last.exit_code}" if last.exit_code is not None else ""
                 detail = "; ".join(x for x in (how, last.reason) if x and x not in how) or how
-                plan.edit(state, name, status=last.state, detail=detail)
+                restarts = r.restarts if now - r.restarted < RESTART_RESET else 0  # it ran a while: afresh
+                if restart_wanted(req.restart, last.state):
+                    detail += (f"; restart {restarts + 1} in {backoff(restarts):g}s" if restarts < RESTARTS_PER_NODE
+                               else f"; crash loop ({restarts} restarts): another node in {backoff(restarts):g}s")
+                plan.edit(state, name, status=last.state, detail=detail, restarts=restarts)
                 plan.note(f"{name} on {node}: {last.state}" + (f" ({detail})" if detail else ""))
-        elif r.status in ("exited", "failed"):
-            continue  # it had ended on its own (the node may have forgotten it since): nothing to run
+            elif restart_wanted(req.restart, r.status) and now >= r.since + backoff(r.restarts):
+                for c in ended:
+                    plan.stops.append(Stop(node, name, c.id, destroy=True))
+                _restart(plan, state, name, node, now)
         else:
             # Meant to run and not running: never started, stopped by someone else (the node's
             # shutdown, a hand-written stop), or lost with the node's state.  Start it again.

@@ -837,6 +837,8 @@ class Scheduler:
             lines.append(f"constraints={cons}")
         if p.request.args:
             lines.append("args=" + " ".join(p.request.args))
+        if p.request.restart != "never":
+            lines.append(f"restart={p.request.restart} restarts={r.restarts}")
         if r.detail:
             lines.append(f"detail={r.detail}")
         if p.reason:

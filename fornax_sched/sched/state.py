@@ -49,6 +49,8 @@ class Record:
     since: float = 0.0  # when the status last changed
     detail: str = ""  # the node's reason (exit code, memory limit), or why it is pending
     created: float = 0.0
+    restarts: int = 0  # restarts on its node since it last ran for a while (restart=)
+    restarted: float = 0.0  # when it was last restarted
 
 
 @dataclass(slots=True)
@@ -123,7 +125,7 @@ class State:
         r = self.records[name]
         return {"request": request_to_json(p.request), "node": p.node, "reason": p.reason, "group": r.group,
                 "want": r.want, "status": r.status, "cid": r.cid, "since": r.since, "detail": r.detail,
-                "created": r.created}
+                "created": r.created, "restarts": r.restarts, "restarted": r.restarted}
 
     def node_row(self, name: str) -> dict[str, Any]:
         n = self.cluster.nodes[name]
@@ -205,6 +207,8 @@ class State:
         r.since = float(d.get("since", 0.0))
         r.detail = self._one(str(d.get("detail", "")))
         r.created = float(d.get("created", 0.0))
+        r.restarts = int(d.get("restarts", 0))
+        r.restarted = float(d.get("restarted", 0.0))
         if r.status == "pending":
             self.pending.setdefault(name, None)
         else:
@@ -304,14 +308,16 @@ def replica_order(name: str) -> tuple[int, str]:
 def request_to_json(r: Request) -> dict[str, Any]:
     return {"image": r.image, "args": list(r.args), "name": r.name, "replicas": r.replicas, "cpus": r.cpus,
             "mem": r.mem, "labels": [list(kv) for kv in r.labels], "include": list(r.include),
-            "exclude": list(r.exclude), "avoid": list(r.avoid)}
+            "exclude": list(r.exclude), "avoid": list(r.avoid),
+            **({"restart": r.restart} if r.restart != "never" else {})}
 
 
 def request_from_json(d: dict[str, Any]) -> Request:
     return Request(image=d["image"], args=tuple(d.get("args", ())), name=d.get("name", ""),
                    replicas=int(d.get("replicas", 1)), cpus=float(d.get("cpus", 0)), mem=int(d.get("mem", 0)),
                    labels=tuple((k, v) for k, v in d.get("labels", ())), include=tuple(d.get("include", ())),
-                   exclude=tuple(d.get("exclude", ())), avoid=tuple(d.get("avoid", ())))
+                   exclude=tuple(d.get("exclude", ())), avoid=tuple(d.get("avoid", ())),
+                   restart=str(d.get("restart", "never")))
 
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from fornax_sched.fs.client import Client
 
 from ..conftest import spawn_serving
-from ..helpers import eventually, free_port, stop_process
+from ..helpers import drain, eventually, free_port, stop_process
 
 __all__ = ["IMAGES", "NodeProc", "alive", "ctl", "eventually", "free_port", "read", "status", "three_nodes"]
 
@@ -45,6 +45,7 @@ class NodeProc:
                "--gossip", f"127.0.0.1:{self.gossip}", "--broadcast", "off",  # loopback only
                "--peers", ",".join(f"127.0.0.1:{p}" for p in self.peers), *FAST, *self.extra]
         self.proc, line = spawn_serving(cmd, self.name)
+        drain(self.proc)
         self.crashed = False
         self.id = line.split("(")[1].split(")")[0]
         return self

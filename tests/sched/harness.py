@@ -13,7 +13,7 @@ from pathlib import Path
 from fornax_sched.fs.client import Client
 
 from ..conftest import spawn_serving
-from ..helpers import stop_process
+from ..helpers import drain, stop_process
 from ..node.cluster import NodeProc, eventually, free_port, read, three_nodes
 
 # Fast enough for tests: a look at each node every 0.2 s, dead after 2 s unreachable.
@@ -38,6 +38,7 @@ class SchedProc:
         cmd = [sys.executable, "-m", self.module, "serve", "--listen", self.addr, "--state", str(self.state),
                *[w for s in self.seeds for w in ("--node", s)], *FAST, *self.extra]
         self.proc, _ = spawn_serving(cmd, "scheduler", preexec_fn=self.preexec)
+        drain(self.proc)
         return self
 
     def kill9(self) -> None:

@@ -9,7 +9,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from fornax_sched.sched.core import Cluster
 from fornax_sched.sched.lang import parse_place, parse_policy
 from fornax_sched.sched.model import NodeFacts, Request
-from fornax_sched.units import format_size
 
 G = 1 << 30
 
@@ -88,7 +87,7 @@ def plain_why_not(c: Cluster, req: Request, skip: frozenset[str] = frozenset()) 
     cpus, mem = max(n.facts.cpus for n in c.nodes.values()), max(n.facts.mem for n in c.nodes.values())
     if counts["full"] and (req.cpus > cpus + 1e-9 or req.mem > mem):
         parts = [p if not p.endswith(" full") else f"{counts['full']} too small (it asks for more than any node "
-                 f"offers: the largest has {cpus:g} cpus and {format_size(mem)} memory)" for p in parts]
+                 "offers)" for p in parts]
     need = req.constraints()
     return f"no node fits{' ' + need if need else ''}: " + ", ".join(parts)
 

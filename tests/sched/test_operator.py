@@ -160,3 +160,55 @@ def test_unclear_messages_name_what_they_are_about(cluster: tuple[SchedProc, lis
         assert "Connection refused" in line or "timed out" in line or "closed" in line, line
 
     asyncio.run(go())
+
+
+def crash_images(tmp: Path) -> Path:
+    """The example images and `crash`, which ends with exit code 3 at once."""
+    import shutil
+
+    images = tmp / "images"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "examples" / "images", images)
+    (images / "crash").mkdir()
+    (images / "crash" / "config").write_text("sh -c 'echo crashing; exit 3'\n")
+    return images
+
+
+def test_a_crash_loop_restarts_with_backoff_then_moves_node(tmp_path: Path) -> None:
+    from ..node.cluster import three_nodes
+
+    nodes = three_nodes(tmp_path, images=crash_images(tmp_path))
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes]).start()
+    try:
+        async def go() -> None:
+            await discovered(sched)
+            with pytest.raises(P9Error, match="bad restart policy 'restart=sometimes'"):
+                await ctl(sched.addr, "place crash restart=sometimes")
+            first = (await ctl(sched.addr, "place crash name=loop restart=on-failure")).split()[1][len("node="):]
+            await ctl(sched.addr, "place crash name=once")  # restart=never, the default: it stays failed
+
+            async def moved() -> str | None:
+                log = await read(sched.addr, "cluster/scheduler/log")
+                return log if "loop: crash loop on " + first in log else None
+
+            log = await eventually(moved, timeout=90)
+            lines = log.splitlines()
+            cut = next(i for i, line in enumerate(lines) if "loop: crash loop on" in line)
+            restarts = [line for line in lines[:cut] if "loop: restart " in line]
+            assert [line.split("loop: restart ")[1].split()[0] for line in restarts] == ["1", "2", "3"], restarts
+            stamps = [float(line.split()[0][17:23]) + 60 * int(line.split()[0][14:16]) for line in restarts]
+            gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            assert gaps[0] >= 1.5 and gaps[1] >= 3.5, gaps  # backoff 1 s, 2 s, 4 s (plus the run itself)
+            line = next(line for line in log.splitlines() if "loop: crash loop on" in line)
+            assert "(3 restarts, last: exit code 3)" in line and f"placing it on {first}" not in line, line
+            text = await read(sched.addr, "cluster/scheduler/placements/loop")
+            assert f"node={first} " not in text and f"moved from {first} after 3 restarts" in text or \
+                "restart " in text, text
+            once = await read(sched.addr, "cluster/scheduler/placements/once")
+            assert "status=failed" in once and "exit code 3" in once
+            assert "once: restart" not in log
+
+        asyncio.run(go())
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
