@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL at stop (default 5)")
     s.add_argument("--writers", default="", help="users besides the owner who may write ctl files, comma-separated")
     s.add_argument("--advertise", default=None, help="9P address peers should dial, if not --listen")
+    s.add_argument("--persys", default=None, metavar="HOST:PORT",
+                   help="also serve Persys' AgentService over gRPC there (see persys-agent(8))")
+    s.add_argument("--persys-reconcile", type=float, default=10.0, metavar="S",
+                   help="seconds between the agent's reconcile passes, 0 for none (default 10)")
     return p
 
 
@@ -82,11 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         broadcast = None if args.broadcast == "off" else args.broadcast
     state = args.state or Path.home() / ".local/state/fornax-node" / args.name
+    persys = None
+    if args.persys:
+        from ..persys.node import PersysConfig, split_hostport
+
+        try:
+            split_hostport(args.persys)
+        except ValueError as e:
+            print(f"fornax-node: --persys: {e}", file=sys.stderr)
+            return 2
+        persys = PersysConfig(listen=args.persys, reconcile=args.persys_reconcile)
     cfg = NodeConfig(
         name=args.name, listen=args.listen, images=args.images, state=state, cpus=args.cpus, mem=args.mem,
         labels=args.labels, gossip=args.gossip, peers=args.peers, broadcast=broadcast, interval=args.interval,
         suspect_after=args.suspect, dead_after=args.dead, remove_after=args.remove,
         writers=[w for w in args.writers.split(",") if w], grace=args.grace, advertise=args.advertise,
+        persys=persys,
     )
     try:
         asyncio.run(serve_forever(cfg))

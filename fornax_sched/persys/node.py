@@ -1,0 +1,66 @@
+"""The Persys side of a fornax-node: AgentService served next to the 9P tree, on the same event loop.
+
+The node daemon makes one ``PersysSide`` when it is given ``--persys``
+and starts it once its runtime has adopted its containers (and forked its
+fork server: grpc starts threads, which must not exist at that fork).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from . import protos
+from .agent import Agent, Host
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PersysConfig:
+    listen: str  # HOST:PORT of AgentService
+    reconcile: float = 10.0  # seconds between reconcile passes (0: none)
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port); ValueError naming the text if it is not one."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad address {text!r}: want HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+class PersysSide:
+    def __init__(self, host: Host, state: Path, cfg: PersysConfig) -> None:
+        split_hostport(cfg.listen)
+        self.cfg = cfg
+        self.agent = Agent(host, state, reconcile_every=cfg.reconcile)
+        self.server: grpc.aio.Server | None = None
+        self.address = cfg.listen  # with the real port once listening
+
+    async def start(self) -> None:
+        await self.agent.start()
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((protos.handler(protos.agent().service("AgentService"), self.agent),))
+        host, _ = split_hostport(self.cfg.listen)
+        try:
+            port = server.add_insecure_port(self.cfg.listen)
+        except RuntimeError as e:
+            port, why = 0, str(e)
+        else:
+            why = "address in use or not this machine's"
+        if not port:
+            await self.agent.close()
+            raise OSError(f"persys: cannot listen on {self.cfg.listen}: {why}")
+        await server.start()
+        self.server = server
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("persys AgentService on %s", self.address)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(1.0)
+        await self.agent.close()
