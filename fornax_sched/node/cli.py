@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve Persys' AgentService over gRPC there (see persys-agent(8))")
     s.add_argument("--persys-reconcile", type=float, default=10.0, metavar="S",
                    help="seconds between the agent's reconcile passes, 0 for none (default 10)")
+    s.add_argument("--persys-scheduler", default=None, metavar="HOST:PORT",
+                   help="register with this Persys AgentControl (RegisterNode, then Heartbeat)")
+    s.add_argument("--persys-advertise", default=None, metavar="HOST:PORT",
+                   help="the AgentService address the scheduler should dial, if not --persys")
     return p
 
 
@@ -87,15 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         broadcast = None if args.broadcast == "off" else args.broadcast
     state = args.state or Path.home() / ".local/state/fornax-node" / args.name
     persys = None
+    if args.persys_scheduler and not args.persys:
+        print("fornax-node: --persys-scheduler needs --persys HOST:PORT (the AgentService it registers)",
+              file=sys.stderr)
+        return 2
     if args.persys:
         from ..persys.node import PersysConfig, split_hostport
 
-        try:
-            split_hostport(args.persys)
-        except ValueError as e:
-            print(f"fornax-node: --persys: {e}", file=sys.stderr)
-            return 2
-        persys = PersysConfig(listen=args.persys, reconcile=args.persys_reconcile)
+        for opt, value in (("--persys", args.persys), ("--persys-scheduler", args.persys_scheduler),
+                           ("--persys-advertise", args.persys_advertise)):
+            try:
+                if value is not None:
+                    split_hostport(value)
+            except ValueError as e:
+                print(f"fornax-node: {opt}: {e}", file=sys.stderr)
+                return 2
+        persys = PersysConfig(listen=args.persys, reconcile=args.persys_reconcile, scheduler=args.persys_scheduler,
+                              advertise=args.persys_advertise)
     cfg = NodeConfig(
         name=args.name, listen=args.listen, images=args.images, state=state, cpus=args.cpus, mem=args.mem,
         labels=args.labels, gossip=args.gossip, peers=args.peers, broadcast=broadcast, interval=args.interval,

@@ -270,7 +270,7 @@ class Agent:
                   "vm": "unhealthy: vm is not supported by fornax-node"}
         return A.HealthCheckResponse(
             healthy=container == "healthy", version=VERSION, runtime_status=status,
-            memory_utilization=memory_utilization(), cpu_utilization=self._cpu.utilization(),
+            memory_utilization=memory_utilization(), cpu_utilization=self.cpu_utilization(),
             disk_utilization=disk_utilization(str(self._state)))
 
     async def ListActions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -295,6 +295,10 @@ class Agent:
         if newest_first:
             out.reverse()
         return out[:limit] if limit > 0 else out
+
+    def cpu_utilization(self) -> float:
+        """The machine's CPU utilization in percent, since the previous reading (HealthCheck's and heartbeats')."""
+        return self._cpu.utilization()
 
     def workloads(self) -> list[Workload]:
         return [self._w[k] for k in sorted(self._w)]

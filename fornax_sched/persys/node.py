@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc
 
 from . import protos
-from .agent import Agent, Host
+from .agent import Agent
+from .register import Facts, Registrar
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 class PersysConfig:
     listen: str  # HOST:PORT of AgentService
     reconcile: float = 10.0  # seconds between reconcile passes (0: none)
+    scheduler: str | None = None  # HOST:PORT of an AgentControl to register with
+    advertise: str | None = None  # the grpc_endpoint it should dial, if not the listen address
 
 
 def split_hostport(text: str) -> tuple[str, int]:
@@ -34,11 +37,22 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 
 class PersysSide:
-    def __init__(self, host: Host, state: Path, cfg: PersysConfig) -> None:
-        split_hostport(cfg.listen)
+    def __init__(self, host: Facts, state: Path, cfg: PersysConfig) -> None:
+        """Checks the options (ValueError naming the one that is wrong); starts nothing."""
+        listen_host, _ = split_hostport(cfg.listen)
+        if cfg.scheduler is not None:
+            split_hostport(cfg.scheduler)
+            if cfg.advertise is not None:
+                split_hostport(cfg.advertise)
+            elif listen_host in ("0.0.0.0", "::", ""):
+                raise ValueError(f"--persys {cfg.listen} is every address, which a scheduler cannot dial: "
+                                 f"give --persys-advertise HOST:PORT")
         self.cfg = cfg
+        self.host = host
+        self.state = state
         self.agent = Agent(host, state, reconcile_every=cfg.reconcile)
         self.server: grpc.aio.Server | None = None
+        self.registrar: Registrar | None = None
         self.address = cfg.listen  # with the real port once listening
 
     async def start(self) -> None:
@@ -59,8 +73,14 @@ class PersysSide:
         self.server = server
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info("persys AgentService on %s", self.address)
+        if self.cfg.scheduler is not None:
+            self.registrar = Registrar(self.agent, self.host, self.cfg.scheduler, self.cfg.advertise or self.address,
+                                       state=str(self.state))
+            await self.registrar.start()
 
     async def stop(self) -> None:
+        if self.registrar is not None:
+            await self.registrar.stop()
         if self.server is not None:
             await self.server.stop(1.0)
         await self.agent.close()
