@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register with this Persys AgentControl (RegisterNode, then Heartbeat)")
     s.add_argument("--persys-advertise", default=None, metavar="HOST:PORT",
                    help="the AgentService address the scheduler should dial, if not --persys")
+    s.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="CA of the Persys mTLS (PEM), with --tls-cert and --tls-key")
+    s.add_argument("--tls-cert", default=None, metavar="FILE", help="this node's certificate for Persys mTLS (PEM)")
+    s.add_argument("--tls-key", default=None, metavar="FILE", help="its private key (PEM)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow plain gRPC (no --tls-*) off loopback")
     return p
 
 
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.persys:
+        from ..persys import tls
         from ..persys.node import PersysConfig, split_hostport
 
         for opt, value in (("--persys", args.persys), ("--persys-scheduler", args.persys_scheduler),
@@ -106,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 print(f"fornax-node: {opt}: {e}", file=sys.stderr)
                 return 2
+        try:
+            files = tls.load(args.tls_ca, args.tls_cert, args.tls_key)
+        except tls.TLSError as e:
+            print(f"fornax-node: {e}", file=sys.stderr)
+            return 2
         persys = PersysConfig(listen=args.persys, reconcile=args.persys_reconcile, scheduler=args.persys_scheduler,
-                              advertise=args.persys_advertise)
+                              advertise=args.persys_advertise, tls=files, insecure=args.insecure)
     cfg = NodeConfig(
         name=args.name, listen=args.listen, images=args.images, state=state, cpus=args.cpus, mem=args.mem,
         labels=args.labels, gossip=args.gossip, peers=args.peers, broadcast=broadcast, interval=args.interval,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from . import protos
+from . import protos, tls
 from .agent import Agent
 from .register import Facts, Registrar
 
@@ -26,6 +26,8 @@ class PersysConfig:
     reconcile: float = 10.0  # seconds between reconcile passes (0: none)
     scheduler: str | None = None  # HOST:PORT of an AgentControl to register with
     advertise: str | None = None  # the grpc_endpoint it should dial, if not the listen address
+    tls: tls.TLSFiles | None = None  # mTLS for both the served AgentService and the calls to the scheduler
+    insecure: bool = False  # plain gRPC allowed off loopback
 
 
 def split_hostport(text: str) -> tuple[str, int]:
@@ -40,8 +42,12 @@ class PersysSide:
     def __init__(self, host: Facts, state: Path, cfg: PersysConfig) -> None:
         """Checks the options (ValueError naming the one that is wrong); starts nothing."""
         listen_host, _ = split_hostport(cfg.listen)
+        if cfg.tls is None:
+            tls.check_plain(f"--persys {cfg.listen}", listen_host, cfg.insecure)
         if cfg.scheduler is not None:
-            split_hostport(cfg.scheduler)
+            scheduler_host, _ = split_hostport(cfg.scheduler)
+            if cfg.tls is None:
+                tls.check_plain(f"--persys-scheduler {cfg.scheduler}", scheduler_host, cfg.insecure)
             if cfg.advertise is not None:
                 split_hostport(cfg.advertise)
             elif listen_host in ("0.0.0.0", "::", ""):
@@ -61,7 +67,10 @@ class PersysSide:
         server.add_generic_rpc_handlers((protos.handler(protos.agent().service("AgentService"), self.agent),))
         host, _ = split_hostport(self.cfg.listen)
         try:
-            port = server.add_insecure_port(self.cfg.listen)
+            if self.cfg.tls is not None:
+                port = server.add_secure_port(self.cfg.listen, tls.server_credentials(self.cfg.tls))
+            else:
+                port = server.add_insecure_port(self.cfg.listen)
         except RuntimeError as e:
             port, why = 0, str(e)
         else:
@@ -72,10 +81,11 @@ class PersysSide:
         await server.start()
         self.server = server
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        log.info("persys AgentService on %s", self.address)
+        log.info("persys AgentService on %s (%s)", self.address, "mTLS" if self.cfg.tls else "plain")
         if self.cfg.scheduler is not None:
             self.registrar = Registrar(self.agent, self.host, self.cfg.scheduler, self.cfg.advertise or self.address,
-                                       state=str(self.state))
+                                       state=str(self.state),
+                                       credentials=tls.channel_credentials(self.cfg.tls) if self.cfg.tls else None)
             await self.registrar.start()
 
     async def stop(self) -> None:

@@ -135,7 +135,7 @@ def test_a_scheduler_away_is_retried_with_growing_waits(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, why", [
     (["--persys-scheduler", "127.0.0.1:1"], "--persys-scheduler needs --persys"),
-    (["--persys", "0.0.0.0:0", "--persys-scheduler", "127.0.0.1:1"], "give --persys-advertise"),
+    (["--persys", "0.0.0.0:0", "--persys-scheduler", "127.0.0.1:1", "--insecure"], "give --persys-advertise"),
     (["--persys", "nonsense"], "--persys: bad address 'nonsense'"),
 ])
 def test_bad_persys_options_are_refused_at_start(tmp_path: Path, args: list[str], why: str) -> None:
