@@ -157,6 +157,7 @@ class Agent:
         self._last_ns = 0
         self._cpu = CpuSampler()
         self._loop_task: asyncio.Task[None] | None = None
+        self._images: tuple[float, list[str]] = (-1.0, [])  # (when listed, monotonic; the names)
 
     # ------------------------------------------------------------ life
     async def start(self) -> None:
@@ -261,7 +262,7 @@ class Agent:
         A = protos.agent()
         if not self.runtime.backend:
             container = "unhealthy: the container runtime is not running"
-        elif not self.runtime.images():
+        elif not self._runnable_images():
             container = "unhealthy: no runnable images on this node"
         else:
             container = "healthy"
@@ -380,7 +381,7 @@ class Agent:
     def _check_runnable(self, spec: Spec) -> None:
         """What the runtime would refuse, refused now (in the reply) rather than as a failed task."""
         wid = spec.name
-        images = self.runtime.images()
+        images = self._runnable_images()
         if spec.image not in images:
             raise SpecError(f"workload {wid}: unknown image {spec.image!r} (images on node {self.host.name}: "
                             f"{', '.join(images) or 'none'})")
@@ -397,6 +398,15 @@ class Agent:
         if spec.cpus and not 0.01 <= spec.cpus <= 1024:
             raise SpecError(f"workload {wid}: resources cpu_shares {convert.shares_of_cpus(spec.cpus)} is "
                             f"{spec.cpus:g} CPUs: want 0.01 to 1024 CPUs (10 to 1048576 shares)")
+
+    def _runnable_images(self) -> list[str]:
+        """The runtime's images, listed again at most once a second (each listing checks every image's command)."""
+        at, names = self._images
+        now = time.monotonic()
+        if at < 0 or now - at >= 1.0 or not names:
+            names = self.runtime.images()
+            self._images = (now, names)
+        return names
 
     @staticmethod
     def _labels(spec: Spec) -> dict[str, str]:
