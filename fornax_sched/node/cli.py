@@ -70,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL at stop (default 5)")
     s.add_argument("--writers", default="", help="users besides the owner who may write ctl files, comma-separated")
     s.add_argument("--advertise", default=None, help="9P address peers should dial, if not --listen")
+    s.add_argument("--persys", default=None, metavar="HOST:PORT",
+                   help="also serve Persys' AgentService over gRPC there (see persys-agent(8))")
+    s.add_argument("--persys-reconcile", type=float, default=10.0, metavar="S",
+                   help="seconds between the agent's reconcile passes, 0 for none (default 10)")
+    s.add_argument("--persys-scheduler", default=None, metavar="HOST:PORT",
+                   help="register with this Persys AgentControl (RegisterNode, then Heartbeat)")
+    s.add_argument("--persys-advertise", default=None, metavar="HOST:PORT",
+                   help="the AgentService address the scheduler should dial, if not --persys")
+    s.add_argument("--tls-ca", default=None, metavar="FILE",
+                   help="CA of the Persys mTLS (PEM), with --tls-cert and --tls-key")
+    s.add_argument("--tls-cert", default=None, metavar="FILE", help="this node's certificate for Persys mTLS (PEM)")
+    s.add_argument("--tls-key", default=None, metavar="FILE", help="its private key (PEM)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow plain gRPC (no --tls-*) off loopback")
     return p
 
 
@@ -82,11 +96,36 @@ def main(argv: list[str] | None = None) -> int:
     else:
         broadcast = None if args.broadcast == "off" else args.broadcast
     state = args.state or Path.home() / ".local/state/fornax-node" / args.name
+    persys = None
+    if args.persys_scheduler and not args.persys:
+        print("fornax-node: --persys-scheduler needs --persys HOST:PORT (the AgentService it registers)",
+              file=sys.stderr)
+        return 2
+    if args.persys:
+        from ..persys import tls
+        from ..persys.node import PersysConfig, split_hostport
+
+        for opt, value in (("--persys", args.persys), ("--persys-scheduler", args.persys_scheduler),
+                           ("--persys-advertise", args.persys_advertise)):
+            try:
+                if value is not None:
+                    split_hostport(value)
+            except ValueError as e:
+                print(f"fornax-node: {opt}: {e}", file=sys.stderr)
+                return 2
+        try:
+            files = tls.load(args.tls_ca, args.tls_cert, args.tls_key)
+        except tls.TLSError as e:
+            print(f"fornax-node: {e}", file=sys.stderr)
+            return 2
+        persys = PersysConfig(listen=args.persys, reconcile=args.persys_reconcile, scheduler=args.persys_scheduler,
+                              advertise=args.persys_advertise, tls=files, insecure=args.insecure)
     cfg = NodeConfig(
         name=args.name, listen=args.listen, images=args.images, state=state, cpus=args.cpus, mem=args.mem,
         labels=args.labels, gossip=args.gossip, peers=args.peers, broadcast=broadcast, interval=args.interval,
         suspect_after=args.suspect, dead_after=args.dead, remove_after=args.remove,
         writers=[w for w in args.writers.split(",") if w], grace=args.grace, advertise=args.advertise,
+        persys=persys,
     )
     try:
         asyncio.run(serve_forever(cfg))

@@ -16,6 +16,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..fs.errors import P9Error
 from ..fs.server import Server
@@ -25,6 +26,9 @@ from . import ctl as ctlparse
 from . import tree
 from .gossip import Gossip, SelfInfo
 from .runtime import Container, ContainerError, Runtime, format_size
+
+if TYPE_CHECKING:
+    from ..persys.node import PersysSide
 
 log = logging.getLogger("fornax_sched.node")
 
@@ -48,6 +52,7 @@ class NodeConfig:
     writers: list[str] = field(default_factory=list)
     grace: float = 5.0
     advertise: str | None = None  # the 9P address peers should dial, if not the listen one
+    persys: Any = None  # a persys.node.PersysConfig: also serve Persys' AgentService
 
 
 def machine_memory() -> int:
@@ -80,6 +85,11 @@ class NodeDaemon:
         writers = frozenset({self.owner, *cfg.writers})
         self.server = Server(tree.build(self), groups={tree.WRITERS: writers})
         self.joined = True
+        self.persys: PersysSide | None = None
+        if cfg.persys is not None:
+            from ..persys.node import PersysSide  # (grpc is imported only by nodes that serve it)
+
+            self.persys = PersysSide(self, cfg.state, cfg.persys)
         self._save_identity()
 
     # ------------------------------------------------------------ life
@@ -90,6 +100,8 @@ class NodeDaemon:
         if self.cfg.advertise is None:
             self.addr = str(listener.address)
         await self.gossip.start()
+        if self.persys is not None:  # after the runtime's fork server: grpc starts threads
+            await self.persys.start()
         self._save_identity()
         (self.cfg.state / "pid").write_text(f"{os.getpid()}\n")  # for scripts that play machine failure
         log.info("node %s (%s) serving %s, gossip on port %d", self.name, self.id, self.addr, self.gossip.port)
@@ -97,6 +109,8 @@ class NodeDaemon:
     async def stop(self) -> None:
         """Clean shutdown: say LEAVE, stop every container, close the server."""
         await self.gossip.stop()
+        if self.persys is not None:
+            await self.persys.stop()
         await self.runtime.shutdown()
         await self.server.close()
         (self.cfg.state / "pid").unlink(missing_ok=True)
@@ -263,5 +277,6 @@ class NodeDaemon:
 async def serve_forever(cfg: NodeConfig) -> None:
     node = NodeDaemon(cfg)
     await node.start()
-    await until_stopped(lambda: print(f"fornax-node {node.name} ({node.id}) serving {node.addr}", flush=True))
+    persys = f", persys {node.persys.address}" if node.persys is not None else ""
+    await until_stopped(lambda: print(f"fornax-node {node.name} ({node.id}) serving {node.addr}{persys}", flush=True))
     await node.stop()
