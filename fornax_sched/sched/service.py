@@ -263,9 +263,13 @@ class Scheduler:
                     batch.delete(table, key)
                 else:
                     batch.put(table, key, value)
-            batch.log = self._unsaved + lines
-            await self.store.apply(batch)
-            self._unsaved = []
+            saved, self._unsaved = self._unsaved, []  # (lines noted while this commits wait for the next)
+            batch.log = saved + lines
+            try:
+                await self.store.apply(batch)
+            except BaseException:
+                self._unsaved = saved + self._unsaved
+                raise
             self._store_error = ""
         rows = plan.rows()
         self.state.apply(rows)

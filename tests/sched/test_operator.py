@@ -115,8 +115,8 @@ def test_status_and_nodes_are_one_read_each(cluster: tuple[SchedProc, list[NodeP
 
 
 def test_the_log_reads_the_same_after_a_restart(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
-    """Every line keeps its time and its place: lines noted outside a plan (a node coming online, a
-    container that started) reach the store with a later commit, and once came back out of order."""
+    """Every line keeps its time: lines noted outside a plan (a node coming online, a container that
+    started) reach the store with a later commit, and once came back out of order, restamped."""
     sched, nodes = cluster
 
     async def before() -> list[str]:
@@ -135,7 +135,9 @@ def test_the_log_reads_the_same_after_a_restart(cluster: tuple[SchedProc, list[N
         return (await read(sched.addr, "cluster/scheduler/log")).splitlines()
 
     again = asyncio.run(after())
-    assert again[:len(lines)] == lines
+    # Every line is back with the time it was shown with, and the log reads in time order (live, a
+    # line noted while a commit is under way may show just before that commit's earlier-stamped lines).
+    assert not set(lines) - set(again), sorted(set(lines) - set(again))
     stamps = [line.split()[0] for line in again]
     assert stamps == sorted(stamps)
 
@@ -201,8 +203,7 @@ def test_a_crash_loop_restarts_with_backoff_then_moves_node(tmp_path: Path) -> N
             line = next(line for line in log.splitlines() if "loop: crash loop on" in line)
             assert "(3 restarts, last: exit code 3)" in line and f"placing it on {first}" not in line, line
             text = await read(sched.addr, "cluster/scheduler/placements/loop")
-            assert f"node={first} " not in text and f"moved from {first} after 3 restarts" in text or \
-                "restart " in text, text
+            assert f"node={first} " not in text and "restart=on-failure restarts=" in text, text
             once = await read(sched.addr, "cluster/scheduler/placements/once")
             assert "status=failed" in once and "exit code 3" in once
             assert "once: restart" not in log
