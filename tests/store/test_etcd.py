@@ -283,3 +283,29 @@ def test_operations_are_ordered_as_etcd_wants_them() -> None:
     assert [op for op in out if op.key == "c"] == [Put("c", "3")]
     assert Put("l/5", "x") not in out and Put("l/7", "y") in out
     assert Delete("l/", "l/7") in out and Delete("l/7\0", "l/9") in out
+
+
+def test_serve_keeps_its_state_in_etcd(etcd3: EtcdCluster, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """``fornax-sched serve --store etcd://...``: a place is in etcd, and a restarted serve has it."""
+    from ..sched.harness import SchedProc, ctl, placement
+
+    spec = etcd3.spec(unique_prefix(request))
+    sched = SchedProc(tmp_path / "state", [], extra=["--store", spec, "--sim-nodes", "3"]).start()
+    try:
+        out = run(ctl(sched.addr, "place hello name=web"), timeout=30)
+        assert out.startswith("web node=sim-"), out
+        assert sched.stop() == 0
+        sched.start()  # its leadership went with it: the new one starts at once
+        got = run(placement(sched.addr, "web"), timeout=30)
+        assert got["node"].startswith("sim-")
+    finally:
+        sched.stop()
+
+    async def check() -> None:
+        s = await open_store(spec, create=False)
+        try:
+            assert "web" in await s.load("placements")
+        finally:
+            await s.close()
+
+    run(check())

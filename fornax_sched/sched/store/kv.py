@@ -31,7 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .api import Batch, Conflict, Event, Item, LogLine, NotLeader, StoreError, check_table
+from .api import TABLES, Batch, Conflict, Event, Item, LogLine, NotLeader, StoreError, check_table
 
 FORMAT = 1
 IDENTITY = "i"
@@ -298,26 +298,58 @@ class KVStore:
         """A table's rows in key order, from one snapshot, ``size`` at a time."""
         check_table(table)
         head = f"t/{table}/"
-        end = prefix_end(head)
         async with self.kv.snapshot() as snap:
-            markers = await snap.read(_prefix("c/"))
-            staged = await self._staged(snap, markers)
-            if staged is None:  # cannot happen within one snapshot; be safe
-                staged = []
-            cursor = head + start
-            while True:
-                rows = await snap.read(Range(cursor, end, size))
-                if not rows and not staged:
-                    return
-                upto = prefix_end(rows[-1].key + "\0") if len(rows) == size else end
-                found = {r.key: r for r in rows}
-                _overlay(found, staged, cursor, upto)
-                items = [Item(k[len(head):], json.loads(r.value), r.revision) for k, r in sorted(found.items())]
-                if items:
-                    yield items
-                if len(rows) < size:
-                    return
-                cursor = rows[-1].key + "\0"
+            staged = await self._staged(snap, await snap.read(_prefix("c/"))) or []
+            async for rows in _rows_in(snap, staged, head + start, prefix_end(head), size):
+                yield [Item(r.key[len(head):], json.loads(r.value), r.revision) for r in rows]
+
+    async def dump(self, size: int = 5000) -> AsyncIterator[tuple[str, Any, Any]]:
+        """Everything the store holds, from one snapshot: ``("identity", revision, {...})`` first,
+        then ``(table, key, value)`` for every row, then ``("log", at, line)`` for every log line."""
+        async with self.kv.snapshot() as snap:
+            ident = await snap.read(Range(IDENTITY, IDENTITY + "\0", 1))
+            staged = await self._staged(snap, await snap.read(_prefix("c/"))) or []
+            yield "identity", snap.revision, json.loads(ident[0].value) if ident else {"cluster": self.cluster}
+            for table in TABLES:
+                head = f"t/{table}/"
+                async for rows in _rows_in(snap, staged, head, prefix_end(head), size):
+                    for r in rows:
+                        yield table, r.key[len(head):], json.loads(r.value)
+            async for rows in _rows_in(snap, staged, "l/", "l0", size):
+                for r in rows:
+                    try:
+                        d = json.loads(r.value)
+                        yield "log", float(d["at"]), str(d["line"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+
+    async def replace(self, rows: dict[str, dict[str, Any]], log: list[tuple[float, str]],
+                      identity: dict[str, Any]) -> int:
+        """Make the store hold exactly ``rows`` and ``log`` (an import), all or nothing; its revision.
+
+        Rows that are not in ``rows`` are deleted one by one (a range deleted in the same
+        transaction as puts inside it is something etcd refuses), and the log is numbered anew.
+        """
+        for table in rows:
+            check_table(table)
+        await self.recover()
+        gone: list[Put | Delete] = []
+        for table in TABLES:
+            async for items in self.scan(table):
+                gone += [Delete(_row_key(table, it.key)) for it in items if it.key not in rows.get(table, {})]
+        ops: list[Put | Delete] = [Put(IDENTITY, encode(identity)), *gone]
+        for table, values in rows.items():
+            ops += [Put(_row_key(table, k), encode(v)) for k, v in values.items()]
+        ops += [Put(_log_key(i + 1), encode({"at": at, "line": line[:LINE_MAX]})) for i, (at, line) in enumerate(log)]
+        ops.append(Delete(_log_key(len(log) + 1), "l0"))
+        rev = await self._commit_staged(ops, [], [])
+        if rev is None:
+            raise StoreError(f"the store {self.where} refused the import: nothing was written")
+        await self._roll_forward_pending()
+        self._log_next = len(log) + 1
+        self.cluster = str(identity.get("cluster", self.cluster))
+        self._revision = max(self._revision, rev)
+        return rev
 
     async def load(self, table: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -695,6 +727,25 @@ def _decode_ops(text: str) -> list[Put | Delete]:
     for enc in json.loads(text):
         out.append(Put(enc[1], enc[2], enc[3]) if enc[0] == "p" else Delete(enc[1], enc[2]))
     return out
+
+
+async def _rows_in(snap: Snapshot, staged: list[Put | Delete], lo: str, hi: str,
+                   size: int) -> AsyncIterator[list[Row]]:
+    """The rows of [lo, hi) in one snapshot, committed staged batches laid over them, ``size`` at a time."""
+    cursor = lo
+    while True:
+        rows = await snap.read(Range(cursor, hi, size))
+        if not rows and not staged:
+            return
+        upto = prefix_end(rows[-1].key + "\0") if len(rows) == size else hi
+        found = {r.key: r for r in rows}
+        _overlay(found, staged, cursor, upto)
+        out = [r for _, r in sorted(found.items())]
+        if out:
+            yield out
+        if len(rows) < size:
+            return
+        cursor = rows[-1].key + "\0"
 
 
 def _overlay(found: dict[str, Row], staged: list[Put | Delete], lo: str, hi: str) -> None:
