@@ -420,8 +420,9 @@ class EtcdKV:
             except grpc.aio.AioRpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    last = last or e
-                    continue
+                    raise StoreError(f"cannot {what} the store {self.where}: no member answered within "
+                                     f"{self.timeout:g}s ({_cause(last or e)})"
+                                     + ("" if retry else "; whether it was applied is unknown")) from None
                 if code == grpc.StatusCode.UNAVAILABLE and (retry or _unsent(e)):
                     last = e
                     await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
