@@ -29,7 +29,7 @@ KINDS: dict[str, dict[str, Any]] = {
     "etcd": {},
     "etcd-3": {"max_ops": 16},  # with a small limit, so that batches take the staged path here too
 }
-TTL = {"sqlite": 5.0, "sqlite-small": 5.0, "etcd": 2.0, "etcd-3": 2.0}  # a campaign's lease in the tests
+TTL = {"sqlite": 5.0, "sqlite-small": 5.0, "etcd": 3.0, "etcd-3": 3.0}  # a campaign's lease in the tests
 _prefixes = itertools.count(1)
 
 

@@ -333,7 +333,7 @@ def test_one_leader_at_a_time(opener: Opener, kind: str, spec: str) -> None:
         async def third() -> None:
             s = await opener()
             try:
-                lead = await asyncio.wait_for(s.campaign("scheduler", "me", 5, wait=True), TTL[kind] + 3)
+                lead = await asyncio.wait_for(s.campaign("scheduler", "me", 5, wait=True), TTL[kind] + 10)
                 assert lead.identity == "me" and not lead.lost.is_set()
                 assert "me" in (await s.leader("scheduler") or "")
                 await s.apply(Batch().put("meta", "led", True))
@@ -418,7 +418,7 @@ def test_a_writer_killed_mid_batch_leaves_all_or_nothing(opener: Opener, kind: s
                     if await snap.read(Range("c/", "c0")) or await snap.read(Range("s/", "s0")):
                         left_midway += 1
                 # a writer finishes what was left (on etcd, once the killed writer's lease has expired)
-                await asyncio.wait_for(s.campaign("scheduler", "checker", TTL[kind], wait=True), TTL[kind] + 5)
+                await asyncio.wait_for(s.campaign("scheduler", "checker", TTL[kind], wait=True), TTL[kind] + 10)
                 rows = await s.load("placements")
                 gens = {v["gen"] for v in rows.values()}
                 assert len(rows) == 120 and len(gens) == 1, gens

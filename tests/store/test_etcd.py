@@ -85,7 +85,7 @@ def test_one_member_of_three_killed_writes_and_watches_go_on(own3: EtcdCluster) 
             task = asyncio.create_task(follow())
             for i in range(20):
                 await s.apply(Batch().put("placements", f"a{i}", i))
-            own3.stop_member(0, kill=True)  # the member the client talks to first
+            own3.stop_member(own3.leader(), kill=True)  # the leader: the others elect another meanwhile
             for i in range(20):
                 await s.apply(Batch().put("placements", f"b{i}", i))
             assert len(await s.load("placements")) == 40
@@ -138,7 +138,7 @@ HOLDER = textwrap.dedent("""
     from fornax_sched.sched.store import Batch, NotLeader, open_store
     async def main():
         s = await open_store({spec!r})
-        await s.campaign("scheduler", "first", 1, wait=False)
+        await s.campaign("scheduler", "first", 3, wait=False)
         print("leading", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # paused meanwhile
         try:
@@ -170,13 +170,13 @@ def test_a_paused_leader_loses_its_lease_and_cannot_write(etcd1: EtcdCluster, re
             s = await open_store(spec)
             try:
                 with pytest.raises(StoreBusy, match=rf"pid {proc.pid}\b.*first"):
-                    await s.campaign("scheduler", "second", 1, wait=False)
-                waiting = asyncio.create_task(s.campaign("scheduler", "second", 1, wait=True))
+                    await s.campaign("scheduler", "second", 3, wait=False)
+                waiting = asyncio.create_task(s.campaign("scheduler", "second", 3, wait=True))
                 # past one lease's life the first still holds it (its keepalive runs), the second waits
-                done, _ = await asyncio.wait({waiting}, timeout=1.5)
+                done, _ = await asyncio.wait({waiting}, timeout=3.5)
                 assert not done
                 os.kill(proc.pid, signal.SIGSTOP)  # its keepalive pauses with it
-                lead = await asyncio.wait_for(waiting, 6)
+                lead = await asyncio.wait_for(waiting, 15)
                 assert "second" in (await s.leader("scheduler") or "")
                 os.kill(proc.pid, signal.SIGCONT)
                 proc.stdin.write("go\n")  # type: ignore[union-attr]

@@ -44,6 +44,7 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -61,9 +62,15 @@ T = TypeVar("T")
 
 DEFAULT_PREFIX = "fornax-sched"
 LOCKS = "h/"
+WRITES = "w/"  # w/CLIENT/SEQ: put by each write, so that a write whose answer was lost can be told applied
+OWN_OPS = 2  # operations of each Txn that are the store's own (that marker, and dropping older ones)
 OPTIONS: dict[str, Callable[[str], Any]] = {
     "timeout": float, "max_ops": int, "max_bytes": int, "keep": int, "compact_every": float,
 }
+# Asked of every call: a member that has no leader (an election under way) answers at once that it
+# has none, before it applies anything, so the call is sent again (to it or another member) until
+# a leader is elected, instead of waiting on a proposal that may or may not be applied.
+LEADER = (("hasleader", "true"),)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),  # a watch may catch up on many revisions at once
     ("grpc.max_send_message_length", -1),
@@ -128,7 +135,7 @@ class _Snapshot:
         req = rpc.RangeRequest(key=kv._k(r.start), range_end=kv._k(r.end), limit=r.limit, revision=self.revision,
                                sort_order=rpc.RangeRequest.DESCEND if r.reverse else rpc.RangeRequest.ASCEND,
                                sort_target=rpc.RangeRequest.KEY)
-        resp = await kv._call("read", lambda t: kv._kvstub.Range(req, timeout=t), retry=True)
+        resp = await kv._call("read", lambda t: kv._kvstub.Range(req, timeout=t, metadata=LEADER), retry=True)
         if not self.revision:
             self.revision = resp.header.revision
         n = len(kv.prefix_bytes)
@@ -165,7 +172,7 @@ class _Feed:
             if broken_since is not None and loop.time() - broken_since > kv.timeout:
                 raise StoreError(f"the watch of the store {kv.where} broke and could not be resumed within "
                                  f"{kv.timeout:g}s ({_cause(last)})")
-            call = kv._watchstub.Watch()
+            call = kv._watchstub.Watch(metadata=LEADER)
             self._call = call
             try:
                 await asyncio.wait_for(call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
@@ -308,14 +315,15 @@ class EtcdKV:
                  clock: Callable[[], float] = time.time) -> None:
         if not 0.05 <= timeout <= 600:
             raise StoreError(f"etcd store: timeout={timeout:g}: want 0.05 to 600 seconds")
-        if max_ops < 2 or max_bytes < 4096 or keep < 0 or compact_every <= 0:
-            raise StoreError("etcd store: want max_ops >= 2, max_bytes >= 4096, keep >= 0, compact_every > 0")
+        if max_ops < 2 + OWN_OPS or max_bytes < 4096 or keep < 0 or compact_every <= 0:
+            raise StoreError(f"etcd store: want max_ops >= {2 + OWN_OPS}, max_bytes >= 4096, keep >= 0, "
+                             "compact_every > 0")
         self.endpoints = endpoints
         self.prefix = prefix
         self.prefix_bytes = prefix.encode()
         self.where = "etcd://" + ",".join(f"{h}:{p}" for h, p in endpoints) + "/" + prefix.rstrip("/")
         self.timeout = timeout
-        self.max_ops = max_ops
+        self.max_ops = max_ops - OWN_OPS  # what a batch may use of etcd's limit
         self.max_bytes = max_bytes
         self.keep = keep
         self.compact_every = compact_every
@@ -328,6 +336,9 @@ class EtcdKV:
         self._feeds: set[_Feed] = set()
         self._holds: dict[str, _Hold] = {}
         self._compacted = 0
+        self._client = secrets.token_hex(6)
+        self._seq = 0
+        self._inflight: set[int] = set()
         self._compactor: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -395,6 +406,11 @@ class EtcdKV:
             await f.close()
         for h in list(self._holds.values()):
             await h.release()
+        if self._seq:  # this client's write markers
+            mine = f"{WRITES}{self._client}/"
+            req = rpc.TxnRequest(success=[self._op(Delete(mine, prefix_end(mine)))])
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._kvstub.Txn(req, timeout=self.timeout, metadata=LEADER)
         if self._channel is not None:
             await self._channel.close(grace=None)
 
@@ -449,25 +465,66 @@ class EtcdKV:
 
     # ------------------------------------------------------------ transactions
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> int | None:
+        """One etcd Txn.  It also puts a marker of its own, so that when its answer is lost (the
+        member or the leader went away during the call) it is sent again, and a second answer
+        that its compares failed is told apart from the first having been applied: the failure
+        branch reads the marker.  (Sending one again is safe: a batch's puts and deletes name
+        their keys and values, so applying it twice leaves what applying it once does.)"""
         guarded = [h for c in compares if (h := self._holds.get(c.key)) is not None
                    and h.guard is not None and h.guard.revision == c.revision]
+        self._seq += 1
+        seq = self._seq
+        self._inflight.add(seq)
+        mine = f"{WRITES}{self._client}/"
+        marker = f"{mine}{seq:012d}"
+        own: list[Put | Delete] = [Put(marker, ""), Delete(mine, f"{mine}{min(self._inflight):012d}")]
         req = rpc.TxnRequest(
             compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=self._k(c.key),
                                  mod_revision=c.revision) for c in compares],
-            success=[self._op(op) for op in _normalize(ops)],
+            success=[self._op(op) for op in _normalize(ops)] + [self._op(op) for op in own],
             failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=self._k(h.key), keys_only=True))
-                     for h in guarded])
-        resp = await self._send_txn("write", req)
+                     for h in guarded] + [rpc.RequestOp(request_range=rpc.RangeRequest(key=self._k(marker),
+                                                                                      keys_only=True))])
+        try:
+            resp = await self._write(req)
+        finally:
+            self._inflight.discard(seq)
         if resp.succeeded:
             return int(resp.header.revision)
+        applied = resp.responses[-1].response_range.kvs
+        if applied:  # an earlier sending was applied, and its answer lost
+            return int(applied[0].mod_revision)
         for h, r in zip(guarded, resp.responses, strict=False):  # did the guard fail, or another compare?
             kvs = r.response_range.kvs
             if h.guard is not None and (not kvs or kvs[0].mod_revision != h.guard.revision):
                 h._lose()
         return None
 
-    async def _send_txn(self, what: str, req: Any) -> Any:
-        return await self._call(what, lambda t: self._kvstub.Txn(req, timeout=t), retry=False)
+    async def _write(self, req: Any) -> Any:
+        """Send a Txn until it is answered, within ``timeout``: each sending may take a third of it."""
+        if self._closed or self._kvstub is None:
+            raise StoreError(f"the store {self.where} is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        each = max(self.timeout / 3, 0.5)
+        last: BaseException | None = None
+        sent = False
+        pause = 0.02
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise StoreError(f"cannot write the store {self.where}: no member answered within "
+                                 f"{self.timeout:g}s ({_cause(last)})"
+                                 + ("; whether it was applied is unknown" if sent else ""))
+            try:
+                return await self._kvstub.Txn(req, timeout=min(each, left), metadata=LEADER)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise self._error("write", e) from None
+                last = e
+                sent = sent or not _unsent(e)
+                await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                pause = min(pause * 2, 0.25)
 
     def _op(self, op: Put | Delete) -> Any:
         if isinstance(op, Put):
@@ -492,7 +549,8 @@ class EtcdKV:
     # ------------------------------------------------------------ leases
     async def grant(self, ttl: float) -> int:
         req = rpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)))
-        resp = await self._call("grant a lease in", lambda t: self._leasestub.LeaseGrant(req, timeout=t), retry=True)
+        resp = await self._call("grant a lease in",
+                                lambda t: self._leasestub.LeaseGrant(req, timeout=t, metadata=LEADER), retry=True)
         if resp.error:
             raise StoreError(f"the store {self.where} granted no lease: {resp.error}")
         return int(resp.ID)
@@ -502,7 +560,7 @@ class EtcdKV:
 
     async def _keepalive(self, lease: int, timeout: float) -> bool:
         async def once(t: float) -> Any:
-            call = self._leasestub.LeaseKeepAlive(timeout=t)
+            call = self._leasestub.LeaseKeepAlive(timeout=t, metadata=LEADER)
             try:
                 await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
                 return await call.read()
@@ -515,7 +573,8 @@ class EtcdKV:
     async def revoke(self, lease: int) -> None:
         req = rpc.LeaseRevokeRequest(ID=lease)
         try:
-            await self._call("revoke a lease in", lambda t: self._leasestub.LeaseRevoke(req, timeout=t), retry=True)
+            await self._call("revoke a lease in",
+                             lambda t: self._leasestub.LeaseRevoke(req, timeout=t, metadata=LEADER), retry=True)
         except StoreError as e:
             if "lease not found" not in str(e):
                 raise
@@ -539,12 +598,12 @@ class EtcdKV:
                     success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=text.encode(),
                                                                       lease=hold.lease))],
                     failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))])
-                resp = await self._send_txn("campaign in", req)
-                if resp.succeeded:
-                    hold.guard = Compare(hold.key, int(resp.header.revision))
+                resp = await self._write(req)
+                kvs = resp.responses[0].response_range.kvs if not resp.succeeded else []
+                if resp.succeeded or (kvs and kvs[0].lease == hold.lease):  # (ours: an earlier sending won)
+                    hold.guard = Compare(hold.key, int(kvs[0].mod_revision if kvs else resp.header.revision))
                     self._holds[hold.key] = hold
                     return hold
-                kvs = resp.responses[0].response_range.kvs
                 holder = kvs[0].value.decode(errors="replace") if kvs else "unknown"
                 if not wait:
                     raise StoreBusy(f"the store {self.where} is in use by another scheduler ({holder}); two "
@@ -581,7 +640,7 @@ class EtcdKV:
             return 0
         req = rpc.CompactionRequest(revision=target)
         try:
-            await self._call("compact", lambda t: self._kvstub.Compact(req, timeout=t), retry=True)
+            await self._call("compact", lambda t: self._kvstub.Compact(req, timeout=t, metadata=LEADER), retry=True)
         except Compacted:
             pass  # someone compacted further already
         self._compacted = target
