@@ -8,7 +8,11 @@ several clusters can share one etcd.  The mapping onto etcd:
 - a row's revision is etcd's ``mod_revision``; a compare is ``mod_revision ==
   N`` (0: the key does not exist), and a transaction is one etcd Txn, its
   operations ordered the way our primitive means them (a later operation on
-  a key wins) because etcd refuses a key twice in one Txn;
+  a key wins) because etcd refuses a key twice in one Txn; each Txn also
+  puts a marker ``w/CLIENT/SEQ`` so that one whose answer was lost is sent
+  again and answered rightly (two of ``max_ops`` are the marker's);
+- every call asks for a member with a leader (``hasleader``), so during an
+  election it is refused at once, before anything is applied, and sent again;
 - a snapshot pins the revision of its first read and reads every later
   range at it (``revision=``), so a long scan sees one state;
 - the feed is a watch of the prefix from a revision, its events grouped by
