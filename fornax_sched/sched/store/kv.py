@@ -399,7 +399,8 @@ class KVStore:
             raise StoreError(f"cannot store {big.key.split('/', 2)[-1]!r} in {self.where}: its value takes "
                              f"{max(sizes)} bytes, more than half a transaction ({self.max_bytes} bytes): "
                              "nothing was written")
-        size = sum(sizes) + sum(len(line[:LINE_MAX].encode()) + 64 for line in batch.log)
+        size = sum(sizes) + sum(len((line[1] if isinstance(line, tuple) else line)[:LINE_MAX].encode()) + 64
+                                for line in batch.log)
         loop = asyncio.get_running_loop()
         p = _Pending(batch, ops, compares, {op.key for op in ops}, loop.create_future(), size)
         self._queue.append(p)
