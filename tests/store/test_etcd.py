@@ -289,14 +289,14 @@ def test_serve_keeps_its_state_in_etcd(etcd3: EtcdCluster, tmp_path: Path, reque
     """``fornax-sched serve --store etcd://...``: a place is in etcd, and a restarted serve has it."""
     from ..sched.harness import SchedProc, ctl, placement
 
-    spec = etcd3.spec(unique_prefix(request))
+    spec = etcd3.spec(unique_prefix(request), timeout=10)  # a loaded machine may be slow to fsync
     sched = SchedProc(tmp_path / "state", [], extra=["--store", spec, "--sim-nodes", "3"]).start()
     try:
-        out = run(ctl(sched.addr, "place hello name=web"), timeout=30)
+        out = run(ctl(sched.addr, "place hello name=web"), timeout=60)
         assert out.startswith("web node=sim-"), out
         assert sched.stop() == 0
         sched.start()  # its leadership went with it: the new one starts at once
-        got = run(placement(sched.addr, "web"), timeout=30)
+        got = run(placement(sched.addr, "web"), timeout=60)
         assert got["node"].startswith("sim-")
     finally:
         sched.stop()
