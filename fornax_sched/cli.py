@@ -11,6 +11,7 @@ from . import up as up_mod
 from .fs import tool as ninep_tool
 from .policy import cli as policy_cli
 from .sched import serve as sched_serve
+from .sched import storecmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sched_serve.add_parser(sub)
     ninep_tool.add_parser(sub)
     policy_cli.add_parser(sub)
+    storecmd.add_parser(sub)
     return parser
 
 

@@ -38,7 +38,7 @@ class SchedConfig:
     node_timeout: float = 5.0
     policy_limits: Limits = field(default_factory=Limits)
     fresh: bool = False
-    store: str = ""  # a store URL (sqlite:PATH); "" is DIR/sched.db
+    store: str = ""  # a store URL (sqlite:PATH, etcd://HOST:PORT,.../PREFIX); "" is DIR/sched.db
     max_connections: int | None = None  # None: the file limit less a reserve
     idle_evict: float = 5.0  # a connection idle this long may be closed to let a newcomer in at the cap
     handshake_timeout: float = 60.0
@@ -110,7 +110,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--state", type=Path, default=None,
                    help="state directory (default ~/.local/state/fornax-sched/scheduler)")
     p.add_argument("--store", default="", metavar="URL",
-                   help="where the state lives: sqlite:PATH (default: DIR/sched.db of --state)")
+                   help="where the state lives: sqlite:PATH, or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] "
+                        "(default: DIR/sched.db of --state)")
     p.add_argument("--fresh", action="store_true",
                    help="start with a new, empty store; the old store file is kept aside (sched.db.replaced-TIME)")
     p.add_argument("--sim-nodes", type=int, default=0, metavar="N",

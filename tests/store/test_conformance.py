@@ -1,4 +1,4 @@
-"""The store conformance suite: what every store kind must do (SQLite now, etcd next)."""
+"""The store conformance suite: what every store kind must do (SQLite, etcd with one member and with three)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from fornax_sched.sched.store import Batch, Conflict, KVStore, StoreBusy
 
 from ..helpers import run
-from .conftest import KINDS, Opener
+from .conftest import KINDS, TTL, Opener
 
 
 def test_rows_round_trip_with_their_revisions(opener: Opener) -> None:
@@ -296,15 +296,14 @@ CAMPAIGN = textwrap.dedent("""
     from fornax_sched.sched.store import open_store
     async def main():
         s = await open_store({path!r}, **{kw!r})
-        await s.campaign("scheduler", "holder-process", 5, wait=False)
+        await s.campaign("scheduler", "holder-process", {ttl!r}, wait=False)
         print("leading", flush=True)
         await asyncio.sleep(3600)
     asyncio.run(main())
 """)
 
 
-def test_one_leader_at_a_time(opener: Opener, kind: str, tmp_path: Path) -> None:
-    path = str(tmp_path / "state" / "sched.db")
+def test_one_leader_at_a_time(opener: Opener, kind: str, spec: str) -> None:
 
     async def setup() -> None:
         s = await opener()
@@ -312,7 +311,8 @@ def test_one_leader_at_a_time(opener: Opener, kind: str, tmp_path: Path) -> None
 
     run(setup())
     root = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.Popen([sys.executable, "-c", CAMPAIGN.format(root=root, path=path, kw=KINDS[kind])],
+    proc = subprocess.Popen([sys.executable, "-c", CAMPAIGN.format(root=root, path=spec, kw=KINDS[kind],
+                                                                   ttl=TTL[kind])],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "leading"
@@ -327,13 +327,13 @@ def test_one_leader_at_a_time(opener: Opener, kind: str, tmp_path: Path) -> None
                 await s.close()
 
         run(second())
-        proc.send_signal(signal.SIGKILL)  # however the leader dies, its leadership ends with it
+        proc.send_signal(signal.SIGKILL)  # however the leader dies, its leadership ends with it (etcd: its lease)
         proc.wait(10)
 
         async def third() -> None:
             s = await opener()
             try:
-                lead = await s.campaign("scheduler", "me", 5, wait=False)
+                lead = await asyncio.wait_for(s.campaign("scheduler", "me", 5, wait=True), TTL[kind] + 10)
                 assert lead.identity == "me" and not lead.lost.is_set()
                 assert "me" in (await s.leader("scheduler") or "")
                 await s.apply(Batch().put("meta", "led", True))
@@ -354,7 +354,7 @@ WRITER = textwrap.dedent("""
     from fornax_sched.sched.store import Batch, open_store
     async def main():
         s = await open_store({path!r}, **{kw!r})
-        await s.campaign("scheduler", "writer", 5, wait=False)
+        await asyncio.wait_for(s.campaign("scheduler", "writer", {ttl!r}, wait=True), {ttl!r} + 5)
         txn = s.kv.txn
         async def told(compares, ops):  # say "t" before each transaction: the test kills between two
             print("t", flush=True)
@@ -375,9 +375,8 @@ WRITER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_a_writer_killed_mid_batch_leaves_all_or_nothing(opener: Opener, kind: str, tmp_path: Path) -> None:
+def test_a_writer_killed_mid_batch_leaves_all_or_nothing(opener: Opener, kind: str, spec: str) -> None:
     """kill -9 of a writer at random moments of large commits: each reopen sees whole generations only."""
-    path = str(tmp_path / "state" / "sched.db")
 
     async def setup() -> None:
         s = await opener()
@@ -389,7 +388,8 @@ def test_a_writer_killed_mid_batch_leaves_all_or_nothing(opener: Opener, kind: s
     acked = 0
     left_midway = 0  # runs killed with a batch staged or committed but not rolled forward
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, path=path, kw=KINDS[kind])],
+        proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, path=spec, kw=KINDS[kind],
+                                                                     ttl=TTL[kind])],
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None
@@ -417,7 +417,8 @@ def test_a_writer_killed_mid_batch_leaves_all_or_nothing(opener: Opener, kind: s
 
                     if await snap.read(Range("c/", "c0")) or await snap.read(Range("s/", "s0")):
                         left_midway += 1
-                await s.campaign("scheduler", "checker", 5, wait=False)  # a writer finishes what was left
+                # a writer finishes what was left (on etcd, once the killed writer's lease has expired)
+                await asyncio.wait_for(s.campaign("scheduler", "checker", TTL[kind], wait=True), TTL[kind] + 10)
                 rows = await s.load("placements")
                 gens = {v["gen"] for v in rows.values()}
                 assert len(rows) == 120 and len(gens) == 1, gens

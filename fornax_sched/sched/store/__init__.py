@@ -1,6 +1,7 @@
 """Where the scheduler's state lives: a store, chosen by a URL, behind one interface.
 
     store = await open_store("sqlite:/var/lib/fornax/sched.db")   # or a plain path
+    store = await open_store("etcd://10.0.0.1:2379,10.0.0.2:2379/cluster-a")
     rev = await store.apply(Batch().put("placements", "web-1", {...}))
 
 Kinds register here (``KINDS``); each implements the KV primitive of
@@ -16,12 +17,26 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .api import TABLES, Batch, Conflict, Event, Item, Leadership, Lease, NotLeader, Store, StoreBusy, StoreError, Watch
+from .api import (
+    TABLES,
+    Batch,
+    Compacted,
+    Conflict,
+    Event,
+    Item,
+    Leadership,
+    Lease,
+    NotLeader,
+    Store,
+    StoreBusy,
+    StoreError,
+    Watch,
+)
 from .kv import KV, KVStore
 from .sqlite import SqliteKV
 
 __all__ = [
-    "KINDS", "TABLES", "Batch", "Conflict", "Event", "Item", "KVStore", "Leadership", "Lease", "NotLeader",
+    "KINDS", "TABLES", "Batch", "Compacted", "Conflict", "Event", "Item", "KVStore", "Leadership", "Lease", "NotLeader",
     "Store", "StoreBusy", "StoreError", "Watch", "open_kv", "open_store",
 ]
 
@@ -30,7 +45,13 @@ async def _sqlite(where: str, *, create: bool, fresh: bool, clock: Callable[[], 
     return await SqliteKV.open(Path(where), create=create, fresh=fresh, clock=clock, **kw)
 
 
-KINDS: dict[str, Callable[..., Awaitable[KV]]] = {"sqlite": _sqlite}
+async def _etcd(where: str, *, create: bool, fresh: bool, clock: Callable[[], float], **kw: Any) -> KV:
+    from .etcd import EtcdKV  # gRPC is loaded only by those who use etcd
+
+    return await EtcdKV.open(where, create=create, fresh=fresh, clock=clock, **kw)
+
+
+KINDS: dict[str, Callable[..., Awaitable[KV]]] = {"sqlite": _sqlite, "etcd": _etcd}
 
 
 def parse(spec: str) -> tuple[str, str]:

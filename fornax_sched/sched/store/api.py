@@ -11,7 +11,8 @@ batch of a leader is guarded by its leadership, so a deposed leader cannot
 commit.
 
 Nothing here does I/O; see ``kv.KVStore`` for the implementation shared by
-every store kind and ``sqlite`` for the embedded one.
+every store kind, ``sqlite`` for the embedded one and ``etcd`` for the
+replicated one.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ TABLES = ("placements", "nodes", "meta", "policies")
 
 class StoreError(Exception):
     """The store cannot be reached, read or written: the message says which store and why."""
+
+
+class Compacted(StoreError):
+    """A watch asked for changes the store no longer keeps: read the state again, then watch from its revision."""
+
+    def __init__(self, message: str, compacted: int = 0) -> None:
+        super().__init__(message)
+        self.compacted = compacted  # the oldest revision still kept, when the store said
 
 
 class Conflict(StoreError):

@@ -7,7 +7,7 @@ it, so that every kind behaves the same and passes one conformance suite:
 
 - tables and the log as key ranges (``t/TABLE/KEY``, ``l/SEQ``);
 - commits from concurrent writers grouped into one transaction;
-- batches larger than the kind's transaction limit committed in steps that
+- batches larger than the kind's transaction limits (operations and bytes) committed in steps that
   are still all or nothing: the operations are staged under ``s/ID/`` (which
   no reader looks at), one small transaction then writes the commit marker
   ``c/ID`` (under the batch's conditions: the commit point), and the
@@ -31,7 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .api import Batch, Conflict, Event, Item, LogLine, NotLeader, StoreError, check_table
+from .api import TABLES, Batch, Conflict, Event, Item, LogLine, NotLeader, StoreError, check_table
 
 FORMAT = 1
 IDENTITY = "i"
@@ -113,7 +113,8 @@ class Hold(Protocol):
 class KV(Protocol):
     kind: str
     where: str
-    max_ops: int
+    max_ops: int  # operations one transaction may hold
+    max_bytes: int  # bytes of keys and values one transaction may hold
     created: bool  # the store did not exist before this open
 
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> int | None:
@@ -152,6 +153,13 @@ def _row_key(table: str, key: str) -> str:
 
 def _log_key(seq: int) -> str:
     return f"l/{seq:016d}"
+
+
+def _size(op: Put | Delete) -> int:
+    """Bytes an operation takes in a transaction (keys and values as UTF-8, and a little framing)."""
+    if isinstance(op, Put):
+        return len(op.key.encode()) + len(op.value.encode()) + 16
+    return len(op.key.encode()) + len(op.end.encode()) + 16
 
 
 def encode(value: Any) -> str:
@@ -197,6 +205,7 @@ class _Pending:
     compares: list[Compare]
     writes: set[str]  # keys it writes
     future: asyncio.Future[int]
+    size: int = 0  # bytes of its operations and log lines
 
 
 class KVStore:
@@ -208,6 +217,8 @@ class KVStore:
         self.kind = kv.kind
         self.where = kv.where
         self.max_ops = kv.max_ops
+        self.max_bytes = getattr(kv, "max_bytes", 1 << 62)
+        self._chunk = max(1024, min(CHUNK, self.max_bytes // 4))  # bytes of staged operations per key
         self.cluster = cluster
         self.clock = clock
         self.log_keep = log_keep
@@ -287,26 +298,58 @@ class KVStore:
         """A table's rows in key order, from one snapshot, ``size`` at a time."""
         check_table(table)
         head = f"t/{table}/"
-        end = prefix_end(head)
         async with self.kv.snapshot() as snap:
-            markers = await snap.read(_prefix("c/"))
-            staged = await self._staged(snap, markers)
-            if staged is None:  # cannot happen within one snapshot; be safe
-                staged = []
-            cursor = head + start
-            while True:
-                rows = await snap.read(Range(cursor, end, size))
-                if not rows and not staged:
-                    return
-                upto = prefix_end(rows[-1].key + "\0") if len(rows) == size else end
-                found = {r.key: r for r in rows}
-                _overlay(found, staged, cursor, upto)
-                items = [Item(k[len(head):], json.loads(r.value), r.revision) for k, r in sorted(found.items())]
-                if items:
-                    yield items
-                if len(rows) < size:
-                    return
-                cursor = rows[-1].key + "\0"
+            staged = await self._staged(snap, await snap.read(_prefix("c/"))) or []
+            async for rows in _rows_in(snap, staged, head + start, prefix_end(head), size):
+                yield [Item(r.key[len(head):], json.loads(r.value), r.revision) for r in rows]
+
+    async def dump(self, size: int = 5000) -> AsyncIterator[tuple[str, Any, Any]]:
+        """Everything the store holds, from one snapshot: ``("identity", revision, {...})`` first,
+        then ``(table, key, value)`` for every row, then ``("log", at, line)`` for every log line."""
+        async with self.kv.snapshot() as snap:
+            ident = await snap.read(Range(IDENTITY, IDENTITY + "\0", 1))
+            staged = await self._staged(snap, await snap.read(_prefix("c/"))) or []
+            yield "identity", snap.revision, json.loads(ident[0].value) if ident else {"cluster": self.cluster}
+            for table in TABLES:
+                head = f"t/{table}/"
+                async for rows in _rows_in(snap, staged, head, prefix_end(head), size):
+                    for r in rows:
+                        yield table, r.key[len(head):], json.loads(r.value)
+            async for rows in _rows_in(snap, staged, "l/", "l0", size):
+                for r in rows:
+                    try:
+                        d = json.loads(r.value)
+                        yield "log", float(d["at"]), str(d["line"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+
+    async def replace(self, rows: dict[str, dict[str, Any]], log: list[tuple[float, str]],
+                      identity: dict[str, Any]) -> int:
+        """Make the store hold exactly ``rows`` and ``log`` (an import), all or nothing; its revision.
+
+        Rows that are not in ``rows`` are deleted one by one (a range deleted in the same
+        transaction as puts inside it is something etcd refuses), and the log is numbered anew.
+        """
+        for table in rows:
+            check_table(table)
+        await self.recover()
+        gone: list[Put | Delete] = []
+        for table in TABLES:
+            async for items in self.scan(table):
+                gone += [Delete(_row_key(table, it.key)) for it in items if it.key not in rows.get(table, {})]
+        ops: list[Put | Delete] = [Put(IDENTITY, encode(identity)), *gone]
+        for table, values in rows.items():
+            ops += [Put(_row_key(table, k), encode(v)) for k, v in values.items()]
+        ops += [Put(_log_key(i + 1), encode({"at": at, "line": line[:LINE_MAX]})) for i, (at, line) in enumerate(log)]
+        ops.append(Delete(_log_key(len(log) + 1), "l0"))
+        rev = await self._commit_staged(ops, [], [])
+        if rev is None:
+            raise StoreError(f"the store {self.where} refused the import: nothing was written")
+        await self._roll_forward_pending()
+        self._log_next = len(log) + 1
+        self.cluster = str(identity.get("cluster", self.cluster))
+        self._revision = max(self._revision, rev)
+        return rev
 
     async def load(self, table: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -350,8 +393,16 @@ class KVStore:
         ops: list[Put | Delete] = [Put(_row_key(t, k), encode(v), lease) for t, k, v, lease in batch.puts]
         ops += [Delete(_row_key(t, k)) for t, k in batch.deletes]
         compares = [Compare(_row_key(t, k), rev) for t, k, rev in batch.requires]
+        sizes = [_size(op) for op in ops]
+        if sizes and max(sizes) > self.max_bytes // 2:
+            big = ops[sizes.index(max(sizes))]
+            raise StoreError(f"cannot store {big.key.split('/', 2)[-1]!r} in {self.where}: its value takes "
+                             f"{max(sizes)} bytes, more than half a transaction ({self.max_bytes} bytes): "
+                             "nothing was written")
+        size = sum(sizes) + sum(len((line[1] if isinstance(line, tuple) else line)[:LINE_MAX].encode()) + 64
+                                for line in batch.log)
         loop = asyncio.get_running_loop()
-        p = _Pending(batch, ops, compares, {op.key for op in ops}, loop.create_future())
+        p = _Pending(batch, ops, compares, {op.key for op in ops}, loop.create_future(), size)
         self._queue.append(p)
         if self._committer is None or self._committer.done():
             self._committer = loop.create_task(self._commit_all(), name="store-commit")
@@ -388,21 +439,28 @@ class KVStore:
         first = self._queue.pop(0)
         group = [first]
         ops = self._ops_of(first)
+        size = first.size
         written = set(first.writes)
         while self._queue:
             nxt = self._queue[0]
             n = self._ops_of(nxt)
-            if ops + n > self.max_ops or any(c.key in written for c in nxt.compares):
+            if ops + n > self.max_ops or size + nxt.size > self.max_bytes or any(c.key in written
+                                                                                 for c in nxt.compares):
                 break
             self._queue.pop(0)
             group.append(nxt)
             ops += n
+            size += nxt.size
             written |= nxt.writes
         return group
 
     @staticmethod
     def _ops_of(p: _Pending) -> int:
         return len(p.ops) + len(p.batch.log) + (1 if p.batch.log else 0)
+
+    def _too_big(self, p: _Pending) -> bool:
+        """Too large for one transaction: committed in steps."""
+        return self._ops_of(p) > self.max_ops or p.size > self.max_bytes
 
     def _guard(self) -> list[Compare]:
         hold = self._hold
@@ -440,7 +498,8 @@ class KVStore:
 
     async def _commit_one(self, p: _Pending) -> None:
         lines = p.batch.log
-        if self._ops_of(p) > self.max_ops:  # too large for one transaction: in steps
+        staged = self._too_big(p)
+        if staged:
             rev = await self._commit_staged(p.ops, lines, p.compares)
         else:
             rev = await self.kv.txn(self._guard() + p.compares, p.ops + self._log_ops(lines, self.clock(),
@@ -452,7 +511,7 @@ class KVStore:
                 p.future.set_exception(Conflict(f"a row this change depends on changed meanwhile "
                                                 f"({_keys(p.compares)}): nothing was written"))
             return
-        self._committed(rev, len(lines) if self._ops_of(p) <= self.max_ops else 0, [p])
+        self._committed(rev, 0 if staged else len(lines), [p])
 
     def _committed(self, rev: int, lines: int, group: list[_Pending]) -> None:
         self._log_next += lines
@@ -466,11 +525,11 @@ class KVStore:
         """Stage, commit with one small transaction, then roll forward; None if a condition failed."""
         bid = f"{int(self.clock() * 1000):013d}-{secrets.token_hex(4)}"
         everything = ops + self._log_ops(lines, self.clock(), self._log_next)
-        chunks = _chunks(everything)
-        stage = [Put(f"s/{bid}/{i:06d}", text) for i, text in enumerate(chunks)]
+        chunks = _chunks(everything, self._chunk)
+        stage: list[Put | Delete] = [Put(f"s/{bid}/{i:06d}", text) for i, text in enumerate(chunks)]
         drop = Delete(f"s/{bid}/", prefix_end(f"s/{bid}/"))
-        for i in range(0, len(stage), self.max_ops):
-            if await self.kv.txn([], stage[i:i + self.max_ops]) is None:
+        for piece in self._pieces(stage, self.max_ops, self.max_bytes):
+            if await self.kv.txn([], piece) is None:
                 raise StoreError(f"the store {self.where} refused to stage a batch")
         try:
             rev = await self.kv.txn(self._guard() + compares, [Put(f"c/{bid}", encode({"chunks": len(chunks)}))])
@@ -495,13 +554,31 @@ class KVStore:
             await self._roll_forward(bid, ops)
             self._unrolled.pop(0)
 
+    @staticmethod
+    def _pieces(ops: list[Put | Delete], count: int, size: int) -> list[list[Put | Delete]]:
+        """``ops`` in order, in pieces of at most ``count`` operations and about ``size`` bytes."""
+        out: list[list[Put | Delete]] = []
+        cur: list[Put | Delete] = []
+        n = 0
+        for op in ops:
+            b = _size(op)
+            if cur and (len(cur) >= count or n + b > size):
+                out.append(cur)
+                cur, n = [], 0
+            cur.append(op)
+            n += b
+        if cur:
+            out.append(cur)
+        return out
+
     async def _roll_forward(self, bid: str, ops: list[Put | Delete]) -> None:
-        step = max(1, self.max_ops - 1)
         marker = f"c/{bid}"
-        chunks = len(_chunks(ops))
-        for i in range(0, len(ops), step):
-            progress = Put(marker, encode({"chunks": chunks, "done": i + step}))
-            rev = await self.kv.txn(self._guard(), ops[i:i + step] + [progress])
+        chunks = len(_chunks(ops, self._chunk))
+        done = 0
+        for piece in self._pieces(ops, max(1, self.max_ops - 1), self.max_bytes - 256):
+            done += len(piece)
+            progress = Put(marker, encode({"chunks": chunks, "done": done}))
+            rev = await self.kv.txn(self._guard(), piece + [progress])
             if rev is None:
                 raise self._deposed()
             self._revision = max(self._revision, rev)
@@ -628,15 +705,15 @@ class _Watch:
 # ---------------------------------------------------------------- staged operations
 
 
-def _chunks(ops: list[Put | Delete]) -> list[str]:
-    """Operations as JSON texts of at most about CHUNK bytes each."""
+def _chunks(ops: list[Put | Delete], limit: int = CHUNK) -> list[str]:
+    """Operations as JSON texts of at most about ``limit`` bytes each."""
     out: list[str] = []
     cur: list[list[Any]] = []
     size = 0
     for op in ops:
         enc: list[Any] = ["p", op.key, op.value, op.lease] if isinstance(op, Put) else ["d", op.key, op.end]
-        n = len(op.key) + (len(op.value) if isinstance(op, Put) else 0) + 16
-        if cur and size + n > CHUNK:
+        n = _size(op)
+        if cur and size + n > limit:
             out.append(json.dumps(cur, separators=(",", ":"), ensure_ascii=False))
             cur, size = [], 0
         cur.append(enc)
@@ -651,6 +728,25 @@ def _decode_ops(text: str) -> list[Put | Delete]:
     for enc in json.loads(text):
         out.append(Put(enc[1], enc[2], enc[3]) if enc[0] == "p" else Delete(enc[1], enc[2]))
     return out
+
+
+async def _rows_in(snap: Snapshot, staged: list[Put | Delete], lo: str, hi: str,
+                   size: int) -> AsyncIterator[list[Row]]:
+    """The rows of [lo, hi) in one snapshot, committed staged batches laid over them, ``size`` at a time."""
+    cursor = lo
+    while True:
+        rows = await snap.read(Range(cursor, hi, size))
+        if not rows and not staged:
+            return
+        upto = prefix_end(rows[-1].key + "\0") if len(rows) == size else hi
+        found = {r.key: r for r in rows}
+        _overlay(found, staged, cursor, upto)
+        out = [r for _, r in sorted(found.items())]
+        if out:
+            yield out
+        if len(rows) < size:
+            return
+        cursor = rows[-1].key + "\0"
 
 
 def _overlay(found: dict[str, Row], staged: list[Put | Delete], lo: str, hi: str) -> None:

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .api import StoreBusy, StoreError
+from .api import Compacted, StoreBusy, StoreError
 from .kv import Change, Compare, Delete, Put, Range, Row
 
 T = TypeVar("T")
@@ -100,6 +100,7 @@ class SqliteKV:
     """The KV primitive (kv.KV) in one SQLite file."""
 
     kind = "sqlite"
+    max_bytes = 1 << 62  # no limit on a transaction's size
 
     def __init__(self, path: Path, *, max_ops: int = 1 << 30, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
@@ -372,8 +373,8 @@ class SqliteKV:
         if since < self._revision:
             oldest = self._history[0][0] if self._history else self._revision + 1
             if since + 1 < oldest:
-                raise StoreError(f"the store {self.path} keeps no changes from revision {since} on "
-                                 f"(oldest kept: {oldest}): read it again")
+                raise Compacted(f"the store {self.path} keeps no changes from revision {since} on "
+                                f"(oldest kept: {oldest}): read it again", oldest)
             for rev, changes, _ in self._history:
                 if rev > since:
                     feed.push(changes)
