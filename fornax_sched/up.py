@@ -7,14 +7,36 @@ stops them all on Ctrl-C.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
+
+
+def add_parser(sub: Any) -> None:
+    up = sub.add_parser("up", help="start the local system in the foreground",
+                        description="Start the cluster on this machine, on loopback, and print how to talk to it.")
+    up.add_argument("--nodes", type=int, default=3, help="how many fornax-nodes (default %(default)s)")
+    up.add_argument("--images", type=Path, default=None, help="images directory (default: examples/images)")
+    up.add_argument("--state", type=Path, default=None, help="state directory (default ~/.local/state/fornax-sched/up)")
+    up.add_argument("--port", type=int, default=5640,
+                    help="the scheduler listens on 9P port PORT, node N on PORT+N (default %(default)s)")
+    up.add_argument("--gossip", type=int, default=9710, help="node N gossips on port GOSSIP+N (default %(default)s)")
+    up.add_argument("--dead", type=float, default=10.0,
+                    help="seconds a node may be unreachable before the scheduler re-places its containers")
+    up.add_argument("--restart", type=float, default=20.0,
+                    help="seconds before a process that exited is started again (default %(default)s)")
+    up.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    return up(a.nodes, a.images, a.state, a.port, a.gossip, a.dead, a.restart)
 
 
 def default_state() -> Path:
