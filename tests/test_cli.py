@@ -79,6 +79,9 @@ def test_exit_statuses_and_errors_that_name_their_path(sched: str) -> None:
         r = fs(*argv)
         assert r.returncode == X.USAGE and r.stderr.startswith("usage: "), (argv, r.stderr)
     assert fs("9p", "read", sched, CTL).stdout.startswith("nodes 2 online 2")
+    policy = fs("policy", "check", str(ROOT / "examples" / "policies" / "web-first.yaml"), "--scheduler",
+                f"tcp!127.0.0.1!{port}")
+    assert policy.returncode == X.UNREACHABLE and f"tcp!127.0.0.1!{port}" in policy.stderr, policy.stderr
 
 
 def test_versions() -> None:
