@@ -95,7 +95,7 @@ def importtime(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     return {"modules": len(rows), "total_ms": round(total / 1000, 1), "fornax_sched_ms": round(ours / 1000, 1),
             "dearest": [{"module": n, "own_ms": round(t / 1000, 1)} for t, n in sorted(rows, reverse=True)[:5]],
             "heavy_loaded": sorted({n for _, n in rows} & {"asyncio", "yaml", "lupa", "sqlite3", "logging",
-                                                          "dataclasses", "fornax_sched.sched"})}
+                                                          "dataclasses", "typing", "fornax_sched.sched"})}
 
 
 def main() -> int:

@@ -20,16 +20,21 @@ import errno as E
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 from . import codec as M
 from . import proto as P
-from .clientcore import ClientCore, FileInfo, Op, check_reply, decode_frame
+from .clientcore import ClientCore, FileInfo, check_reply, decode_frame
 from .codec import Message, ProtocolError
 from .dial import Address, parse
 from .errors import P9Error
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # (not typing's: importing typing is a tenth of a shell command's start-up)
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    from .clientcore import Op
+
+    T = TypeVar("T")
 
 
 class BlockingClient(ClientCore):

@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import errno as E
 import os
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec as M
 from . import proto as P
-from .clientcore import ClientCore, FileInfo, Op, check_reply, decode_frame
+from .clientcore import ClientCore, FileInfo, check_reply, decode_frame
 from .codec import Message, ProtocolError, Qid
 from .dial import Address, parse
 from .errors import P9Error
@@ -29,6 +29,9 @@ from .errors import P9Error
 __all__ = ["Client", "FileInfo"]
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from .clientcore import Op
 
 
 class _Protocol(asyncio.Protocol):

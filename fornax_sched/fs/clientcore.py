@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno as E
 import os
 from collections.abc import Generator
-from typing import Any, TypeVar
 
 from . import codec as M
 from . import proto as P
@@ -26,8 +25,12 @@ from .codec import CODECS, Codec, Framer, Message, Qid, decode_dirents, decode_s
 from .dial import Address
 from .errors import P9Error
 
-T = TypeVar("T")
-Op = Generator[Message, Any, T]  # yields requests, is sent replies, returns a result
+TYPE_CHECKING = False  # (not typing's: importing typing is a tenth of a shell command's start-up)
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+    Op = Generator[Message, Any, T]  # yields requests, is sent replies, returns a result
 
 
 class FileInfo:

@@ -15,10 +15,14 @@ and a trailing ``?`` for a field old peers may leave out.
 from __future__ import annotations
 
 import struct
+from collections import namedtuple
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from . import proto
+
+TYPE_CHECKING = False  # (not typing's: importing typing is a tenth of a shell command's start-up)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, NamedTuple
 
 
 class ProtocolError(ValueError):
@@ -29,10 +33,13 @@ class ProtocolError(ValueError):
         self.tag = tag
 
 
-class Qid(NamedTuple):
-    type: int
-    version: int
-    path: int
+if TYPE_CHECKING:
+    class Qid(NamedTuple):
+        type: int
+        version: int
+        path: int
+else:
+    Qid = namedtuple("Qid", "type version path")
 
 
 _NO_QID = Qid(0, 0, 0)
@@ -238,8 +245,9 @@ _STAT_FIXED = struct.Struct("<HHI")  # size, type, dev (qid follows)
 _STAT_MID = struct.Struct("<IIIQ")  # mode, atime, mtime, length
 _STAT_NUMS = struct.Struct("<III")
 
-Reader = Callable[[bytes, int], tuple[tuple[Any, ...], int]]
-Writer = Callable[[Message, list[bytes]], None]
+if TYPE_CHECKING:
+    Reader = Callable[[bytes, int], tuple[tuple[Any, ...], int]]
+    Writer = Callable[[Message, list[bytes]], None]
 
 
 def _read_str(b: bytes, o: int) -> tuple[str, int]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any
 
 from .. import exitcodes as X
 from . import proto as P
 
+TYPE_CHECKING = False  # (not typing's: importing typing is a tenth of a shell command's start-up)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .blocking import BlockingClient
     from .clientcore import FileInfo
 
