@@ -17,7 +17,10 @@ machine's noise, and prints one JSON document:
 
 Each is measured with Python's bytecode cache (as an installed package
 runs) and without it (PYTHONDONTWRITEBYTECODE=1, which this machine's
-environment sets: every module is compiled at every start).  It also
+environment sets: every module is compiled at every start), as wall time
+and as the CPU time the command used (user + system, from getrusage of
+the reaped child: much less disturbed than wall time when the machine is
+busy).  The machine's load average is in the report.  It also
 reports `python -X importtime` of one read.  Progress goes to stderr.
 """
 
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -61,24 +65,32 @@ def wait_serving(cmd: list[str], timeout: float = 30) -> bool:
     return False
 
 
-def summary(times: list[float]) -> dict[str, float]:
+def summary(times: list[float], cpu: list[float]) -> dict[str, float]:
     ms = sorted(t * 1000 for t in times)
     return {"median_ms": round(statistics.median(ms), 1), "min_ms": round(ms[0], 1),
-            "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1)}
+            "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1),
+            "cpu_median_ms": round(statistics.median(cpu) * 1000, 1)}
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def measure(cmds: dict[str, list[str]], runs: int, env: dict[str, str]) -> dict[str, Any]:
     times: dict[str, list[float]] = {k: [] for k in cmds}
+    cpu: dict[str, list[float]] = {k: [] for k in cmds}
     for k, c in cmds.items():  # one untimed run each: caches (and bytecode, where allowed) are warm
         r = subprocess.run(c, capture_output=True, env=env, timeout=60)
         if r.returncode != 0:
             raise SystemExit(f"{k} failed: {r.stderr.decode(errors='replace')}")
     for _ in range(runs):
         for k, c in cmds.items():
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), children_cpu()
             subprocess.run(c, stdout=subprocess.DEVNULL, env=env, timeout=60, check=True)
             times[k].append(time.perf_counter() - t)
-    return {k: summary(v) for k, v in times.items()}
+            cpu[k].append(children_cpu() - c0)
+    return {k: summary(v, cpu[k]) for k, v in times.items()}
 
 
 def importtime(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:

@@ -47,11 +47,16 @@ def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argpar
     parser.add_argument("--version", action="version", version=f"fornax-sched {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    chosen = _chosen(sys.argv[1:] if argv is None else argv)
+    words = sys.argv[1:] if argv is None else argv
+    chosen = _chosen(words)
     for name, (module, text) in COMMANDS.items():
         if full or name == chosen:
-            importlib.import_module(module).add_parser(sub)
-        else:
+            add = importlib.import_module(module).add_parser
+            if name == "9p" and not full:  # it too builds only the operation named (each parser costs)
+                add(sub, words[words.index(name) + 1:])
+            else:
+                add(sub)
+        elif chosen not in COMMANDS:  # the others are listed only when they are to be shown
             sub.add_parser(name, help=text)
     return parser
 

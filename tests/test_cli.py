@@ -112,3 +112,14 @@ def test_the_help_of_each_command_is_the_one_its_module_gives() -> None:
         return {c.dest: c.help for c in sub._choices_actions}
 
     assert helps(build_parser(["up"], full=True)) == {n: text for n, (_, text) in COMMANDS.items()}
+
+
+def test_the_help_still_lists_everything() -> None:
+    """Only the parsers a command line needs are built; the help still shows every command and operation."""
+    top = fs("--help")
+    assert top.returncode == 0 and all(f"    {name}" in top.stdout for name in ("up", "serve", "9p", "policy"))
+    ops = fs("9p", "--help")
+    assert ops.returncode == 0 and all(f"    {op}" in ops.stdout for op in ("read", "ls", "stat", "write", "ramfs"))
+    wrong = fs("9p", "-t", "5", "nosuch")
+    assert wrong.returncode == X.USAGE and "invalid choice: 'nosuch'" in wrong.stderr
+    assert "WORD" in fs("9p", "-V", "9P2000", "write", "--help").stdout

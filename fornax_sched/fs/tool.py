@@ -26,7 +26,27 @@ if TYPE_CHECKING:
     from .clientcore import FileInfo
 
 
-def add_parser(sub: Any) -> None:
+OPS = {"read": "print a file", "ls": "list a directory", "stat": "describe a file",
+       "write": "write the arguments (or stdin) to a file, as one write",
+       "ramfs": "serve an in-memory writable file tree"}
+
+
+def _op_named(argv: list[str]) -> str | None:
+    """The operation named in the words after ``9p`` (its options -V, -a, -u and -t take a value)."""
+    it = iter(argv)
+    for w in it:
+        if w in ("-V", "--version", "-a", "--aname", "-u", "--user", "-t", "--timeout"):
+            next(it, None)
+        elif not w.startswith("-"):
+            return w
+    return None
+
+
+def add_parser(sub: Any, argv: list[str] | None = None) -> None:
+    """The ``9p`` parser; with ``argv`` (the words after ``9p``) only the operation it names is built."""
+    chosen = _op_named(argv) if argv is not None else None
+    if chosen not in OPS:
+        chosen = None
     p = sub.add_parser("9p", help="a 9P client and an in-memory 9P server",
                        description="Read, write, list and stat files on a 9P server, or serve a ramfs.")
     p.add_argument("-V", "--version", dest="dialect", default=None, choices=P.DIALECTS,
@@ -36,14 +56,25 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-u", "--user", default=None, help="user name to attach as")
     p.add_argument("-t", "--timeout", type=_seconds, default=10.0, help="seconds per request (default 10)")
     cmds = p.add_subparsers(dest="op", metavar="OP", required=True)
-    for op, text in (("read", "print a file"), ("ls", "list a directory"), ("stat", "describe a file")):
+    for op, text in OPS.items():
+        if chosen is not None and op != chosen:
+            continue
+        if op in ("write", "ramfs"):
+            continue
         c = cmds.add_parser(op, help=text)
         c.add_argument("addr", help="dial string: tcp!host!port, unix!/path or host:port")
         c.add_argument("path")
         if op == "ls":
             c.add_argument("-l", action="store_true", dest="long", help="long listing")
         c.set_defaults(func=_run_client, quiet_start=True)
-    w = cmds.add_parser("write", help="write the arguments (or stdin) to a file, as one write",
+    if chosen in (None, "write"):
+        _add_write(cmds)
+    if chosen in (None, "ramfs"):
+        _add_ramfs(cmds)
+
+
+def _add_write(cmds: Any) -> None:
+    w = cmds.add_parser("write", help=OPS["write"],
                         description="Every word after PATH is written as given, '--' and words that start "
                                     "with '-' included (a single leading '--' is dropped); options go before ADDR.")
     w.add_argument("-r", "--reply", action="store_true", help="read the fid back after writing (ctl replies)")
@@ -53,7 +84,10 @@ def add_parser(sub: Any) -> None:
     # REMAINDER: argparse would otherwise drop a '--' (place web -- 8089) and take words like -x as options.
     w.add_argument("data", nargs=argparse.REMAINDER, metavar="WORD", help="words to write; stdin if none")
     w.set_defaults(func=_run_client, quiet_start=True)
-    r = cmds.add_parser("ramfs", help="serve an in-memory writable file tree")
+
+
+def _add_ramfs(cmds: Any) -> None:
+    r = cmds.add_parser("ramfs", help=OPS["ramfs"])
     r.add_argument("addr", help="where to listen, e.g. tcp!127.0.0.1!5640 or unix!/tmp/ramfs.sock")
     r.add_argument("--msize", type=int, default=P.DEFAULT_MSIZE, help="largest message (default %(default)s)")
     r.add_argument("--max-connections", type=int, default=None,
