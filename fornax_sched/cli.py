@@ -16,6 +16,10 @@ import sys
 from . import __version__
 from . import exitcodes as X
 
+TYPE_CHECKING = False  # (not typing's: its import is a tenth of a `fornax-sched 9p read`)
+if TYPE_CHECKING:
+    from typing import Any
+
 # name: (module with add_parser(sub), the one-line help shown in `fornax-sched --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("fornax_sched.up", "start the local system in the foreground"),
@@ -23,6 +27,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "9p": ("fornax_sched.fs.tool", "a 9P client and an in-memory 9P server"),
     "policy": ("fornax_sched.policy.cli", "check a policy file, or simulate its decisions"),
 }
+
+
+def _columns() -> int:
+    """The terminal's width, as shutil.get_terminal_size says it, without importing shutil (nor bz2, lzma)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class Formatter(argparse.HelpFormatter):
+    """argparse's help, given the width up front: its own default imports shutil for every parser."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of every fornax-sched command (subcommands' parsers are of the same class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", Formatter)
+        super().__init__(*args, **kwargs)
 
 
 def _chosen(argv: list[str]) -> str | None:
@@ -37,7 +71,7 @@ def _chosen(argv: list[str]) -> str | None:
 
 def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argparse.ArgumentParser:
     """The parser; only the subcommand ``argv`` names (every one, with ``full``) is imported."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fornax-sched",
         description="A Plan 9-style cluster scheduler that is a 9P file server.",
         epilog="Exit status: 0 done, 1 refused (by the server or the file), 2 usage, 3 no answer "

@@ -98,7 +98,8 @@ def test_a_read_imports_neither_asyncio_nor_the_scheduler(sched: str) -> None:
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     loaded = set(r.stderr.split())
-    heavy = {"asyncio", "yaml", "lupa", "sqlite3", "logging", "dataclasses", "typing", "fornax_sched.sched",
+    heavy = {"asyncio", "yaml", "lupa", "sqlite3", "logging", "dataclasses", "typing", "shutil", "encodings.idna",
+             "fornax_sched.sched",
              "fornax_sched.policy", "fornax_sched.fs.server", "fornax_sched.fs.client"}
     assert not heavy & loaded, heavy & loaded
     assert "fornax_sched.fs.blocking" in loaded

@@ -83,6 +83,14 @@ class BlockingClient(ClientCore):
                 except BaseException:
                     sock.close()
                     raise
+            elif _numeric(addr.host):  # (create_connection's getaddrinfo would load the idna codec for nothing)
+                sock = socket.socket(socket.AF_INET6 if ":" in addr.host else socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(self.timeout)
+                    sock.connect((addr.host, addr.port))
+                except BaseException:
+                    sock.close()
+                    raise
             else:
                 sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout)
         except TimeoutError:
@@ -206,3 +214,14 @@ class BlockingClient(ClientCore):
 
     def clunk(self, fid: int) -> None:
         self._drive(self._op_clunk(fid))
+
+
+def _numeric(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address rather than a name to look up."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            continue
+    return False
