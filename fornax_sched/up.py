@@ -1,20 +1,75 @@
-"""``fornax-sched up``: the whole system on one machine, on loopback, in the foreground.
+"""``fornax-sched up``: the whole system on one machine, on loopback, in the foreground (up(1)).
 
 The scheduler and each node run as processes of their own (so one can be
-killed and restarted like a real machine); this process watches them and
-stops them all on Ctrl-C.
+killed and restarted like a real machine), each in its own process group,
+so that a Ctrl-C reaches this process alone and it stops them in order:
+the scheduler first (so it does not see the nodes go as deaths), then the
+nodes, which stop their containers.
+
+Before starting anything it makes sure nothing else holds what it needs
+(its state, its ports) and names the holder; it prints "is up" only once
+the scheduler's own files say every node is online.
 """
 
 from __future__ import annotations
 
+import argparse
+import errno
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
+
+from . import exitcodes as X
 
 REPO_IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
+IN_USE = X.IN_USE
+
+
+def add_parser(sub: Any) -> None:
+    up = sub.add_parser("up", help="start the local system in the foreground",
+                        description="Start the cluster on this machine, on loopback, and print how to talk to it "
+                                    "once every node is online; Ctrl-C stops it all.")
+    up.add_argument("--nodes", type=int, default=3, help="how many fornax-nodes (default %(default)s)")
+    up.add_argument("--images", type=Path, default=None, help="images directory (default: examples/images)")
+    up.add_argument("--state", type=Path, default=None, help="state directory (default ~/.local/state/fornax-sched/up)")
+    up.add_argument("--fresh", action="store_true",
+                    help="start with empty state: the scheduler's store and the nodes' records are put aside")
+    up.add_argument("--port", type=int, default=5640,
+                    help="the scheduler listens on 9P port PORT, node N on PORT+N (default %(default)s)")
+    up.add_argument("--gossip", type=int, default=9710, help="node N gossips on port GOSSIP+N (default %(default)s)")
+    up.add_argument("--dead", type=float, default=10.0,
+                    help="seconds a node may be unreachable before the scheduler re-places its containers")
+    up.add_argument("--restart", type=float, default=20.0,
+                    help="seconds before a process that exited is started again (default %(default)s)")
+    up.add_argument("--wait", type=float, default=60.0,
+                    help="seconds to wait for every node to be online before giving up (default %(default)s)")
+    up.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    if not 1 <= a.nodes <= 99:
+        return _usage("--nodes: want 1 to 99")
+    if not 1 <= a.port <= 65535 - a.nodes or not 1 <= a.gossip <= 65535 - a.nodes:
+        return _usage(f"--port and --gossip: want 1 to {65535 - a.nodes} (node N takes PORT+N)")
+    if a.dead <= 0 or a.restart < 0 or a.wait <= 0:
+        return _usage("--dead and --wait: want seconds above 0; --restart: 0 or more")
+    return up(a.nodes, a.images, a.state, a.port, a.gossip, a.dead, a.restart, fresh=a.fresh, wait=a.wait)
+
+
+def _usage(why: str) -> int:
+    print(f"fornax-sched up: {why}", file=sys.stderr)
+    return X.USAGE
+
+
+def say(text: str) -> None:
+    print(f"fornax-sched up: {text}", file=sys.stderr, flush=True)
 
 
 def default_state() -> Path:
@@ -30,89 +85,425 @@ def node_cmd(i: int, nodes: int, images: Path, state: Path, port: int, gossip: i
             "--peers", peers, "--broadcast", "off"]
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], pidfile: Path, timeout: float = 15.0) -> None:
+def sched_cmd(state: Path, port: int, dead: float, fresh: bool = False) -> list[str]:
+    return [sys.executable, "-m", "fornax_sched", "serve", "--listen", f"tcp!127.0.0.1!{port}",
+            "--state", str(state / "scheduler"), "--node", f"tcp!127.0.0.1!{port + 1}", "--dead", f"{dead:g}",
+            *(["--fresh"] if fresh else [])]
+
+
+# ---------------------------------------------------------------- who holds what
+
+@dataclass
+class Daemon:
+    name: str  # "the scheduler", "fornax-01"
+    cmd: list[str]
+    tcp: int  # its 9P port
+    udp: int | None = None  # its gossip port
+    pidfile: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    restart_at: float | None = None  # exited: when to start it again
+    runs: int = 0
+
+
+def _socket_inodes(port: int, proto: str) -> set[str]:
+    """Inodes of the sockets bound to ``port`` (TCP: listening), from /proc/net."""
+    inodes = set()
+    for table in (f"/proc/net/{proto}", f"/proc/net/{proto}6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and int(f[1].rpartition(":")[2], 16) == port and (proto == "udp" or f[3] == "0A"):
+                inodes.add(f[9])
+    return inodes
+
+
+def holders(port: int, proto: str = "tcp") -> list[str]:
+    """``pid N (command line)`` of each process holding ``port``, as far as /proc shows them."""
+    inodes = _socket_inodes(port, proto)
+    if not inodes:
+        return []
+    links = {f"socket:[{i}]" for i in inodes}
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in links for fd in (d / "fd").iterdir()):
+                found.append(_who(int(d.name)))
+        except OSError:  # another user's process, or gone
+            continue
+    return found
+
+
+def _who(pid: int) -> str:
+    """``pid N (command)``, and the fornax-sched up it belongs to, if one started it."""
+    text = f"pid {pid} ({describe(pid)})"
+    try:
+        ppid = int((Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return text
+    parent = describe(ppid, width=200)
+    if " up" in parent and "fornax" in parent:
+        text += f", started by fornax-sched up pid {ppid}"
+    return text
+
+
+def describe(pid: int, width: int = 70) -> str:
+    """A process's command line, shortened: the interpreter by its name, at most ``width`` characters."""
+    try:
+        words = (Path("/proc") / str(pid) / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "?"
+    args = [w.decode(errors="replace") for w in words]
+    if args:
+        args[0] = Path(args[0]).name
+    text = " ".join(args)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def port_taken(port: int, kind: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        if kind == socket.SOCK_STREAM:  # as the daemons bind: a port in TIME_WAIT is not taken
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def held_ports(daemons: list[Daemon]) -> list[str]:
+    """One line per port a daemon needs that something holds, naming the holder."""
+    out = []
+    for d in daemons:
+        for port, kind, proto, what in ((d.tcp, socket.SOCK_STREAM, "tcp", "9P"),
+                                        (d.udp, socket.SOCK_DGRAM, "udp", "gossip")):
+            if port is not None and port_taken(port, kind):
+                who = holders(port, proto)
+                out.append(f"{proto} port {port} ({what} of {d.name}) is held by "
+                           + (", ".join(who) if who else "a process this user cannot see"))
+    return out
+
+
+class StateLock:
+    """An flock on STATE/up.lock, naming the up that holds it; the kernel drops it however we end."""
+
+    def __init__(self, state: Path) -> None:
+        self.path = state / "up.lock"
+        self.file: IO[str] | None = None
+
+    def take(self, about: str) -> str | None:
+        """None once held; else who holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # noqa: SIM115 - held for the life of up
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another fornax-sched up"
+            f.close()
+            return holder
+        f.seek(0)
+        f.truncate()
+        f.write(f"fornax-sched up, pid {os.getpid()}, {about}\n")
+        f.flush()
+        self.file = f
+        return None
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# ---------------------------------------------------------------- fresh state
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def recorded_containers(state: Path) -> list[tuple[str, str, int]]:
+    """(node, container name, pid) of every container the nodes' records say runs and whose process does."""
+    import json
+
+    out = []
+    for rec in sorted(state.glob("fornax-*/containers/*/container.json")):
+        try:
+            c = json.loads(rec.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = c.get("pid")
+        if isinstance(pid, int) and pid > 0 and alive(pid) and _is_container(pid, str(c.get("id", ""))):
+            out.append((rec.parents[2].name, str(c.get("name") or c.get("id")), pid))
+    return out
+
+
+def _is_container(pid: int, cid: str) -> bool:
+    """Whether ``pid`` is still that container (not a stranger that reuses the number)."""
+    try:
+        env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return True  # cannot tell: assume it is
+    return f"FORNAX_CONTAINER={cid}".encode() in env
+
+
+def put_aside(state: Path, nodes: list[str]) -> Path | None:
+    """Move the nodes' state directories to STATE/replaced-TIME/ (the scheduler's store is put aside by serve)."""
+    present = [state / n for n in nodes if (state / n).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("replaced-%Y%m%d-%H%M%S")
+    aside, n = state / stamp, 1
+    while aside.exists():
+        n += 1
+        aside = state / f"{stamp}-{n}"
+    aside.mkdir(parents=True)
+    for p in present:
+        p.rename(aside / p.name)
+    return aside
+
+
+# ---------------------------------------------------------------- readiness
+
+def not_online(addr: str, names: list[str], timeout: float = 2.0) -> dict[str, str]:
+    """Each node of ``names`` that the scheduler's /cluster/nodes does not show online, with what it shows."""
+    from .fs.blocking import BlockingClient
+    from .fs.errors import P9Error
+
+    try:
+        with BlockingClient.connect(addr, version="9P2000.u", timeout=timeout) as c:
+            listed = {e.name for e in c.ls("cluster/nodes")}
+            out = {}
+            for n in names:
+                if n not in listed:
+                    out[n] = "not listed"
+                    continue
+                status = c.read_file(f"cluster/nodes/{n}/status").decode().strip()
+                if status.split()[:1] != ["online"]:
+                    out[n] = status or "no status"
+            return out
+    except (ConnectionError, TimeoutError, P9Error) as e:
+        return dict.fromkeys(names, f"the scheduler does not answer yet ({e})")
+
+
+# ---------------------------------------------------------------- up
+
+@dataclass
+class Up:
+    daemons: list[Daemon]
+    state: Path
+    stopping: bool = False
+    signals: list[str] = field(default_factory=list)
+
+    def start(self, d: Daemon) -> None:
+        d.proc = subprocess.Popen(d.cmd, process_group=0)  # Ctrl-C reaches up alone; up stops them in order
+        d.runs += 1
+        d.restart_at = None
+
+    def exited(self) -> list[Daemon]:
+        return [d for d in self.daemons if d.proc is not None and d.proc.poll() is not None]
+
+    def stop_all(self) -> list[str]:
+        """Stop every daemon, the scheduler first; say what is stopped; return what is left running."""
+        for d in self.daemons:  # a node killed and not yet back still has containers: start it to stop them
+            if d.proc is None and d.restart_at is not None and d.pidfile is not None:
+                say(f"starting {d.name} again so that it stops its containers")
+                self.start(d)
+                _wait_pidfile(d)
+        running = [d for d in self.daemons if d.proc is not None and d.proc.poll() is None]
+        for d in running:
+            assert d.proc is not None
+            if d.pidfile is not None:  # a node still starting ends cleanly on SIGTERM only once it is ready
+                _wait_pidfile(d)
+            say(f"stopping {d.name} (pid {d.proc.pid})")
+            d.proc.terminate()
+            if d.pidfile is None:  # the scheduler: let it go before the nodes do
+                _wait(d.proc, 10)
+        for d in running:
+            assert d.proc is not None
+            _wait(d.proc, 30)
+        left = [f"{d.name} (pid {d.proc.pid})" for d in self.daemons if d.proc is not None and d.proc.poll() is None]
+        left += [f"container {name} of {node} (pid {pid})" for node, name, pid in recorded_containers(self.state)]
+        return left
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        say(f"pid {proc.pid} did not stop within {timeout:g}s: killing it")
+        proc.kill()
+        proc.wait()
+
+
+def _wait_pidfile(d: Daemon, timeout: float = 15.0) -> None:
     """Wait until a node daemon has written its pid file (it then handles SIGTERM cleanly)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    while d.proc is not None and time.monotonic() < deadline and d.proc.poll() is None:
         try:
-            if int(pidfile.read_text()) == proc.pid:
+            if d.pidfile is not None and int(d.pidfile.read_text()) == d.proc.pid:
                 return
         except (OSError, ValueError):
             pass
         time.sleep(0.1)
 
 
-def sched_cmd(state: Path, port: int, dead: float) -> list[str]:
-    return [sys.executable, "-m", "fornax_sched", "serve", "--listen", f"tcp!127.0.0.1!{port}",
-            "--state", str(state / "scheduler"), "--node", f"tcp!127.0.0.1!{port + 1}", "--dead", f"{dead:g}"]
-
-
-def up(nodes: int = 3, images: Path | None = None, state: Path | None = None,
-       port: int = 5640, gossip: int = 9710, dead: float = 10.0, restart: float = 20.0) -> int:
+def up(nodes: int = 3, images: Path | None = None, state: Path | None = None, port: int = 5640,
+       gossip: int = 9710, dead: float = 10.0, restart: float = 20.0, *, fresh: bool = False,
+       wait: float = 60.0) -> int:
     images = images or REPO_IMAGES
     state = state or default_state()
     if not images.is_dir():
-        print(f"fornax-sched up: no images directory at {images} (give --images)", file=sys.stderr)
-        return 1
-    procs: dict[int, subprocess.Popen[bytes]] = {}
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    commands = {i: node_cmd(i, nodes, images, state, port, gossip) for i in range(1, nodes + 1)}
-    commands[0] = sched_cmd(state, port, dead)
-    names = {i: f"fornax-{i:02d}" for i in range(1, nodes + 1)} | {0: "the scheduler"}
-    for i, cmd in commands.items():
-        procs[i] = subprocess.Popen(cmd)
+        return _usage(f"no images directory at {images} (give --images)")
     sched = f"tcp!127.0.0.1!{port}"
+    names = [f"fornax-{i:02d}" for i in range(1, nodes + 1)]
+    daemons = [Daemon("the scheduler", sched_cmd(state, port, dead, fresh), port)]
+    daemons += [Daemon(n, node_cmd(i, nodes, images, state, port, gossip), port + i, gossip + i, state / n / "pid")
+                for i, n in enumerate(names, 1)]
+
+    lock = StateLock(state)
+    holder = lock.take(f"scheduler {sched}")
+    if holder is not None:
+        say(f"state {state} is in use by {holder}: stop that one first (Ctrl-C in its terminal), "
+            "or give another --state")
+        return IN_USE
+    try:
+        held = held_ports(daemons)
+        if held:
+            for line in held:
+                say(line)
+            say("nothing started: stop whatever holds them (another fornax-sched up?), "
+                "or choose other ports with --port and --gossip")
+            return IN_USE
+        if fresh:
+            still = recorded_containers(state)
+            if still:
+                say("--fresh would forget containers that still run: " + ", ".join(
+                    f"{name} of {node} (pid {pid})" for node, name, pid in still)
+                    + "; stop them first, or start without --fresh to adopt them")
+                return X.REFUSED
+            aside = put_aside(state, names)
+            say("starting afresh" + (f": the nodes' old state is in {aside}" if aside else "")
+                + "; the scheduler keeps its old store beside the new one (sched.db.replaced-TIME)")
+        return _run(Up(daemons, state), sched, names, state, restart, wait)
+    finally:
+        lock.release()
+
+
+def _run(u: Up, sched: str, names: list[str], state: Path, restart: float, wait: float) -> int:
+    def stop(signum: int, _frame: object) -> None:
+        u.stopping = True
+        u.signals.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = _supervise(u, sched, names, state, restart, wait)
+        if u.signals:
+            say(f"{u.signals[0]}: stopping everything")
+        left = u.stop_all()
+        if left:
+            say("still running: " + ", ".join(left))
+            return X.REFUSED
+        say("stopped the scheduler and " + (f"{len(names)} nodes" if len(names) > 1 else "the node")
+            + "; nothing left running")
+        return status
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _supervise(u: Up, sched: str, names: list[str], state: Path, restart: float, wait: float) -> int:
+    """Start the daemons, print the banner once all nodes are online, restart what exits; until a signal."""
+    for d in u.daemons:
+        u.start(d)
+    deadline = time.monotonic() + wait
+    missing: dict[str, str] = {}
+    while not u.stopping:
+        if (failed := _failed(u, starting=True)) is not None:
+            return failed
+        missing = not_online(sched, names)
+        if not missing:
+            break
+        if time.monotonic() >= deadline:
+            say(f"not every node is online after {wait:g}s: "
+                + "; ".join(f"{n}: {why}" for n, why in sorted(missing.items())))
+            return X.REFUSED
+        time.sleep(0.2)
+    else:
+        return X.INTERRUPTED
+    print(banner(u.daemons, state), flush=True)
+    while not u.stopping:
+        if (failed := _failed(u, starting=False)) is not None:
+            return failed
+        now = time.monotonic()
+        for d in u.exited():
+            assert d.proc is not None
+            say(f"{d.name} exited ({_status(d.proc.returncode)}); starting it again in {restart:g}s "
+                f"(as a machine that comes back)")
+            d.proc, d.restart_at = None, now + restart
+        for d in u.daemons:
+            if d.restart_at is not None and now >= d.restart_at:
+                say(f"starting {d.name} again")
+                u.start(d)
+        time.sleep(0.2)
+    return X.OK
+
+
+def _failed(u: Up, starting: bool) -> int | None:
+    """The exit status for up when a daemon ended in a way that restarting cannot mend, else None.
+
+    A daemon that cannot listen because its port is taken (it exits with
+    IN_USE) would fail again: up says who holds the port and stops.  So
+    does one that ends while starting, before every node was online.
+    """
+    for d in u.exited():
+        assert d.proc is not None
+        code = d.proc.returncode
+        if code == IN_USE:
+            who = holders(d.tcp) + (holders(d.udp, "udp") if d.udp is not None else [])
+            say(f"{d.name} cannot listen: its address is taken" + (f" (by {', '.join(who)})" if who else "")
+                + "; not starting it again, stopping everything")
+            return IN_USE
+        if starting:
+            say(f"{d.name} exited while starting ({_status(code)}; its message is above): stopping everything")
+            return X.REFUSED
+    return None
+
+
+def _status(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+
+
+def banner(daemons: list[Daemon], state: Path) -> str:
+    sched, nodes = daemons[0], daemons[1:]
+    addr = f"tcp!127.0.0.1!{sched.tcp}"
     ctl = "/cluster/scheduler/ctl"
-    print(f"""
-fornax-sched is up: the scheduler and {nodes} fornax-nodes on loopback (state in {state})
-  scheduler  {sched}
-""" + "".join(f"  fornax-{i:02d}  tcp!127.0.0.1!{port + i}   gossip 127.0.0.1:{gossip + i}\n"
-              for i in range(1, nodes + 1)) + f"""
-  see the nodes:      fornax-sched 9p ls '{sched}' /cluster/nodes
-  place a container:  fornax-sched 9p write -r '{sched}' {ctl} place hello
-  see placements:     fornax-sched 9p ls '{sched}' /cluster/scheduler/placements
-  read the log:       fornax-sched 9p read '{sched}' /cluster/scheduler/log
-  mount it (Linux):   mount -t 9p -o trans=tcp,port={port},version=9p2000.L 127.0.0.1 /mnt/fornax
+    return (f"""
+fornax-sched is up: the scheduler and {len(nodes)} fornax-nodes on loopback, all online (state in {state})
+  scheduler  {addr}   pid {sched.proc.pid if sched.proc else '-'}
+""" + "".join(f"  {d.name}  tcp!127.0.0.1!{d.tcp}   gossip 127.0.0.1:{d.udp}   pid {d.proc.pid if d.proc else '-'}\n"
+              for d in nodes) + f"""
+  see the nodes:      fornax-sched 9p ls '{addr}' /cluster/nodes
+  place a container:  fornax-sched 9p write -r '{addr}' {ctl} place hello
+  see placements:     fornax-sched 9p ls '{addr}' /cluster/scheduler/placements
+  read the log:       fornax-sched 9p read '{addr}' /cluster/scheduler/log
+  mount it (Linux):   mount -t 9p -o trans=tcp,port={sched.tcp},version=9p2000.L 127.0.0.1 /mnt/fornax
                       echo place hello > /mnt/fornax{ctl}
   the whole scenario: examples/acceptance.sh
   stop everything:    Ctrl-C
-""", flush=True)
-    restarts: dict[int, float] = {}  # what exited, and when to start it again
-    while not stopping:
-        now = time.monotonic()
-        for i, p in list(procs.items()):
-            if p.poll() is not None:
-                print(f"fornax-sched up: {names[i]} exited ({p.returncode}); starting it again in {restart:g}s "
-                      f"(as a machine that comes back)", file=sys.stderr, flush=True)
-                del procs[i]
-                restarts[i] = now + restart
-        for i, at in list(restarts.items()):
-            if now >= at:
-                print(f"fornax-sched up: starting {names[i]} again", file=sys.stderr, flush=True)
-                procs[i] = subprocess.Popen(commands[i])
-                del restarts[i]
-        time.sleep(0.2)
-    for i in restarts:  # a node killed and not yet back still has containers: start it to stop them
-        if i != 0:
-            procs[i] = subprocess.Popen(commands[i])
-            _wait_ready(procs[i], state / names[i] / "pid")
-    for i in sorted(procs):  # the scheduler first, so it does not see the nodes go as deaths
-        procs[i].terminate()
-        if i == 0:
-            try:
-                procs[i].wait(10)
-            except subprocess.TimeoutExpired:
-                procs[i].kill()
-    for p in procs.values():
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    return 0
+""")

@@ -1,8 +1,10 @@
 """The first README command and the acceptance script, as a user runs them.
 
-`fornax-sched up` starts the scheduler and three nodes; examples/acceptance.sh
-plays the scenario against it from another "terminal"; Ctrl-C stops
-everything and leaves no process behind.
+`fornax-sched up` starts the scheduler and three nodes and says it is up
+only once the scheduler shows them all online; a second `up` says what
+holds its state and ports and starts nothing; examples/acceptance.sh plays
+the scenario against it from another "terminal"; Ctrl-C says what it
+stops and leaves no process behind; `up --fresh` starts with empty state.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from fornax_sched import exitcodes as X
+from fornax_sched import up as up_mod
+from fornax_sched.fs.blocking import BlockingClient
+
+from .helpers import stop_process, wait_until
 from .node.cluster import alive, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,21 +51,101 @@ def free_run(n: int, kind: int) -> int:
     raise RuntimeError("no run of free ports")
 
 
+class Up:
+    """`fornax-sched up` in a process of its own, its output collected line by line."""
+
+    def __init__(self, port: int, gossip: int, state: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fornax_sched", "up", "--port", str(port), "--gossip", str(gossip),
+             "--state", str(state), "--dead", "2", "--restart", "3", "--wait", "60", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        self.lines: list[str] = []
+        self.addr = f"tcp!127.0.0.1!{port}"
+        self.reader = threading.Thread(target=self._read, daemon=True)  # never let its pipe fill
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def out(self) -> str:
+        return "".join(self.lines)
+
+    def banner(self, timeout: float = 90) -> str:
+        wait_until(lambda: "stop everything" in self.out or self.proc.poll() is not None, timeout, 0.05)
+        assert "stop everything" in self.out, f"up ended early: {self.out}"
+        return self.out
+
+    def interrupt(self) -> str:
+        """Ctrl-C; what up said while stopping."""
+        before = len(self.lines)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.reader.join(10)  # it ends at EOF
+        return "".join(self.lines[before:])
+
+
+def ctl_text(addr: str) -> str:
+    with BlockingClient.connect(addr, version="9P2000.u", timeout=10) as c:
+        return c.read_file("cluster/scheduler/ctl").decode()
+
+
+def running_under(state: Path) -> list[str]:
+    """Every process whose command line or environment mentions ``state``: a daemon or container left behind."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            env = (d / "environ").read_bytes()
+        except OSError:
+            continue
+        if (str(state).encode() in cmd or str(state).encode() in env) and alive(int(d.name)):
+            found.append(d.name + ": " + cmd.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
 def test_up_then_the_acceptance_script(tmp_path: Path) -> None:
     port, gossip = free_run(3, socket.SOCK_STREAM), free_run(3, socket.SOCK_DGRAM)
     state = tmp_path / "up"
-    up = subprocess.Popen([sys.executable, "-m", "fornax_sched", "up", "--port", str(port), "--gossip", str(gossip),
-                           "--state", str(state), "--dead", "2", "--restart", "3"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    up = Up(port, gossip, state)
     try:
-        assert up.stdout is not None
-        banner = ""
-        while "stop everything" not in banner:
-            line = up.stdout.readline()
-            assert line, f"up ended early: {banner}"
-            banner += line
+        banner = up.banner()
+        # The banner comes only once the scheduler's own files show every node online.
+        assert ctl_text(up.addr).startswith("nodes 3 online 3"), ctl_text(up.addr)
         assert f"scheduler  tcp!127.0.0.1!{port}" in banner and "examples/acceptance.sh" in banner
-        env = {**os.environ, "FORNAX_SCHED_ADDR": f"tcp!127.0.0.1!{port}", "FORNAX_STATE": str(state),
+        assert "all online" in banner
+        pids = {line.split()[0]: int(line.rsplit("pid ", 1)[1]) for line in banner.splitlines()
+                if line.startswith(("  scheduler", "  fornax-0"))}
+        assert len(pids) == 4
+
+        # A second up on the same state: it says which up holds it, and starts nothing.
+        again = subprocess.run([sys.executable, "-m", "fornax_sched", "up", "--port", str(port), "--gossip",
+                                str(gossip), "--state", str(state)], capture_output=True, text=True, timeout=30,
+                               cwd=ROOT)
+        assert again.returncode == X.IN_USE, again.stderr
+        assert f"state {state} is in use by fornax-sched up, pid {up.proc.pid}" in again.stderr
+        # Another state, the same ports: it names the processes that hold them, and their up.
+        other = subprocess.run([sys.executable, "-m", "fornax_sched", "up", "--port", str(port), "--gossip",
+                                str(gossip), "--state", str(tmp_path / "other")], capture_output=True, text=True,
+                               timeout=30, cwd=ROOT)
+        assert other.returncode == X.IN_USE, other.stderr
+        assert (f"tcp port {port} (9P of the scheduler) is held by pid {pids['scheduler']} (python"
+                in other.stderr), other.stderr
+        assert f"udp port {gossip + 2} (gossip of fornax-02) is held by pid {pids['fornax-02']}" in other.stderr
+        assert f"started by fornax-sched up pid {up.proc.pid}" in other.stderr
+        assert "nothing started" in other.stderr
+        assert not (tmp_path / "other" / "scheduler").exists()
+        assert up.proc.poll() is None and ctl_text(up.addr).startswith("nodes 3 online 3")  # undisturbed
+
+        env = {**os.environ, "FORNAX_SCHED_ADDR": up.addr, "FORNAX_STATE": str(state),
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         run = subprocess.run([str(ROOT / "examples" / "acceptance.sh")], env=env, capture_output=True, text=True,
                              timeout=120)
@@ -72,95 +158,141 @@ def test_up_then_the_acceptance_script(tmp_path: Path) -> None:
         assert "the scenario passed" in out
         node_pids = [int((state / f"fornax-0{i}" / "pid").read_text()) for i in (1, 2, 3)
                      if (state / f"fornax-0{i}" / "pid").exists()]
-        up.send_signal(signal.SIGINT)  # at once: the node killed with -9 may not be back yet
+        said = up.interrupt()  # at once: the node killed with -9 may not be back yet
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            raise
-    assert up.returncode == 0
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in node_pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        stop_process(up.proc)
+    assert up.proc.returncode == 0, up.out[-2000:]
+    assert f"stopping the scheduler (pid {pids['scheduler']})" in said, said
+    for name in ("fornax-01", "fornax-03"):  # (fornax-0N killed by the script comes back with a new pid)
+        assert f"stopping {name} (pid " in said
+    assert "nothing left running" in said
     assert not any(alive(p) for p in node_pids)
     containers = [json.loads(f.read_text()) for f in state.glob("fornax-0*/containers/*/container.json")]
     assert len(containers) >= 4  # the check below must look at something
     assert not [c for c in containers if c.get("pid") and alive(c["pid"])], "a container outlived up"
+    assert running_under(state) == []
 
 
-def _start_up(port: int, gossip: int, state: Path) -> subprocess.Popen[str]:
-    up = subprocess.Popen([sys.executable, "-m", "fornax_sched", "up", "--port", str(port), "--gossip", str(gossip),
-                           "--state", str(state), "--dead", "2", "--restart", "3"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    assert up.stdout is not None
-    banner = ""
-    while "stop everything" not in banner:
-        line = up.stdout.readline()
-        assert line, f"up ended early: {banner}"
-        banner += line
-    threading.Thread(target=up.stdout.read, daemon=True).start()  # never let its pipe fill
-    return up
-
-
-def _stop_up(up: subprocess.Popen[str]) -> None:
-    up.send_signal(signal.SIGINT)
-    try:
-        up.wait(60)
-    except subprocess.TimeoutExpired:
-        up.kill()
-        raise
-
-
-def test_a_restart_of_up_brings_back_what_should_run(tmp_path: Path) -> None:
+def test_a_restart_of_up_brings_back_what_should_run_and_fresh_forgets_it(tmp_path: Path) -> None:
     """Ctrl-C of `up` stops the nodes, whose shutdown stops the containers; that is not the user's
-    stop: started again, everything meant to run runs again (it came back "stopped by request")."""
-    from fornax_sched.fs.client import Client
-
-    from .helpers import eventually, run
-
+    stop: started again, everything meant to run runs again (it came back "stopped by request").
+    `up --fresh` then starts with nothing."""
     port, gossip = free_run(3, socket.SOCK_STREAM), free_run(3, socket.SOCK_DGRAM)
     state = tmp_path / "up"
-    addr = f"tcp!127.0.0.1!{port}"
 
-    async def ctl(command: str) -> str:
-        async with await Client.connect(addr, version="9P2000.u", timeout=20) as c:
-            return (await c.write_file("cluster/scheduler/ctl", command.encode(), read_reply=True)).decode()
+    def ctl(addr: str, command: str) -> str:
+        with BlockingClient.connect(addr, version="9P2000.u", timeout=20) as c:
+            return c.write_file("cluster/scheduler/ctl", command.encode(), read_reply=True).decode()
 
-    async def statuses() -> dict[str, str]:
-        async with await Client.connect(addr, timeout=10) as c:
-            names = [e.name for e in await c.ls("cluster/scheduler/placements")]
-            return {n: (await c.read_file(f"cluster/scheduler/placements/{n}")).decode().split("status=")[1].split()[0]
+    def statuses(addr: str) -> dict[str, str]:
+        with BlockingClient.connect(addr, version="9P2000.u", timeout=10) as c:
+            names = [e.name for e in c.ls("cluster/scheduler/placements")]
+            return {n: c.read_file(f"cluster/scheduler/placements/{n}").decode().split("status=")[1].split()[0]
                     for n in names}
 
-    async def nodes_online() -> bool:
-        async with await Client.connect(addr, timeout=10) as c:
-            return (await c.read_file("cluster/scheduler/ctl")).decode().startswith("nodes 3 online 3")
-
-    async def all_running() -> dict[str, str] | None:
-        st = await statuses()
-        return st if len(st) == 6 and set(st.values()) == {"running"} else None
-
-    up = _start_up(port, gossip, state)
+    up = Up(port, gossip, state)
     try:
-        run(eventually(nodes_online, 30))
-        run(ctl("place hello name=web replicas=4"))
-        run(ctl("place hello name=db"))
-        run(ctl("place hello name=idle"))
-        run(ctl("stop idle"))  # the user's stop: it stays stopped
-        run(ctl("start idle"))
-        run(eventually(all_running, 20))
-        run(ctl("stop idle"))
+        up.banner()
+        ctl(up.addr, "place hello name=web replicas=4")
+        ctl(up.addr, "place hello name=db")
+        ctl(up.addr, "place hello name=idle")
+        ctl(up.addr, "stop idle")  # the user's stop: it stays stopped
+        ctl(up.addr, "start idle")
+        wait_until(lambda: (st := statuses(up.addr)) and len(st) == 6 and set(st.values()) == {"running"}, 20)
+        ctl(up.addr, "stop idle")
+        up.interrupt()
     finally:
-        _stop_up(up)
-    up = _start_up(port, gossip, state)
+        stop_process(up.proc)
+    up = Up(port, gossip, state)
     try:
-        async def back() -> dict[str, str] | None:
-            st = await statuses()
-            want = {**{f"web-{i}": "running" for i in range(1, 5)}, "db": "running", "idle": "stopped"}
-            return st if st == want else None
-
-        run(eventually(back, 40))
+        up.banner()
+        want = {**{f"web-{i}": "running" for i in range(1, 5)}, "db": "running", "idle": "stopped"}
+        wait_until(lambda: statuses(up.addr) == want, 40)
+        up.interrupt()
     finally:
-        _stop_up(up)
+        stop_process(up.proc)
+    assert up.proc.returncode == 0
+    old_records = sorted(p.name for p in state.glob("fornax-0*/containers/*"))
+    assert len(old_records) >= 6
+
+    up = Up(port, gossip, state, "--fresh")
+    try:
+        banner = up.banner()
+        assert "starting afresh: the nodes' old state is in" in banner
+        assert statuses(up.addr) == {}
+        assert ctl_text(up.addr).startswith("nodes 3 online 3")
+        up.interrupt()
+    finally:
+        stop_process(up.proc)
+    assert up.proc.returncode == 0
+    aside = list(state.glob("replaced-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].glob("fornax-0*/containers/*")) == old_records
+    assert list((state / "scheduler").glob("sched.db.replaced-*"))  # serve --fresh kept the old store aside
+    assert running_under(state) == []
+
+
+def test_a_daemon_whose_address_is_taken_is_not_started_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    """A node or scheduler that cannot listen exits 4, and up stops instead of restarting it for ever."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        gport = taken.getsockname()[1]
+        nport = free_port()
+        node = up_mod.Daemon("fornax-01", up_mod.node_cmd(1, 1, up_mod.REPO_IMAGES, tmp_path, nport - 1, gport - 1),
+                             tcp=nport, udp=gport)
+        with socket.socket() as held:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            sport = held.getsockname()[1]
+            sched = up_mod.Daemon("the scheduler", up_mod.sched_cmd(tmp_path, sport, 2), tcp=sport)
+            u = up_mod.Up([sched, node], tmp_path)
+            for d in (sched, node):
+                u.start(d)
+            try:
+                for d in (sched, node):
+                    assert d.proc is not None
+                    assert d.proc.wait(30) == X.IN_USE
+                    assert up_mod._failed(up_mod.Up([d], tmp_path), starting=False) == X.IN_USE
+            finally:
+                for d in (sched, node):
+                    stop_process(d.proc)
+    err = capsys.readouterr().err
+    me = f"pid {os.getpid()}"
+    assert f"the scheduler cannot listen: its address is taken (by {me} (" in err, err
+    assert f"fornax-01 cannot listen: its address is taken (by {me} (" in err
+    assert "not starting it again, stopping everything" in err
+
+
+def test_fresh_refuses_to_forget_a_container_that_still_runs(tmp_path: Path) -> None:
+    """A node killed with -9 leaves its containers running; --fresh would lose them, so it says so."""
+    port, gossip = free_run(1, socket.SOCK_STREAM), free_run(1, socket.SOCK_DGRAM)
+    state = tmp_path / "up"
+    rec = state / "fornax-01" / "containers" / "c1"
+    rec.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"], env={**os.environ, "FORNAX_CONTAINER": "c1"})
+    try:
+        rec.joinpath("container.json").write_text(json.dumps({"id": "c1", "name": "web-1", "pid": sleeper.pid}))
+        r = subprocess.run([sys.executable, "-m", "fornax_sched", "up", "--nodes", "1", "--port", str(port),
+                            "--gossip", str(gossip), "--state", str(state), "--fresh"], capture_output=True,
+                           text=True, timeout=30, cwd=ROOT)
+        assert r.returncode == X.REFUSED
+        assert (f"--fresh would forget containers that still run: web-1 of fornax-01 (pid {sleeper.pid})"
+                in r.stderr), r.stderr
+        assert rec.exists() and not (state / "scheduler").exists()  # nothing moved, nothing started
+    finally:
+        stop_process(sleeper)
+
+
+def test_up_gives_up_naming_the_nodes_not_online(tmp_path: Path) -> None:
+    """No banner before every node is online: past --wait, up names those that are not, and stops all."""
+    port, gossip = free_run(2, socket.SOCK_STREAM), free_run(2, socket.SOCK_DGRAM)
+    state = tmp_path / "up"
+    r = subprocess.run([sys.executable, "-m", "fornax_sched", "up", "--nodes", "2", "--port", str(port), "--gossip",
+                        str(gossip), "--state", str(state), "--wait", "0.1"], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == X.REFUSED, r.stdout + r.stderr
+    assert "is up" not in r.stdout
+    assert "not every node is online after 0.1s: fornax-01: " in r.stderr and "; fornax-02: " in r.stderr
+    assert "stopping the scheduler (pid " in r.stderr and "nothing left running" in r.stderr
+    assert running_under(state) == []

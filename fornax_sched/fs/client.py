@@ -17,31 +17,21 @@ from __future__ import annotations
 import asyncio
 import errno as E
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec as M
 from . import proto as P
-from .codec import CODECS, Codec, Framer, Message, ProtocolError, Qid, decode_dirents, decode_stats
+from .clientcore import ClientCore, FileInfo, check_reply, decode_frame
+from .codec import Message, ProtocolError, Qid
 from .dial import Address, parse
 from .errors import P9Error
 
+__all__ = ["Client", "FileInfo"]
 
-@dataclass
-class FileInfo:
-    """What stat (9P2000) or getattr (9P2000.L) says of a file, in one shape."""
+T = TypeVar("T")
 
-    name: str
-    qid: Qid
-    mode: int  # Plan 9 mode: DMDIR | permission bits
-    length: int
-    uid: str
-    gid: str
-    mtime: int
-
-    @property
-    def is_dir(self) -> bool:
-        return bool(self.mode & P.DMDIR)
+if TYPE_CHECKING:
+    from .clientcore import Op
 
 
 class _Protocol(asyncio.Protocol):
@@ -55,23 +45,15 @@ class _Protocol(asyncio.Protocol):
         self.client._lost(exc)
 
 
-class Client:
-    """One 9P connection with an attached root fid."""
+class Client(ClientCore):
+    """One 9P connection with an attached root fid, over asyncio; the operations are ClientCore's."""
 
     def __init__(self, address: Address, timeout: float) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.codec: Codec = CODECS[P.VERSION_9P]
-        self.msize = P.DEFAULT_MSIZE
-        self.root = 0
-        self.root_qid = Qid(0, 0, 0)
-        self._framer = Framer(P.DEFAULT_MSIZE)
+        super().__init__(address, timeout)
         self._transport: asyncio.Transport | None = None
         self._waiting: dict[int, asyncio.Future[Message]] = {}
         self._free_tags: list[int] = []
         self._next_tag = 0
-        self._free_fids: list[int] = []
-        self._next_fid = 1
         self._gone: Exception | None = None
         self._flushing: set[asyncio.Task[bool]] = set()  # flushes still waiting for their Rflush
 
@@ -119,37 +101,11 @@ class Client:
             raise ConnectionError(f"cannot dial 9P server {addr}: {why}") from None
         self._transport = transport
         try:
-            await self._negotiate(version, msize)
-            user = uname if uname is not None else _local_user()
-            nuname = os.getuid() if uname is None else P.NONUNAME
-            reply = await self.rpc(M.Tattach(0, self.root, P.NOFID, user, aname, nuname))
-            self.root_qid = reply.qid
+            await self._drive(self._op_handshake(version, msize, uname, aname))
         except BaseException:
             await self.close()
             raise
         return self
-
-    async def _negotiate(self, version: str, msize: int) -> None:
-        try:
-            reply = await self.rpc(M.Tversion(P.NOTAG, msize, version))
-        except P9Error as e:  # some servers refuse a version with an error instead of "unknown"
-            raise P9Error(f"server {self.address} does not speak {version} ({e})", E.EPROTONOSUPPORT) from None
-        if reply.version == "unknown" or reply.version not in P.DIALECTS:
-            raise P9Error(f"server {self.address} does not speak {version} (answered {reply.version!r})",
-                          E.EPROTONOSUPPORT)
-        if reply.msize > msize or reply.msize < P.MIN_MSIZE:
-            raise P9Error(f"server {self.address} answered a bad msize {reply.msize}", E.EPROTO)
-        self.codec = CODECS[reply.version]
-        self.msize = reply.msize
-        self._framer.msize = reply.msize
-
-    @property
-    def dialect(self) -> str:
-        return self.codec.dialect
-
-    @property
-    def iounit(self) -> int:
-        return self.msize - P.IOHDRSZ
 
     async def close(self) -> None:
         if self._transport is not None:
@@ -170,10 +126,7 @@ class Client:
         self._framer.feed(data)
         try:
             while (frame := self._framer.next_frame()) is not None:
-                codec = self.codec
-                if frame[4] == M.Rlerror.TYPE and not codec.knows(M.Rlerror.TYPE):
-                    codec = CODECS[P.VERSION_9PL]  # a 9P2000.L server refusing our Tversion
-                msg = codec.decode(frame)
+                msg = decode_frame(self.codec, frame)
                 fut = self._waiting.pop(msg.tag, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -264,13 +217,7 @@ class Client:
             self._free(tag)
         finally:
             timer.cancel()
-        if isinstance(reply, M.Rerror):
-            raise P9Error(reply.ename, reply.errno or P.ERRNO_OF_MESSAGE.get(reply.ename, E.EIO))
-        if isinstance(reply, M.Rlerror):
-            raise P9Error(os.strerror(reply.ecode), reply.ecode)
-        if reply.TYPE != msg.TYPE + 1:
-            raise P9Error(f"server answered {type(msg).__name__} with {type(reply).__name__}", E.EPROTO)
-        return reply
+        return check_reply(msg, reply)
 
     def _start_flush(self, oldtag: int) -> asyncio.Task[bool]:
         task = asyncio.get_running_loop().create_task(self._flush(oldtag))
@@ -313,75 +260,32 @@ class Client:
         self._free(tag, oldtag)
         return True
 
-    # ------------------------------------------------------------ fids
-    def _fid(self) -> int:
-        if self._free_fids:
-            return self._free_fids.pop()
-        self._next_fid += 1
-        return self._next_fid - 1
+    async def _drive(self, op: Op[T]) -> T:
+        """Run one of ClientCore's operations: each request it yields goes out, its reply goes back in."""
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                msg = op.throw(error) if error is not None else op.send(reply)
+            except StopIteration as done:
+                return done.value
+            try:
+                reply, error = await self.rpc(msg), None
+            except BaseException as e:  # the operation's finally clauses (clunks) still run
+                reply, error = None, e
 
+    # ------------------------------------------------------------ operations (see ClientCore)
     async def walk(self, path: str | list[str] | tuple[str, ...], fid: int | None = None) -> int:
         """Walk from ``fid`` (the root by default) to ``path``; return a new fid."""
-        names = [n for n in path.split("/") if n] if isinstance(path, str) else list(path)
-        start = self.root if fid is None else fid
-        newfid = self._fid()
-        try:
-            # 9P walks at most 16 names a message; longer paths walk in steps.
-            first = True
-            while first or names:
-                step, names = names[: P.MAXWELEM], names[P.MAXWELEM :]
-                reply = await self.rpc(M.Twalk(0, start if first else newfid, newfid, tuple(step)))
-                if len(reply.qids) != len(step):
-                    if not first:
-                        await self.clunk(newfid)
-                    await self._walk_error(start if first else None, step, len(reply.qids))
-                first = False
-        except BaseException:
-            self._free_fids.append(newfid)
-            raise
-        return newfid
-
-    async def _walk_error(self, start: int | None, names: list[str], reached: int) -> None:
-        """A walk stopped part way; ask again for the failing name alone to learn why."""
-        where = "/".join(names[: reached + 1])
-        if start is None:
-            raise P9Error(f"{where}: {P.ENOENT_MSG}", E.ENOENT)
-        tmp = self._fid()
-        try:
-            await self.rpc(M.Twalk(0, start, tmp, tuple(names[:reached])))
-            try:
-                await self.rpc(M.Twalk(0, tmp, tmp, (names[reached],)))
-            finally:
-                await self.rpc(M.Tclunk(0, tmp))
-        except P9Error as e:
-            raise P9Error(f"{where}: {e}", e.errno) from None
-        finally:
-            self._free_fids.append(tmp)
-        raise P9Error(f"{where}: {P.ENOENT_MSG}", E.ENOENT)
+        return await self._drive(self._op_walk(path, fid))
 
     async def open(self, fid: int, mode: int = P.OREAD) -> tuple[Qid, int]:
         """Open with a Plan 9 mode (OREAD, OWRITE, ORDWR, | OTRUNC); return (qid, iounit)."""
-        if self.codec.dotl:
-            flags = (mode & 3) | (P.L_O_TRUNC if mode & P.OTRUNC else 0)
-            reply = await self.rpc(M.Tlopen(0, fid, flags))
-        else:
-            reply = await self.rpc(M.Topen(0, fid, mode))
-        return reply.qid, reply.iounit or self.iounit
+        return await self._drive(self._op_open(fid, mode))
 
     async def create(self, fid: int, name: str, perm: int, mode: int = P.OREAD) -> Qid:
         """Create ``name`` in directory ``fid``; the fid then stands for the new file, open."""
-        if self.codec.dotl:
-            if perm & P.DMDIR:
-                dfid = await self.walk([], fid)
-                try:
-                    return (await self.rpc(M.Tmkdir(0, dfid, name, perm & 0o777, os.getgid()))).qid
-                finally:
-                    await self.clunk(dfid)
-            flags = (mode & 3) | P.L_O_CREAT | (P.L_O_TRUNC if mode & P.OTRUNC else 0)
-            reply = await self.rpc(M.Tlcreate(0, fid, name, flags, perm & 0o777, os.getgid()))
-        else:
-            reply = await self.rpc(M.Tcreate(0, fid, name, perm, mode))
-        return reply.qid
+        return await self._drive(self._op_create(fid, name, perm, mode))
 
     async def read(self, fid: int, offset: int, count: int) -> bytes:
         reply = await self.rpc(M.Tread(0, fid, offset, min(count, self.iounit)))
@@ -392,133 +296,38 @@ class Client:
         return reply.count
 
     async def clunk(self, fid: int) -> None:
-        try:
-            await self.rpc(M.Tclunk(0, fid))
-        finally:
-            if fid != self.root:
-                self._free_fids.append(fid)
+        await self._drive(self._op_clunk(fid))
 
     async def remove(self, path: str) -> None:
-        fid = await self.walk(path)
-        try:
-            await self.rpc(M.Tremove(0, fid))
-        finally:
-            self._free_fids.append(fid)
+        await self._drive(self._op_remove(path))
 
     async def stat(self, fid: int) -> FileInfo:
-        if not self.codec.dotl:
-            st = (await self.rpc(M.Tstat(0, fid))).stat
-            return FileInfo(st.name, st.qid, st.mode, st.length, st.uid, st.gid, st.mtime)
-        a = await self.rpc(M.Tgetattr(0, fid, P.GETATTR_BASIC))
-        mode = (a.mode & 0o777) | (P.DMDIR if a.mode & P.S_IFDIR == P.S_IFDIR else 0)
-        return FileInfo("", a.qid, mode, a.size, str(a.uid), str(a.gid), a.mtime_sec)
+        return await self._drive(self._op_stat(fid))
 
     async def readdir(self, fid: int) -> list[FileInfo]:
         """List an opened directory."""
-        out: list[FileInfo] = []
-        offset = 0
-        if not self.codec.dotl:
-            while data := await self.read(fid, offset, self.iounit):
-                offset += len(data)
-                for st in decode_stats(data, self.codec.dotu):
-                    out.append(FileInfo(st.name, st.qid, st.mode, st.length, st.uid, st.gid, st.mtime))
-            return out
-        while True:
-            reply = await self.rpc(M.Treaddir(0, fid, offset, self.iounit))
-            entries = decode_dirents(reply.data)
-            if not entries:
-                return out
-            for qid, off, _dtype, name in entries:
-                offset = off
-                mode = P.DMDIR if qid.type & P.QTDIR else 0
-                out.append(FileInfo(name, qid, mode, 0, "", "", 0))
+        return await self._drive(self._op_readdir(fid))
 
-    # ------------------------------------------------------------ whole-path helpers
     async def read_file(self, path: str) -> bytes:
-        fid = await self.walk(path)
-        try:
-            await self.open(fid, P.OREAD)
-            chunks, offset = [], 0
-            while data := await self.read(fid, offset, self.iounit):
-                chunks.append(data)
-                offset += len(data)
-            return b"".join(chunks)
-        finally:
-            await self.clunk(fid)
+        return await self._drive(self._op_read_file(path))
 
     async def write_file(self, path: str, data: bytes, *, create: bool = False, read_reply: bool = False) -> bytes:
         """Write ``data`` to ``path`` (truncating); with ``read_reply`` read the fid back.
 
         Reading back on the same fid is how a ctl file answers a command.
         """
-        try:
-            fid = await self.walk(path)
-            await self.open(fid, (P.ORDWR if read_reply else P.OWRITE) | P.OTRUNC)
-        except P9Error as e:
-            if not create or e.errno != E.ENOENT:
-                raise
-            parent, _, name = path.rstrip("/").rpartition("/")
-            fid = await self.walk(parent)
-            try:
-                await self.create(fid, name, 0o666, P.ORDWR if read_reply else P.OWRITE)
-            except BaseException:
-                await self.clunk(fid)
-                raise
-        try:
-            offset = 0
-            while True:  # one write even for empty data
-                n = await self.write(fid, offset, data[offset : offset + self.iounit])
-                offset += n
-                if offset >= len(data):
-                    break
-                if n == 0:
-                    raise P9Error("short write", E.EIO)
-            if not read_reply:
-                return b""
-            chunks, roff = [], 0
-            while chunk := await self.read(fid, roff, self.iounit):
-                chunks.append(chunk)
-                roff += len(chunk)
-            return b"".join(chunks)
-        finally:
-            await self.clunk(fid)
+        return await self._drive(self._op_write_file(path, data, create, read_reply))
 
     async def ls(self, path: str) -> list[FileInfo]:
-        fid = await self.walk(path)
-        try:
-            await self.open(fid, P.OREAD)
-            return await self.readdir(fid)
-        finally:
-            await self.clunk(fid)
+        return await self._drive(self._op_ls(path))
 
     async def stat_path(self, path: str) -> FileInfo:
-        fid = await self.walk(path)
-        try:
-            info = await self.stat(fid)
-            if not info.name:
-                info.name = path.rstrip("/").rpartition("/")[2] or "/"
-            return info
-        finally:
-            await self.clunk(fid)
+        return await self._drive(self._op_stat_path(path))
 
     async def mkdir(self, path: str, perm: int = 0o755) -> None:
-        parent, _, name = path.rstrip("/").rpartition("/")
-        fid = await self.walk(parent)
-        try:
-            await self.create(fid, name, P.DMDIR | perm, P.OREAD)
-        finally:
-            await self.clunk(fid)
+        await self._drive(self._op_mkdir(path, perm))
 
 
 def _expire(fut: asyncio.Future[Message]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
-
-
-def _local_user() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (KeyError, ImportError):
-        return "none"

@@ -14,12 +14,15 @@ and a trailing ``?`` for a field old peers may leave out.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
+from collections import namedtuple
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from . import proto
+
+TYPE_CHECKING = False  # (not typing's: importing typing is a tenth of a shell command's start-up)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, NamedTuple
 
 
 class ProtocolError(ValueError):
@@ -30,31 +33,46 @@ class ProtocolError(ValueError):
         self.tag = tag
 
 
-class Qid(NamedTuple):
-    type: int
-    version: int
-    path: int
+if TYPE_CHECKING:
+    class Qid(NamedTuple):
+        type: int
+        version: int
+        path: int
+else:
+    Qid = namedtuple("Qid", "type version path")
 
 
-@dataclasses.dataclass(slots=True)
+_NO_QID = Qid(0, 0, 0)
+
+
 class Stat:
-    """A directory entry as 9P2000 and 9P2000.u carry it."""
+    """A directory entry as 9P2000 and 9P2000.u carry it.
 
-    type: int = 0
-    dev: int = 0
-    qid: Qid = Qid(0, 0, 0)
-    mode: int = 0
-    atime: int = 0
-    mtime: int = 0
-    length: int = 0
-    name: str = ""
-    uid: str = ""
-    gid: str = ""
-    muid: str = ""
-    extension: str = ""
-    n_uid: int = proto.NONUNAME
-    n_gid: int = proto.NONUNAME
-    n_muid: int = proto.NONUNAME
+    A plain class rather than a dataclass: importing dataclasses costs a
+    shell command (fornax-sched 9p) a tenth of its start-up.
+    """
+
+    __slots__ = ("type", "dev", "qid", "mode", "atime", "mtime", "length", "name", "uid", "gid", "muid",
+                 "extension", "n_uid", "n_gid", "n_muid")
+
+    def __init__(self, type: int = 0, dev: int = 0, qid: Qid = _NO_QID, mode: int = 0,
+                 atime: int = 0, mtime: int = 0, length: int = 0, name: str = "", uid: str = "", gid: str = "",
+                 muid: str = "", extension: str = "", n_uid: int = proto.NONUNAME, n_gid: int = proto.NONUNAME,
+                 n_muid: int = proto.NONUNAME) -> None:
+        self.type, self.dev, self.qid, self.mode = type, dev, qid, mode
+        self.atime, self.mtime, self.length = atime, mtime, length
+        self.name, self.uid, self.gid, self.muid, self.extension = name, uid, gid, muid, extension
+        self.n_uid, self.n_gid, self.n_muid = n_uid, n_gid, n_muid
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Stat:
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Stat(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__) + ")"
 
 
 class Message:
@@ -227,8 +245,9 @@ _STAT_FIXED = struct.Struct("<HHI")  # size, type, dev (qid follows)
 _STAT_MID = struct.Struct("<IIIQ")  # mode, atime, mtime, length
 _STAT_NUMS = struct.Struct("<III")
 
-Reader = Callable[[bytes, int], tuple[tuple[Any, ...], int]]
-Writer = Callable[[Message, list[bytes]], None]
+if TYPE_CHECKING:
+    Reader = Callable[[bytes, int], tuple[tuple[Any, ...], int]]
+    Writer = Callable[[Message, list[bytes]], None]
 
 
 def _read_str(b: bytes, o: int) -> tuple[str, int]:

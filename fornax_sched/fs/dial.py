@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from collections import namedtuple
 
 DEFAULT_PORT = 564
+TYPE_CHECKING = False  # (neither typing nor dataclasses: each is a tenth of a shell command's start-up)
+if TYPE_CHECKING:
+    from typing import NamedTuple
+
+    class _Address(NamedTuple):
+        net: str  # "tcp" or "unix"
+        host: str = ""
+        port: int = 0
+        path: str = ""
+else:
+    _Address = namedtuple("Address", "net host port path", defaults=("", 0, ""))
 
 
-@dataclass(frozen=True)
-class Address:
-    net: str  # "tcp" or "unix"
-    host: str = ""
-    port: int = 0
-    path: str = ""
+class Address(_Address):
+    __slots__ = ()
 
     def __str__(self) -> str:
         if self.net == "unix":

@@ -7,7 +7,10 @@ tree can share them without importing each other.
 from __future__ import annotations
 
 import errno
-from typing import Final
+
+TYPE_CHECKING = False  # (not typing's: importing typing is a tenth of a shell command's start-up)
+if TYPE_CHECKING:
+    from typing import Final
 
 VERSION_9P: Final = "9P2000"
 VERSION_9PU: Final = "9P2000.u"

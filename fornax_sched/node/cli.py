@@ -1,15 +1,19 @@
-"""The ``fornax-node`` command."""
+"""The ``fornax-node`` command (fornax-node(8)).
+
+The daemon is imported only when it is to run, so ``--version`` and
+``--help`` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
+import errno
 import sys
 from pathlib import Path
 
-from .daemon import NodeConfig, serve_forever
-from .runtime import ContainerError, parse_size
+from .. import __version__
+from .. import exitcodes as X
+from ..units import SizeError, parse_size
 
 
 def _hostport(text: str, default_port: int = 9710) -> tuple[str, int]:
@@ -40,15 +44,16 @@ def _labels(text: str) -> dict[str, str]:
 
 def _size(text: str) -> int:
     try:
-        return parse_size(text)
-    except ContainerError as e:
+        return parse_size(text, "--mem")
+    except SizeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fornax-node",
                                 description="A Fornax node: runs containers, exports /cluster over 9P.")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--version", action="version", version=f"fornax-node {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (repeat for debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("serve", help="run the node daemon in the foreground")
     s.add_argument("--name", required=True, help="node name, e.g. fornax-01")
@@ -89,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import asyncio
+    import logging
+
+    from .daemon import NodeConfig, serve_forever
+    from .runtime import ContainerError
+
     logging.basicConfig(level=max(logging.WARNING - 10 * args.verbose, logging.DEBUG),
                         format="%(asctime)s fornax-node %(name)s: %(message)s")
     if args.broadcast is None:
@@ -130,11 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve_forever(cfg))
     except KeyboardInterrupt:
-        return 130
-    except (OSError, ContainerError, ValueError) as e:
-        print(f"fornax-node: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return X.INTERRUPTED
+    except OSError as e:
+        # A taken address is its own status (4): fornax-sched up, say, must not start it again and again.
+        where = f"{args.listen} (9P), {args.gossip[0]}:{args.gossip[1]} (gossip)" + (
+            f" or {args.persys} (Persys gRPC)" if args.persys else "")
+        if e.errno == errno.EADDRINUSE:
+            print(f"fornax-node {args.name}: cannot listen on {where}: {e.strerror}", file=sys.stderr)
+            return X.IN_USE
+        print(f"fornax-node {args.name}: {e}", file=sys.stderr)
+        return X.REFUSED
+    except (ContainerError, ValueError) as e:
+        print(f"fornax-node {args.name}: {e}", file=sys.stderr)
+        return X.REFUSED
+    return X.OK
 
 
 if __name__ == "__main__":

@@ -63,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
     except (PolicyError, lang.LangError) as e:
         print(f"{args.file}: {e}", file=sys.stderr)
         return 1
-    except (OSError, ConnectionError, SandboxError) as e:
+    except (ConnectionError, TimeoutError) as e:  # no answer from --scheduler: fornax-sched(1)'s status 3
+        print(f"fornax-sched policy: {e}", file=sys.stderr)
+        return 3
+    except (OSError, SandboxError) as e:
         print(f"fornax-sched policy: {e}", file=sys.stderr)
         return 1
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import getpass
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import exitcodes
 from ..fs.server import Server
 from ..policy import Limits
 from ..signals import until_stopped
@@ -176,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fornax-sched serve: {e}", flush=True)
         return 1
     except OSError as e:
-        print(f"fornax-sched serve: cannot listen on {cfg.listen}: {e}", flush=True)
-        return 1
+        # A taken address is its own status (4): fornax-sched up, say, must not start it again and again.
+        print(f"fornax-sched serve: cannot listen on {cfg.listen}: {e.strerror or e}", flush=True)
+        return exitcodes.IN_USE if e.errno == errno.EADDRINUSE else exitcodes.REFUSED
     return 0
