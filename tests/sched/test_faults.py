@@ -156,7 +156,9 @@ def test_fault5_refusals_of_huge_lines_keep_the_log_bounded(tmp_path: Path) -> N
             assert max(len(line) for line in log.splitlines()) <= 600
             assert "... (13100" in log and " characters)" in log  # quoted in part, saying how long it was
             stored = db.stat().st_size + Path(f"{db}-wal").stat().st_size - size
-            assert stored < 2_000_000, f"the store grew {stored} bytes"
+            # (the WAL alone may hold up to 4 MB, SQLite's 1,000 pages, before it is checkpointed; the fault
+            # grew the store by 392 MB)
+            assert stored < 8_000_000, f"the store grew {stored} bytes"
 
         run(go())
     finally:
@@ -222,8 +224,9 @@ def test_fault9_containers_started_by_hand_are_never_touched(tmp_path: Path) -> 
 
             async def seen() -> bool:
                 log = await read(sched.addr, "cluster/scheduler/log")
-                return all(f"{c} on fornax-01 was not placed by this scheduler; left alone" in log
-                           for c in ("hello-1", "hello-2", "hello-3"))
+                return all(f"{c} was not placed by this scheduler; left alone" in log
+                           for c in ("hello-1 on fornax-01", "hello-2 on fornax-01", "hello-3 on fornax-01",
+                                     "site on fornax-02"))
 
             await eventually(seen, 10)
             reply = await ctl(sched.addr, "place hello replicas=3")
