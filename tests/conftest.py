@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -79,7 +80,12 @@ def stop(server: ServerProc) -> None:
 
 @pytest.fixture
 def ramfs() -> Iterator[ServerProc]:
+    """A ramfs for the test; stopped after it (continued first, for a test that SIGSTOPped it)."""
     server = start_ramfs()
-    yield server
-    stop(server)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        stop(server)
     assert server.proc.returncode in (0, -15), f"ramfs exited with {server.proc.returncode}"

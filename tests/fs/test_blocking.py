@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,21 +18,11 @@ from fornax_sched.fs.blocking import BlockingClient
 from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
-from ..conftest import ServerProc, start_ramfs, stop
+from ..conftest import ServerProc
 from ..helpers import free_port, run
 
 TIMEOUT = 1.0
 SLACK = 2.0
-
-
-@pytest.fixture
-def ramfs() -> Iterator[ServerProc]:
-    server = start_ramfs()
-    try:
-        yield server
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        stop(server)
 
 
 @pytest.mark.parametrize("dialect", P.DIALECTS)

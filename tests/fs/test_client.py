@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,23 +19,13 @@ from fornax_sched.fs import codec as M
 from fornax_sched.fs import proto as P
 from fornax_sched.fs.client import Client
 
-from ..conftest import ServerProc, start_ramfs, stop
+from ..conftest import ServerProc
 from ..helpers import run
 from .util import eventually
 
 TIMEOUT = 1.0
 SLACK = 2.0  # scheduling on a loaded machine; far below "for ever"
 
-
-
-@pytest.fixture
-def ramfs() -> Iterator[ServerProc]:
-    server = start_ramfs()
-    try:
-        yield server
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
-        stop(server)
 
 
 async def connected(server: ServerProc) -> tuple[Client, int]:
