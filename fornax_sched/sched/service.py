@@ -52,6 +52,7 @@ from .decider import Decider
 from .liveness import Liveness, Transition
 from .logbook import LogBook, capped
 from .model import Request
+from .modes import NORMAL, Mode
 from .plans import CommandError, Plan, Stop
 from .policies import Policies
 from .state import State, replica_order, stamp
@@ -151,6 +152,8 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.started = clock()
+        self.mode = Mode(NORMAL, "", self.started)  # see modes.py
+        self.leader: str | None = None  # the leading replica's address, when several share a store
 
     # ================================================================ life
     async def start(self) -> None:
@@ -829,6 +832,7 @@ class Scheduler:
                 + "".join(f" {k} {v}" for k, v in sorted(counts.items()))
                 + f"\npolicy {self.policies.label()}" + (f" {h}" if (h := self.policies.health()) else "")
                 + f"\nstore {self.store.kind} {self.store.where} cluster {self.store.cluster}"
+                + f"\n{self.mode.line(stamp(self.mode.since))}"
                 + f"\n\n{lang.USAGE}")
 
     def placement_text(self, name: str) -> str:
