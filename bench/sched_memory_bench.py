@@ -165,6 +165,7 @@ async def w_live(db: Path, nodes: int, placements: int) -> dict[str, Any]:
         if (i + 1) % max(commands // 10, 1) == 0:
             marks.append(time.perf_counter() - t)
     place_s = time.perf_counter() - t
+    await sched.decider.barrier()  # the decider's copy holds every placement too
     statuses: dict[str, int] = {}
     for r in sched.state.records.values():
         statuses[r.status] = statuses.get(r.status, 0) + 1

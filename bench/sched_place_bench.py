@@ -278,6 +278,8 @@ def main() -> None:
     ap.add_argument("--image", default="hello")
     ap.add_argument("--interval", default="1", help="the scheduler's --interval (default: serve's default, 1)")
     ap.add_argument("--quick", action="store_true", help="60 places")
+    ap.add_argument("--sync", choices=("full", "normal"), default="full",
+                    help="the scheduler's SQLite sync (full: every commit fsynced, serve's default)")
     args = ap.parse_args()
     if args.quick:
         args.places = 60
@@ -293,8 +295,10 @@ def main() -> None:
                 nodes.append(n)
                 n.start()
                 drain(n.proc)
+            store = ["--store", f"sqlite:{Path(tmp) / 'sched' / 'sched.db'}?sync={args.sync}"] \
+                if args.sync != "full" else []
             sched = SchedProc(Path(tmp) / "sched", [n.addr for n in nodes],
-                              extra=["--interval", args.interval, "--dead", "10"]).start()
+                              extra=["--interval", args.interval, "--dead", "10", *store]).start()
             drain(sched.proc)
             results = asyncio.run(run_all(sched, nodes, args))
         finally:
@@ -311,7 +315,7 @@ def main() -> None:
 
     print(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "image": args.image, "scheduler_interval_s": float(args.interval),
+        "image": args.image, "scheduler_interval_s": float(args.interval), "scheduler_store_sync": args.sync,
         **results,
         "ratio_ours_over_direct_sequential": ratio(seq, peer_seq),
         "ratio_ours_over_direct_concurrent": ratio(conc, peer_conc),

@@ -5,7 +5,8 @@ stall in one C call until its sandbox is killed: nothing of that may hold
 the event loop, which serves every 9P client.  So every planner that
 decides runs here, on one thread, against ``Decider.state``: a copy kept
 the same as the service's by applying the same committed rows in the same
-order (``apply`` queues them behind whatever is running).  A plan runs
+order (``apply`` keeps them in a backlog that the thread applies before its
+next job, or once the backlog is long: a commit costs no thread wake-up).  A plan runs
 inside a draft of the copy's cluster, undone when it returns, so the copy
 only ever holds committed state between jobs.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +31,7 @@ from .state import Change, State
 
 log = logging.getLogger("fornax_sched.sched.decider")
 T = TypeVar("T")
+BACKLOG = 64  # committed batches kept for the copy before the thread is woken to apply them
 
 
 class Decider:
@@ -39,6 +42,9 @@ class Decider:
         self.monotonic = monotonic
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fornax-decide")
         self._closed = False
+        self._lock = threading.Lock()  # guards the backlog, which the loop fills and the thread empties
+        self._backlog: list[Callable[[], None]] = []
+        self._draining = False  # a job to empty the backlog is queued
 
     async def plan(self, fn: Callable[[State, Callable[[], bool]], T],
                    budget: float | None = None) -> tuple[T, str]:
@@ -48,6 +54,7 @@ class Decider:
         seconds = self.budget if budget is None else budget
 
         def job() -> tuple[T, str]:
+            self._drain()
             end = self.monotonic() + seconds
             program = self.state.cluster.program
             limit = getattr(program, "budget", None)
@@ -59,7 +66,11 @@ class Decider:
 
     async def call(self, fn: Callable[[State], T]) -> T:
         """Run ``fn(state)`` on the decider's thread (no draft: it may change the copy, e.g. the policy)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, self.state)
+        def job() -> T:
+            self._drain()
+            return fn(self.state)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, job)
 
     def apply(self, changes: Iterable[Change], statuses: Iterable[tuple[str, str]] = (),
               foreign: dict[str, set[str]] | None = None) -> None:
@@ -75,11 +86,26 @@ class Decider:
             for node, names in foreign.items():
                 self.state.observe_foreign(node, names)
 
-        self._pool.submit(job).add_done_callback(_report)
+        with self._lock:
+            self._backlog.append(job)
+            wake = len(self._backlog) >= BACKLOG and not self._draining
+            self._draining |= wake
+        if wake:
+            self._pool.submit(self._drain).add_done_callback(_report)
+
+    def _drain(self) -> None:
+        """On the thread: apply the backlog, in commit order."""
+        with self._lock:
+            jobs, self._backlog, self._draining = self._backlog, [], False
+        for job in jobs:
+            try:
+                job()
+            except Exception:  # the copy no longer matches: say so loudly, and go on with the rest
+                log.exception("the decider's copy of the state failed to apply a change")
 
     async def barrier(self) -> None:
         """Return once everything queued so far has been applied."""
-        await asyncio.get_running_loop().run_in_executor(self._pool, lambda: None)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._drain)
 
     def close(self) -> None:
         self._closed = True

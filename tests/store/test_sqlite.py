@@ -167,3 +167,25 @@ def test_a_full_disk_is_reported_and_changes_nothing(small_disk: Path) -> None:
             await s.close()
 
     run(go())
+
+
+def test_sync_normal_is_asked_for_by_name_and_keeps_what_was_committed(tmp_path: Path) -> None:
+    path = tmp_path / "sched.db"
+
+    async def go() -> None:
+        store = await open_store(f"sqlite:{path}?sync=normal")
+        assert store.where == f"{path}?sync=normal"
+        db = store.kv._conn()  # type: ignore[attr-defined]
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL (FULL is 2)
+        b = Batch()
+        b.put("placements", "web-1", {"node": "a"})
+        await store.apply(b)
+        await store.close()
+        again = await open_store(str(path))  # the default: every commit fsynced
+        assert again.kv._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # type: ignore[attr-defined]
+        assert (await again.load("placements")) == {"web-1": {"node": "a"}}
+        await again.close()
+
+    run(go())
+    with pytest.raises(StoreError, match=r"sync='sometimes': want full or normal"):
+        run(open_store(f"sqlite:{path}?sync=sometimes"))

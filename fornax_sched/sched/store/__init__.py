@@ -33,7 +33,7 @@ from .api import (
     Watch,
 )
 from .kv import KV, KVStore
-from .sqlite import SqliteKV
+from .sqlite import SYNC_MODES, SqliteKV
 
 __all__ = [
     "KINDS", "TABLES", "Batch", "Compacted", "Conflict", "Event", "Item", "KVStore", "Leadership", "Lease", "NotLeader",
@@ -42,6 +42,12 @@ __all__ = [
 
 
 async def _sqlite(where: str, *, create: bool, fresh: bool, clock: Callable[[], float], **kw: Any) -> KV:
+    path, sep, query = where.rpartition("?")
+    if sep and query.startswith("sync="):  # PATH?sync=full|normal (a plain path may hold a '?' of its own)
+        sync = query.removeprefix("sync=")
+        if sync not in SYNC_MODES:
+            raise StoreError(f"sqlite:{where}: sync={sync!r}: want {' or '.join(SYNC_MODES)}")
+        return await SqliteKV.open(Path(path), create=create, fresh=fresh, clock=clock, sync=sync, **kw)
     return await SqliteKV.open(Path(where), create=create, fresh=fresh, clock=clock, **kw)
 
 
