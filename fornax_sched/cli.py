@@ -20,13 +20,16 @@ TYPE_CHECKING = False  # (not typing's: its import is a tenth of a `fornax-sched
 if TYPE_CHECKING:
     from typing import Any
 
-# name: (module with add_parser(sub), the one-line help shown in `fornax-sched --help`)
+# name: (module with add_parser(sub), or MODULE:FUNCTION, the one-line help shown in `fornax-sched --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("fornax_sched.up", "start the local system in the foreground"),
     "serve": ("fornax_sched.sched.serve", "run the scheduler's 9P file server"),
     "9p": ("fornax_sched.fs.tool", "a 9P client and an in-memory 9P server"),
     "policy": ("fornax_sched.policy.cli", "check a policy file, or simulate its decisions"),
     "store": ("fornax_sched.sched.storecmd", "export a store's state to a file, import it into a store"),
+    "status": ("fornax_sched.sched.listcmd:add_status", "list placements and groups"),
+    "nodes": ("fornax_sched.sched.listcmd:add_nodes", "list nodes: offered, reserved, in use"),
+    "logs": ("fornax_sched.sched.listcmd:add_logs", "print a placement's container output (-f: follow)"),
 }
 
 
@@ -86,7 +89,8 @@ def build_parser(argv: list[str] | None = None, *, full: bool = False) -> argpar
     chosen = _chosen(words)
     for name, (module, text) in COMMANDS.items():
         if full or name == chosen:
-            add = importlib.import_module(module).add_parser
+            path, _, function = module.partition(":")
+            add = getattr(importlib.import_module(path), function or "add_parser")
             if name == "9p" and not full:  # it too builds only the operation named (each parser costs)
                 add(sub, words[words.index(name) + 1:])
             else:

@@ -66,6 +66,9 @@ def add_parser(sub: Any, argv: list[str] | None = None) -> None:
         c.add_argument("path")
         if op == "ls":
             c.add_argument("-l", action="store_true", dest="long", help="long listing")
+        if op == "read":
+            c.add_argument("-f", "--follow", action="store_true",
+                           help="at the end, wait for more and print it as it comes (until interrupted)")
         c.set_defaults(func=_run_client, quiet_start=True)
     if chosen in (None, "write"):
         _add_write(cmds)
@@ -162,7 +165,9 @@ def _client(args: argparse.Namespace) -> None:
         data = words(args.data) if args.data else sys.stdin.buffer.read()
     with BlockingClient.connect(args.addr, version=versions, uname=args.user, aname=args.aname,
                                 timeout=args.timeout) as c:
-        if args.op == "read":
+        if args.op == "read" and args.follow:
+            follow(c, args.path, sys.stdout.buffer)
+        elif args.op == "read":
             sys.stdout.buffer.write(c.read_file(args.path))
         elif args.op == "write":
             sys.stdout.buffer.write(c.write_file(args.path, data, create=args.create, read_reply=args.reply))
@@ -171,6 +176,36 @@ def _client(args: argparse.Namespace) -> None:
         elif args.op == "ls":
             _ls(c, args.path, args.long)
         sys.stdout.flush()
+
+
+FOLLOW_PAUSE = 0.25  # seconds between reads at the end of a followed file
+
+
+def follow(c: BlockingClient, path: str, out: Any) -> None:
+    """Print ``path`` and then whatever is added to it, until interrupted.
+
+    At the end it reads again every FOLLOW_PAUSE seconds, at the same offset, as tail -f does
+    (the scheduler's log keeps its offsets as it grows; logs/NAME asks the node again).
+    """
+    import time
+
+    fid = c.walk(path)
+    try:
+        c.open(fid, P.OREAD)
+        offset, chunk = 0, c.iounit
+        while True:
+            data = c.read(fid, offset, chunk)
+            if data:
+                offset += len(data)
+                out.write(data)
+                out.flush()
+            else:
+                time.sleep(FOLLOW_PAUSE)
+    finally:
+        try:
+            c.clunk(fid)
+        except (OSError, TimeoutError, ValueError):
+            pass
 
 
 def _ls(c: BlockingClient, path: str, long: bool) -> None:

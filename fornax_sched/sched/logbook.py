@@ -1,14 +1,16 @@
 """The scheduler's log in memory: bounded in lines and in line length, read at byte offsets.
 
 The log file serves reads straight from here, so a reader holds no copy
-of it: a thousand readers cost nothing more than one.  A reader's offsets
-count from where the log began when it opened the file; lines dropped from
-the front meanwhile are skipped.
+of it: a thousand readers cost nothing more than one.  Offsets are
+absolute: they count every byte since the scheduler started, so the end
+only grows and a follower (``tail -f``) finds its place again; lines
+dropped from the front are skipped.
 """
 
 from __future__ import annotations
 
 import bisect
+import time
 
 LINE_MAX = 500  # characters of one line (a refused command is quoted in part)
 
@@ -30,12 +32,14 @@ class LogBook:
         self._lines: list[bytes] = []
         self._offsets: list[int] = []  # absolute offset of each line's first byte
         self._end = 0  # absolute offset just past the last line
+        self.changed = int(time.time())  # when the last line came (the log file's mtime)
 
     def add(self, text: str) -> None:
         data = (capped(text, LINE_MAX + 40) + "\n").encode()
         self._lines.append(data)
         self._offsets.append(self._end)
         self._end += len(data)
+        self.changed = int(time.time())
         if len(self._lines) > 2 * self.keep:  # drop in bulk: cheap, and at most 2x keep held
             cut = len(self._lines) - self.keep
             del self._lines[:cut]

@@ -40,6 +40,7 @@ from .backends import (
     ContainerInfo,
     Discovery,
     Health,
+    Logs,
     NodeInfo,
     NodeRefused,
     NodeUnreachable,
@@ -834,6 +835,28 @@ class Scheduler:
                 + f"\nstore {self.store.kind} {self.store.where} cluster {self.store.cluster}"
                 + f"\n{self.mode.line(stamp(self.mode.since))}"
                 + f"\n\n{lang.USAGE}")
+
+    async def container_log(self, name: str) -> tuple[str, bytes]:
+        """A placement's container output, read through its node (logs/NAME): where it ran
+        (``NODE/CID``, which changes when it is started again) and the bytes the node keeps."""
+        p, r = self.state.cluster.placements.get(name), self.state.records.get(name)
+        if p is None or r is None:
+            raise CommandError(f"no placement {name!r}")
+        if p.node is None or not r.cid:
+            why = f" ({r.detail})" if r.detail else ""
+            raise CommandError(f"{name} has no container yet: it is {r.status}{why}")
+        lk = self.links.get(p.node)
+        if lk is None:
+            raise CommandError(f"{name}: node {p.node} is not connected")
+        if not isinstance(lk.backend, Logs):
+            raise CommandError(f"{name} runs on {p.node}, a {lk.backend.kind} node, which keeps no container logs")
+        node, cid = p.node, r.cid
+        try:
+            return f"{node}/{cid}", await lk.backend.log(cid)
+        except NoSuchContainer:
+            raise CommandError(f"{name}: its container {cid} is no longer on {node}") from None
+        except BackendError as e:
+            raise CommandError(f"{name}: {e}") from None
 
     def placement_text(self, name: str) -> str:
         p = self.state.cluster.placements[name]

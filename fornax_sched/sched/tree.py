@@ -6,7 +6,8 @@
     /cluster/scheduler/policy.status  version, health and failure counts of the active policy
     /cluster/scheduler/history/N      the policy versions kept (ctl: policy restore N)
     /cluster/scheduler/placements/C   one file per container
-    /cluster/scheduler/log            decisions and actions, one timestamped line each
+    /cluster/scheduler/log            decisions and actions, one timestamped line each (tail -f follows it)
+    /cluster/scheduler/logs/C         the output of container C, read through its node
     /cluster/scheduler/status         every placement and group as a table (status.json: the same as JSON)
     /cluster/scheduler/nodes          every node as a table: offered, reserved, in use (nodes.json)
     /cluster/nodes/N/{status,kind,addr,resources,containers,health}
@@ -58,29 +59,122 @@ class PolicyFile(DocumentFile):
         return _refusal(self.name, self.writers, ctx) if need & 2 else super().refusal(ctx, need)
 
 
+FOLLOW_POLL = 0.25  # seconds: a read at the end of logs/NAME asks the node again if its last look is older
+LOG_HELD = 1 << 20  # bytes of a container's output one open keeps (the newest; older ones are skipped)
+
+
 class LogFile(File):
-    """The log, read straight from the LogBook at byte offsets: an open holds no copy of it."""
+    """The log, read straight from the LogBook at byte offsets: an open holds no copy of it.
+
+    Its length is where the log ends (bytes since the scheduler started, so it only grows) and
+    its mtime when the last line came: what ``tail -f`` looks at to follow a file.  A read at
+    the end answers end of file at once, so cat, grep and the kernel's client never wait;
+    a follower reads again (``tail -f``, ``fornax-sched 9p read -f``, ``fornax-sched logs -f``).
+    """
 
     def __init__(self, name: str, book: LogBook, uid: str) -> None:
         super().__init__(name, read=lambda ctx: "", uid=uid, mode=0o444)
         self.book = book
 
+    @property
+    def mtime(self) -> int:
+        return self.book.changed
+
+    @mtime.setter
+    def mtime(self, value: int) -> None:
+        pass  # the log's own: when its last line came
+
     def length(self, ctx: Ctx) -> int:
-        return 0  # a stream: its length is what reads return (as for Plan 9's synthetic files)
+        return self.book.end
 
     def open(self, ctx: Ctx, mode: int) -> Handle:
         return _LogHandle(self.book)
 
 
 class _LogHandle(Handle):
-    __slots__ = ("book", "base")
+    __slots__ = ("book", "shift")
 
     def __init__(self, book: LogBook) -> None:
         self.book = book
-        self.base = book.start  # offsets count from where the log began at open
+        self.shift: int | None = None  # added to a reader's offsets (set at its first read)
 
     def read(self, offset: int, count: int) -> bytes:
-        return self.book.read(self.base + offset, count)
+        if self.shift is None:
+            # A reader from the top (cat) starts at the first line kept; one that asks for a place
+            # in the log (tail, which knows the length) gets that place.
+            self.shift = max(0, self.book.start - offset)
+        return self.book.read(offset + self.shift, count)
+
+
+class ContainerLogFile(File):
+    """logs/NAME: a placement's container output, read through its node."""
+
+    def __init__(self, name: str, sched: Scheduler, uid: str) -> None:
+        super().__init__(name, read=lambda ctx: "", uid=uid, mode=0o444)
+        self.sched = sched
+
+    def open(self, ctx: Ctx, mode: int) -> Handle:
+        return _ContainerLogHandle(self.sched, self.name)
+
+
+class _ContainerLogHandle(Handle):
+    """What one open has seen of a container's output: fetched at the first read, and again
+    by a read at the end once the last look is FOLLOW_POLL seconds old (a follower's)."""
+
+    __slots__ = ("sched", "name", "data", "base", "where", "looked", "seen")
+
+    def __init__(self, sched: Scheduler, name: str) -> None:
+        self.sched = sched
+        self.name = name
+        self.data = b""  # output from offset ``base`` on
+        self.base = 0
+        self.where = ""  # NODE/CID the output came from ("": not fetched yet)
+        self.looked = 0.0  # when the node was last asked (the loop's clock)
+        self.seen = (0, b"")  # the node's log as last fetched: its length and its last bytes
+
+    def held(self) -> int:
+        return len(self.data)
+
+    async def _fetch(self) -> None:
+        self.looked = asyncio.get_running_loop().time()
+        try:
+            where, data = await self.sched.container_log(self.name)
+        except CommandError as e:
+            if not self.where:
+                raise P9Error(str(e), errno.EIO) from None
+            return  # while following: gone for now (restarting, its node away); look again later
+        if not self.where:
+            self.data = data
+        elif where != self.where:  # started again elsewhere, or anew: its output starts over
+            node, _, cid = where.partition("/")
+            self.data += f"--- {self.name} is now container {cid} on {node}\n".encode() + data
+        else:
+            self.data += _new_part(self.seen, data)
+        self.where, self.seen = where, (len(data), data[-256:])
+        if len(self.data) > LOG_HELD:
+            cut = len(self.data) - LOG_HELD // 2
+            self.data, self.base = self.data[cut:], self.base + cut
+
+    async def read(self, offset: int, count: int) -> bytes:
+        at = max(offset, self.base) - self.base
+        if not self.where or (at >= len(self.data)
+                              and asyncio.get_running_loop().time() - self.looked >= FOLLOW_POLL):
+            await self._fetch()
+            at = max(offset, self.base) - self.base
+        return self.data[at:at + count]
+
+
+def _new_part(seen: tuple[int, bytes], now: bytes) -> bytes:
+    """What ``now`` (a node's log, which keeps its newest part) holds after the log that was
+    ``seen`` (its length and last bytes): past the same length if it only grew, else past
+    where its last bytes are now (the node cut the front), else all of it."""
+    length, tail = seen
+    if not tail:
+        return now
+    if now[length - len(tail):length] == tail:
+        return now[length:]
+    i = now.rfind(tail)
+    return now[i + len(tail):] if i >= 0 else now
 
 
 def _json(value: object) -> str:
@@ -127,6 +221,9 @@ def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
         DynamicDir("placements", names=lambda ctx: list(sched.state.records), make=placement,
                    exists=lambda n: n in sched.state.records, uid=owner),
         LogFile("log", sched.book, owner),
+        DynamicDir("logs", names=lambda ctx: list(sched.state.records),
+                   make=lambda name: ContainerLogFile(name, sched, owner),
+                   exists=lambda n: n in sched.state.records, uid=owner),
         ro("status", lambda ctx: sched.status_table()),
         ro("status.json", lambda ctx: _json(dict(zip(("placements", "groups"), sched.status_rows(), strict=True)))),
         ro("nodes", lambda ctx: sched.nodes_table()),

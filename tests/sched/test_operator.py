@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
 from ..node.cluster import NodeProc, eventually, read
@@ -213,3 +219,123 @@ def test_a_crash_loop_restarts_with_backoff_then_moves_node(tmp_path: Path) -> N
         sched.stop()
         for n in nodes:
             n.stop()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "fornax-sched"), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+class Follower:
+    """A `fornax-sched ... -f` process whose output is collected as it comes."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "fornax-sched"), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.out = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(65536):
+            self.out += chunk
+
+    def text(self) -> str:
+        return self.out.decode(errors="replace")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reader.join(timeout=5)
+
+
+def test_logs_of_a_container_and_of_the_scheduler_follow(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
+    """logs/NAME is the container's output through its node; `logs -f` and `9p read -f` follow,
+    across a restart; the log's length grows as lines come (what tail -f watches)."""
+    sched, nodes = cluster
+    env = {"FORNAX_SCHED": sched.addr}
+
+    async def go() -> None:
+        await discovered(sched)
+        await ctl(sched.addr, "place hello name=talk -- one two")
+        cid = fields_of(await read(sched.addr, "cluster/scheduler/placements/talk"))["cid"]
+        want = f"hello from fornax container {cid}\nargs: one two\n"
+
+        async def said() -> bool:
+            return await read(sched.addr, "cluster/scheduler/logs/talk") == want
+
+        await eventually(said, timeout=10)
+        with pytest.raises(P9Error, match="logs/nosuch: (No such file or directory|file does not exist)"):
+            await read(sched.addr, "cluster/scheduler/logs/nosuch")
+        await ctl(sched.addr, "place hello name=big cpu>=64")
+        async with await Client.connect(sched.addr, timeout=10, version="9P2000.u") as c:  # (.u carries the words)
+            with pytest.raises(P9Error, match=r"big has no container yet: it is pending \(no node fits cpu>=64"):
+                await c.read_file("cluster/scheduler/logs/big")
+
+        # the log: its length is where it ends, and grows
+        async def log_length() -> int:
+            async with await Client.connect(sched.addr, timeout=10) as c:
+                return (await c.stat_path("cluster/scheduler/log")).length
+
+        before = await log_length()
+        assert before == len((await read(sched.addr, "cluster/scheduler/log")).encode())
+        await ctl(sched.addr, "place hello name=more")
+        assert await log_length() > before
+
+    asyncio.run(go())
+
+    logs = Follower("logs", "-f", "talk", sched.addr)
+    tail = Follower("9p", "read", "-f", sched.addr, "/cluster/scheduler/log")
+    try:
+        until(lambda: "args: one two" in logs.text())
+        until(lambda: "place more " in tail.text())
+        asyncio.run(ctl(sched.addr, "stop talk"))
+        asyncio.run(ctl(sched.addr, "start talk"))
+        cid = fields_of(asyncio.run(read(sched.addr, "cluster/scheduler/placements/talk")))["cid"]
+        until(lambda: f"hello from fornax container {cid}\nargs: one two\n" in logs.text())
+        until(lambda: "started talk on " in tail.text().split("stop talk", 1)[-1])
+    finally:
+        rc_logs, rc_tail = logs.stop(), tail.stop()
+    text = logs.text()
+    assert text.count("args: one two") == 2, text  # the first container's output once, the second's once
+    assert f"--- talk is now container {cid} on " in text, text
+    assert tail.text().count("place more ") == 1, tail.text()
+    assert rc_logs == rc_tail == 130
+
+    # the listings on the command line: one read each, the address from $FORNAX_SCHED
+    st = _cli("status", env=env)
+    assert st.returncode == 0 and st.stdout.splitlines()[0].split() == ["NAME", "IMAGE", "NODE", "STATUS", "AGE", "WHY"]
+    assert json.loads(_cli("status", "--json", env=env).stdout)["groups"]
+    nd = _cli("nodes", sched.addr)
+    assert nd.returncode == 0 and len(nd.stdout.splitlines()) == 4, nd
+    assert [n["name"] for n in json.loads(_cli("nodes", "--json", sched.addr).stdout)["nodes"]] == \
+        ["fornax-01", "fornax-02", "fornax-03"]
+    assert _cli("logs", "talk", env=env).stdout.endswith("args: one two\n")
+    nosuch = _cli("logs", "nosuch", env=env)
+    assert (nosuch.returncode, nosuch.stderr) == \
+        (1, "fornax-sched logs: no placement 'nosuch' (fornax-sched status lists them)\n")
+    gone = _cli("status", "tcp!127.0.0.1!1")
+    assert gone.returncode == 3 and "cannot dial 9P server tcp!127.0.0.1!1" in gone.stderr, gone
+
+
+def until(check: Callable[[], bool], timeout: float = 10) -> None:
+    async def ok() -> bool:
+        return check()
+
+    asyncio.run(eventually(ok, timeout=timeout))
+
+
+def fields_of(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        for word in line.split():
+            k, sep, v = word.partition("=")
+            if sep and k not in out:
+                out[k] = v
+    return out

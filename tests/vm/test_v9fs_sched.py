@@ -77,6 +77,21 @@ for M in L p9; do
   echo "@@ $M log-started $(grep "started hello-$K on " $S/log | tail -1)"
   echo "@@ $M node-containers $(grep "^hello-$K " $C/nodes/$NODE/containers)"
 
+  # the container's output through the scheduler; the listings in one read each
+  echo "@@ $M container-log $(head -1 $S/logs/hello-$K)"
+  echo "@@ $M status-row $(grep "^hello-$K " $S/status | tr -s ' ')"
+  echo "@@ $M nodes-head $(head -1 $S/nodes | tr -s ' ')"
+  # tail -f follows the log: a line the scheduler writes later reaches it
+  tail -f $S/log > /tmp/tail-$M.txt 2>&1 &
+  TP=$!
+  sleep 1
+  echo place hello name=follow-$M > $S/ctl
+  i=0
+  while [ $i -lt 30 ] && ! grep -q "place follow-$M " /tmp/tail-$M.txt; do sleep 0.2; i=$((i + 1)); done
+  kill $TP
+  echo "@@ $M tail-follow $(grep "place follow-$M " /tmp/tail-$M.txt | tail -1)"
+  echo remove follow-$M > $S/ctl; echo "@@ $M follow-removed $?"
+
   # a bad command: an error, and the words are in the log
   ERR=$(echo dance 2>&1 >$S/ctl); echo "@@ $M bad-rc $?"
   echo "@@ $M bad-msg $ERR"
@@ -222,6 +237,12 @@ def test_shell_drives_the_scheduler(run: Run, mount: str) -> None:
     assert f"place {name} (place hello): -> {node}: spread" in got["log-place"], why
     assert f"started {name} on {node} as container {got['cid']}" in got["log-started"], why
     assert got["node-containers"] == f"{name} hello running", why
+    # its output, the listings, and a log followed with tail -f
+    assert got["container-log"] == f"hello from fornax container {got['cid']}", why
+    assert got["status-row"].startswith(f"{name} hello {node} running "), why
+    assert got["nodes-head"].startswith("NAME KIND STATUS CPUS"), why
+    assert f"place follow-{mount} (place hello name=follow-{mount}): -> " in got["tail-follow"], why
+    assert got["follow-removed"] == "0", why
     # a bad command
     assert got["bad-rc"] != "0", why
     if mount == "L":  # 9P2000.L carries only an errno: EINVAL

@@ -19,6 +19,7 @@ from .base import (
     ContainerInfo,
     Discovery,
     Health,
+    Logs,
     NodeInfo,
     NodeRefused,
     NodeUnreachable,
@@ -31,8 +32,8 @@ from .sim import CLUSTER, SimCluster, SimNode, SimState
 
 __all__ = [
     "CLUSTER", "CLUSTER_LABEL", "KINDS", "REVISION_LABEL", "Backend", "BackendError", "ContainerInfo", "Discovery",
-    "FornaxNode", "Health", "NoSuchContainer", "NodeInfo", "NodeRefused", "NodeUnreachable", "PeerInfo", "SimCluster",
-    "SimNode", "SimState", "Spec", "connect", "kind_of",
+    "FornaxNode", "Health", "Logs", "NoSuchContainer", "NodeInfo", "NodeRefused", "NodeUnreachable", "PeerInfo",
+    "SimCluster", "SimNode", "SimState", "Spec", "connect", "kind_of",
 ]
 
 # (how an address of this kind starts, the backend's factory: address, timeout -> Backend)

@@ -141,3 +141,12 @@ class Discovery(Protocol):
     """A backend that can name other nodes (a Fornax node's gossip)."""
 
     async def peers(self) -> builtins.list[PeerInfo]: ...
+
+
+@runtime_checkable
+class Logs(Protocol):
+    """A backend whose node keeps its containers' output (a Fornax node's containers/CID/log)."""
+
+    async def log(self, cid: str) -> bytes:
+        """The container's output as the node keeps it (the newest part, if the node trims it)."""
+        ...

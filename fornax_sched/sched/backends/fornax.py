@@ -192,6 +192,10 @@ class FornaxNode:
     async def status(self, cid: str) -> ContainerInfo:
         return container_of(parse_kv(await self._read(f"cluster/containers/{cid}/status")))
 
+    async def log(self, cid: str) -> bytes:
+        path = f"cluster/containers/{cid}/log"
+        return await self._do(f"read the log of container {cid}", lambda c: c.read_file(path))
+
     async def list(self) -> list[ContainerInfo]:
         if self._listing is not False:
             try:
