@@ -25,7 +25,7 @@ def _common(p: Any) -> None:
 
 
 def add_status(sub: Any) -> None:
-    p = sub.add_parser("status", help="list placements and groups (one read of /cluster/scheduler/status)",
+    p = sub.add_parser("status", help="list placements and groups",
                        description="Every placement (name, image, node, status, age, why it waits or failed) "
                                    "and every group's wanted/running, as the scheduler's status file has them.")
     p.add_argument("addr", nargs="?", default=None, metavar="ADDR", help=ADDR_HELP)
@@ -35,7 +35,7 @@ def add_status(sub: Any) -> None:
 
 
 def add_nodes(sub: Any) -> None:
-    p = sub.add_parser("nodes", help="list nodes: offered, reserved, in use (one read of /cluster/scheduler/nodes)",
+    p = sub.add_parser("nodes", help="list nodes: offered, reserved, in use",
                        description="Every node the scheduler knows: kind, status, cpu and memory offered, "
                                    "reserved and in use, load and containers.")
     p.add_argument("addr", nargs="?", default=None, metavar="ADDR", help=ADDR_HELP)
@@ -45,7 +45,7 @@ def add_nodes(sub: Any) -> None:
 
 
 def add_logs(sub: Any) -> None:
-    p = sub.add_parser("logs", help="print a placement's container output (/cluster/scheduler/logs/NAME)",
+    p = sub.add_parser("logs", help="print a placement's container output (-f: follow)",
                        description="The output of NAME's container, read through its node; with -f, go on "
                                    "printing what it writes, across restarts, until interrupted.  With no NAME, "
                                    "the scheduler's own log.")
