@@ -128,7 +128,7 @@ async def ours(addr: str, image: str, places: int, writers: int, ph: Phase) -> N
                     first = (await c.read_file(f"cluster/scheduler/placements/{name}")).decode().split("\n", 1)[0]
                     if "status=running" in first:
                         break
-                    if "status=failed" in first or "status=exited" in first or "status=pending" in first:
+                    if any(f"status={s}" in first for s in ("failed", "succeeded", "pending", "unschedulable", "lost")):
                         raise RuntimeError(first)
                     await asyncio.sleep(0.002)
                 ph.run_lat.append(time.perf_counter() - t0)

@@ -693,3 +693,15 @@ class Cluster:
                 self.assign(name, d.node, f"rebalance from {p.node}")
                 moves.append((name, src.name, dst.name))
         return moves
+
+
+def unschedulable(reason: str) -> bool:
+    """Whether a reason of _why_not says no node could take the request as the cluster stands
+    (every node too small for it or not matching its constraints), rather than none having room
+    now (full, down, cordoned, kept off by anti-affinity): the one waits for the cluster to change,
+    the other for room."""
+    head, sep, parts = reason.partition(": ")
+    if not sep or not head.startswith("no node fits"):
+        return False
+    kinds = {part.split(" ", 1)[1] if " " in part else part for part in parts.split(", ")}
+    return bool(kinds) and kinds <= {"too small (it asks for more than any node offers)", "filtered"}

@@ -18,9 +18,9 @@ from typing import Any
 
 from ..units import format_size
 from . import lang
-from .core import Decision, NodeState
+from .core import Decision, NodeState, unschedulable
 from .model import Request
-from .state import ENDED, State, request_to_json
+from .state import ENDED, WAITING, State, request_to_json
 
 BUSY_STATUSES = ("starting", "stopping", "removing")
 
@@ -37,6 +37,12 @@ class Stop:
     name: str
     cid: str
     destroy: bool
+
+
+def waiting(reason: str) -> str:
+    """The status of what no node took: ``unschedulable`` if none could as the cluster stands
+    (too small for every node, or matching none), else ``pending`` (none has room now)."""
+    return "unschedulable" if unschedulable(reason) else "pending"
 
 
 @dataclass
@@ -81,7 +87,7 @@ class Plan:
     def create(self, name: str, req: Request, group: str, d: Decision) -> None:
         self.changes[("placements", name)] = {
             "request": request_to_json(req), "node": d.node, "reason": d.reason if d.node else "", "group": group,
-            "want": "run", "status": "starting" if d.node else "pending", "cid": "", "since": self.now,
+            "want": "run", "status": "starting" if d.node else waiting(d.reason), "cid": "", "since": self.now,
             "detail": "" if d.node else d.reason, "created": self.now, "restarts": 0, "restarted": 0.0}
         if d.node:
             self.starts.append(name)
@@ -259,7 +265,7 @@ def plan_start(state: State, name: str, now: float, policy: str) -> Plan:
             c.assign(name, d.node, d.reason)
         plan.note(decided_line(d, f"start {name}", policy))
         plan.edit(state, name, node=d.node, reason=d.reason if d.node else "", want="run",
-                  status="starting" if d.node else "pending", cid="", detail="" if d.node else d.reason)
+                  status="starting" if d.node else waiting(d.reason), cid="", detail="" if d.node else d.reason)
         node = d.node
     else:
         plan.edit(state, name, want="run", status="starting", cid="", detail="")
@@ -295,7 +301,7 @@ def plan_evacuate(state: State, node: str, now: float, policy: str) -> Plan:
             plan.note(decided_line(d, f"evacuate {name}", policy))
             if d.node is None:
                 c.unassign(name, f"evacuated from {node}; {d.reason}")
-                plan.edit(state, name, node=None, reason="", status="pending", cid="", detail=d.reason)
+                plan.edit(state, name, node=None, reason="", status=waiting(d.reason), cid="", detail=d.reason)
                 pending.append(name)
             else:
                 c.assign(name, d.node, f"evacuated from {node}")
@@ -349,8 +355,9 @@ def plan_pending(state: State, now: float, policy: str, budget_left: Callable[[]
             continue
         d = c.decide(name, p.request)
         if d.node is None:
-            if r.detail != d.reason:
-                plan.edit(state, name, detail=d.reason)
+            status = r.status if r.status == "lost" else waiting(d.reason)  # lost stays lost until placed
+            if r.detail != d.reason or r.status != status:
+                plan.edit(state, name, detail=d.reason, status=status)
             continue
         c.assign(name, d.node, d.reason)
         plan.note(decided_line(d, f"place pending {name}", policy))
@@ -388,7 +395,7 @@ def plan_node_dead(state: State, node: str, why: str, now: float, policy: str) -
                       detail="")
             plan.starts.append(name)
         else:
-            plan.edit(state, name, node=None, reason="", status="pending", cid="", detail=d.reason)
+            plan.edit(state, name, node=None, reason="", status="lost", cid="", detail=f"lost with {node}; {d.reason}")
     return plan
 
 
@@ -400,9 +407,9 @@ def plan_stop(state: State, name: str, now: float, user: str) -> Plan:
     plan = Plan(now)
     if r.want == "remove":
         raise CommandError(f"{name} is being removed")
-    if r.status in ENDED or r.status == "pending":
-        plan.edit(state, name, want="stop", status="stopped" if r.status == "pending" else r.status)
-        plan.answer = f"{name} already {r.status}\n" if r.status != "pending" else ""
+    if r.status in ENDED or r.status in WAITING:
+        plan.edit(state, name, want="stop", status="stopped" if r.status in WAITING else r.status)
+        plan.answer = f"{name} already {r.status}\n" if r.status not in WAITING else ""
         plan.note(f"stop {name} (by {user}): it was {r.status}")
         plan.report = [] if plan.answer else [name]
         return plan

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 from .backends import CLUSTER_LABEL, ContainerInfo
 from .plans import Plan, Stop
-from .state import State
+from .state import WAITING, State
 
 
 def ours(c: ContainerInfo, cluster: str, state: State, node: str) -> bool:
@@ -48,8 +48,13 @@ RESTARTS_PER_NODE = 3  # restarts on one node in a row before it is placed on an
 RESTART_RESET = 60.0  # a container that ran this long since its last restart starts counting afresh
 
 
+def ended_as(node_state: str) -> str:
+    """A placement's status for how its container ended on the node (the node's ``exited`` is exit 0)."""
+    return "succeeded" if node_state == "exited" else node_state
+
+
 def restart_wanted(policy: str, ended: str) -> bool:
-    """Whether a container that ended (``exited``: code 0, ``failed``: anything else) runs again."""
+    """Whether a container that ended (``succeeded``: exit code 0, ``failed``: anything else) runs again."""
     return policy == "always" or (policy == "on-failure" and ended == "failed")
 
 
@@ -151,22 +156,23 @@ def plan_node(state: State, node: str, listing: Sequence[ContainerInfo], *, clus
             if r.status != "stopped":
                 plan.edit(state, name, status="stopped", cid=last.id if last else r.cid,
                           detail=last.reason if last else "")
-        elif r.status == "pending":
+        elif r.status in WAITING:
             continue
         elif (last is not None and last.state in ("exited", "failed") and last.id == r.cid) or \
-                r.status in ("exited", "failed"):
+                r.status in ("succeeded", "exited", "failed"):
             req = state.cluster.placements[name].request
-            if last is not None and last.id == r.cid and r.status != last.state:
+            if last is not None and last.id == r.cid and r.status != ended_as(last.state):
                 # The recorded instance ended on its own: recorded so (and run again only if its
                 # restart policy says so, once its backoff has passed: the rounds after this one).
                 how = f"exit code {last.exit_code}" if last.exit_code is not None else ""
                 detail = "; ".join(x for x in (how, last.reason) if x and x not in how) or how
                 restarts = r.restarts if now - r.restarted < RESTART_RESET else 0  # it ran a while: afresh
-                if restart_wanted(req.restart, last.state):
+                status = ended_as(last.state)
+                if restart_wanted(req.restart, status):
                     detail += (f"; restart {restarts + 1} in {backoff(restarts):g}s" if restarts < RESTARTS_PER_NODE
                                else f"; crash loop ({restarts} restarts): another node in {backoff(restarts):g}s")
-                plan.edit(state, name, status=last.state, detail=detail, restarts=restarts)
-                plan.note(f"{name} on {node}: {last.state}" + (f" ({detail})" if detail else ""))
+                plan.edit(state, name, status=status, detail=detail, restarts=restarts)
+                plan.note(f"{name} on {node}: {status}" + (f" ({detail})" if detail else ""))
             elif restart_wanted(req.restart, r.status) and now >= r.since + backoff(r.restarts):
                 for c in ended:
                     plan.stops.append(Stop(node, name, c.id, destroy=True))

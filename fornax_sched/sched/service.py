@@ -56,7 +56,7 @@ from .model import Request
 from .modes import NORMAL, Mode
 from .plans import CommandError, Plan, Stop
 from .policies import Policies
-from .state import State, replica_order, stamp
+from .state import WAITING, State, replica_order, stamp
 from .store import Batch, Store, StoreError
 from .store.api import LogLine
 
@@ -917,7 +917,7 @@ class Scheduler:
                          "since_s": round(max(now - r.since, 0.0), 1), "why": r.detail})
             g = groups.setdefault(r.group, {"group": r.group, "wanted": 0, "running": 0, "pending": 0, "other": 0})
             g["wanted"] += r.want == "run"
-            key = r.status if r.status in ("running", "pending") else "other"
+            key = "running" if r.status == "running" else "pending" if r.status in WAITING else "other"
             g[key] += 1
         return rows, [groups[k] for k in sorted(groups)]
 
@@ -955,7 +955,7 @@ class Scheduler:
                         "-" if r["load"] is None else f"{r['load']:.2f}", r["containers"]] for r in self.node_rows()])
 
 
-OBSERVED = ("running", "exited", "failed", "stopped")  # statuses that only say what a node reported
+OBSERVED = ("running", "succeeded", "exited", "failed", "stopped")  # statuses that only say what a node reported
 INTENT = ("request", "node", "reason", "group", "want", "created")
 
 

@@ -33,7 +33,8 @@ from .model import NodeFacts, Request
 
 WANTS = ("run", "stop", "remove")
 ALIVE = ("created", "running")  # container states that count as running on a node
-ENDED = ("stopped", "exited", "failed")
+ENDED = ("stopped", "succeeded", "exited", "failed")  # (exited: what succeeded was called before)
+WAITING = ("pending", "unschedulable", "lost")  # placed as soon as a node can take it
 
 Change = tuple[str, str, Any]  # (table, key, the row, or None: deleted)
 
@@ -44,7 +45,7 @@ class Record:
 
     group: str  # the replica set it belongs to (scale works on groups)
     want: str = "run"  # the user's intent: run | stop | remove
-    status: str = "pending"  # pending starting running stopping stopped exited failed removing
+    status: str = "pending"  # pending unschedulable lost starting running stopping stopped succeeded failed removing
     cid: str = ""  # the node's id for the container
     since: float = 0.0  # when the status last changed
     detail: str = ""  # the node's reason (exit code, memory limit), or why it is pending
@@ -196,6 +197,7 @@ class State:
             c.unassign(name, reason)
             c.set_reason(name, reason)
         status = str(d.get("status", "pending"))
+        status = "succeeded" if status == "exited" else status  # (a store from before the name)
         want = d.get("want") or _want_of(status)
         r = self.records.get(name)
         if r is None:
@@ -209,7 +211,7 @@ class State:
         r.created = float(d.get("created", 0.0))
         r.restarts = int(d.get("restarts", 0))
         r.restarted = float(d.get("restarted", 0.0))
-        if r.status == "pending":
+        if r.status in WAITING:
             self.pending.setdefault(name, None)
         else:
             self.pending.pop(name, None)

@@ -275,7 +275,7 @@ def test_fault11_what_cannot_be_meant_is_refused(tmp_path: Path) -> None:
                     await ctl(sched.addr, bad)
             assert await ls(sched.addr, "cluster/scheduler/placements") == []
             reply = await ctl(sched.addr, "place hello label:rack=r1 name=waits")  # meant: waits for such a node
-            assert reply.startswith("waits node=- status=pending (no node fits rack=r1: 3 filtered)"), reply
+            assert reply.startswith("waits node=- status=unschedulable (no node fits rack=r1: 3 filtered)"), reply
             assert "zone=east" in await ctl(sched.addr, "simulate place hello zone=east")
 
         run(go())

@@ -93,7 +93,7 @@ def test_status_and_nodes_are_one_read_each(cluster: tuple[SchedProc, list[NodeP
         rows = {line.split()[0]: line for line in table[1:blank]}
         assert set(rows) == {"web-1", "web-2", "big"}, table
         assert " running " in rows["web-1"] and "fornax-0" in rows["web-1"]
-        assert " pending " in rows["big"], rows["big"]
+        assert " unschedulable " in rows["big"], rows["big"]
         assert "no node fits cpu>=64: 3 too small (it asks for more than any node offers" in rows["big"], rows["big"]
         assert table[blank + 1].split() == ["GROUP", "WANTED", "RUNNING", "PENDING", "OTHER"]
         groups = {line.split()[0]: line.split()[1:] for line in table[blank + 2:]}
@@ -178,7 +178,76 @@ def crash_images(tmp: Path) -> Path:
     shutil.copytree(Path(__file__).resolve().parents[2] / "examples" / "images", images)
     (images / "crash").mkdir()
     (images / "crash" / "config").write_text("sh -c 'echo crashing; exit 3'\n")
+    (images / "done").mkdir()
+    (images / "done" / "config").write_text("sh -c 'echo done'\n")
     return images
+
+
+def test_statuses_say_what_happened(tmp_path: Path) -> None:
+    """succeeded (exit 0), failed (with the code), pending (no room now), unschedulable (no node could),
+    lost (its node died and no other has room), each placed or kept as it should."""
+    from ..node.cluster import three_nodes
+
+    nodes = three_nodes(tmp_path, images=crash_images(tmp_path))
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--dead", "2"]).start()
+    try:
+        async def status_of(name: str) -> dict[str, str]:
+            return fields_of(await read(sched.addr, f"cluster/scheduler/placements/{name}"))
+
+        async def go() -> None:
+            await discovered(sched)
+            await ctl(sched.addr, "place done name=ok")
+            await ctl(sched.addr, "place crash name=bad")
+
+            async def ended() -> bool:
+                ok, bad = await status_of("ok"), await status_of("bad")
+                return ok["status"] == "succeeded" and bad["status"] == "failed"
+
+            await eventually(ended, timeout=15)
+            assert "detail=exit code 0" in await read(sched.addr, "cluster/scheduler/placements/ok")
+            assert "detail=exit code 3" in await read(sched.addr, "cluster/scheduler/placements/bad")
+            await ctl(sched.addr, "remove ok")
+            await ctl(sched.addr, "remove bad")
+
+            cpus = json.loads(await read(sched.addr, "cluster/scheduler/nodes.json"))["nodes"][0]["cpus"]
+            fill = await ctl(sched.addr, f"place hello name=fill cpu={cpus:g} replicas=3")
+            assert fill.count("status=running") == 3, fill
+            reply = await ctl(sched.addr, "place hello name=wait cpu=1")
+            assert reply.startswith("wait node=- status=pending (no node fits cpu>=1: 3 full)"), reply
+            reply = await ctl(sched.addr, f"place hello name=huge cpu={cpus * 4:g}")
+            assert reply.startswith("huge node=- status=unschedulable"), reply
+            table = await read(sched.addr, "cluster/scheduler/status")
+            assert "fill   3       3        0        0" in table, table
+            assert "wait   1       0        1        0" in table, table
+
+            victim = (await status_of("fill-1"))["node"]
+            next(n for n in nodes if n.name == victim).kill9()
+
+            async def lost() -> dict[str, str] | None:
+                st = await status_of("fill-1")
+                return st if st["status"] == "lost" else None
+
+            await eventually(lost, timeout=20)
+            text = await read(sched.addr, "cluster/scheduler/placements/fill-1")
+            assert f"detail=lost with {victim}; no node fits cpu>={cpus:g}: " in text, text
+            assert (await status_of("wait"))["status"] == "pending"
+            await ctl(sched.addr, "remove wait")
+            await ctl(sched.addr, "remove fill-2")  # room again: what was lost is placed there
+
+            async def back() -> bool:
+                return (await status_of("fill-1"))["status"] == "running"
+
+            await eventually(back, timeout=15)
+            # (with a node down, it might be that one it waits for: pending, saying so)
+            assert (await status_of("huge"))["status"] == "pending"
+            assert "1 down" in (await read(sched.addr, "cluster/scheduler/placements/huge"))
+
+        asyncio.run(go())
+    finally:
+        sched.stop()
+        for n in nodes:
+            if n.proc is not None and n.proc.poll() is None:
+                n.stop()
 
 
 def test_a_crash_loop_restarts_with_backoff_then_moves_node(tmp_path: Path) -> None:
@@ -275,7 +344,7 @@ def test_logs_of_a_container_and_of_the_scheduler_follow(cluster: tuple[SchedPro
             await read(sched.addr, "cluster/scheduler/logs/nosuch")
         await ctl(sched.addr, "place hello name=big cpu>=64")
         async with await Client.connect(sched.addr, timeout=10, version="9P2000.u") as c:  # (.u carries the words)
-            with pytest.raises(P9Error, match=r"big has no container yet: it is pending \(no node fits cpu>=64"):
+            with pytest.raises(P9Error, match=r"big has no container yet: it is unschedulable \(no node fits cpu>=64"):
                 await c.read_file("cluster/scheduler/logs/big")
 
         # the log: its length is where it ends, and grows

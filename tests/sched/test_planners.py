@@ -200,7 +200,7 @@ class Planners(RuleBasedStateMachine):
             assert r is not None and r.want == "run" and p is not None and p.node == where[0], (name, where, r)
         for name, r in w.state.records.items():
             p = w.state.cluster.placements[name]
-            if r.want == "run" and p.node and p.node not in w.down and r.status not in ("exited", "failed") \
+            if r.want == "run" and p.node and p.node not in w.down and r.status not in ("succeeded", "failed") \
                     and w.state.cluster.nodes[p.node].status == "online":
                 assert name in alive, (name, r)  # meant to run on a reachable node: it runs
         del saved

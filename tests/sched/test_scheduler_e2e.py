@@ -117,13 +117,13 @@ def test_commands(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
         assert "nosuchimage" in new_lines
         assert "refused 'dance': unknown command 'dance'" in new_lines  # where a 9P2000.L user finds the words
 
-        # constraints, and a place that fits nowhere waits as pending with the reason
+        # constraints, and a place no node could take waits as unschedulable with the reason
         reply = await ctl(sched.addr, "place hello node=fornax-03 name=c3")
         assert reply.startswith("c3 node=fornax-03 status=running")
         with pytest.raises(P9Error, match=r"c3 does not fit on fornax-01 \(constraints node=fornax-03 exclude it\)"):
             await ctl(sched.addr, "migrate c3 fornax-03 fornax-01")
         reply = await ctl(sched.addr, "place hello cpu>=64 name=big")
-        assert reply.startswith("big node=- status=pending (no node fits cpu>=64: 3 too small (it asks for "
+        assert reply.startswith("big node=- status=unschedulable (no node fits cpu>=64: 3 too small (it asks for "
                                 "more than any node offers))"), reply
         # migrate: stop on the source, start on the target
         src = (await ctl(sched.addr, "place hello node!=fornax-03 name=pinned")).split()[1][len("node="):]
@@ -179,7 +179,7 @@ def test_pending_is_placed_when_capacity_appears(tmp_path: Path) -> None:
     try:
         async def go() -> None:
             await discovered(sched)
-            assert "status=pending" in await ctl(sched.addr, "place hello cpu=32 name=big")
+            assert "status=unschedulable" in await ctl(sched.addr, "place hello cpu=32 name=big")  # no node is that big
             from ..node.cluster import free_port
             big.port, big.gossip = free_port(), free_port(2)
             big.peers = [nodes[0].gossip]

@@ -5,7 +5,7 @@ boot: the guest mounts the scheduler with 9p2000.L (the Linux default) and
 with 9p2000 (uname=root), and on each mount does what a user would from a
 shell: list the nodes, place a container by writing ctl and watch it run,
 find the decision in the log, get an error for a bad command, leave a
-container pending, replace the policy (and fail to with garbage), and
+container waiting (unschedulable), replace the policy (and fail to with garbage), and
 evacuate the node the container runs on.  Afterwards the host asks the node
 daemons themselves what runs where.
 """
@@ -97,7 +97,7 @@ for M in L p9; do
   echo "@@ $M bad-msg $ERR"
   echo "@@ $M log-refused $(grep "refused 'dance'" $S/log | tail -1)"
 
-  # fits nowhere: pending, with the reason
+  # fits no node: unschedulable, with the reason
   echo place hello cpu=64 name=big-$M > $S/ctl; echo "@@ $M big-rc $?"
   echo "@@ $M big $(head -1 $S/placements/big-$M)"
   echo "@@ $M big-detail $(grep '^detail=' $S/placements/big-$M)"
@@ -252,7 +252,7 @@ def test_shell_drives_the_scheduler(run: Run, mount: str) -> None:
     assert "refused 'dance': unknown command 'dance'" in got["log-refused"], why
     # pending
     assert got["big-rc"] == "0", why
-    assert fields(got["big"]) == {"node": "-", "image": "hello", "status": "pending"}, why
+    assert fields(got["big"]) == {"node": "-", "image": "hello", "status": "unschedulable"}, why
     assert got["big-detail"].startswith("detail=no node fits cpu>=64"), why
     # policy
     assert got["pack-rc"] == "0" and got["policy"] == "pack", why
@@ -310,9 +310,9 @@ def test_the_nodes_really_run_it(run: Run) -> None:
             st = status(text)
             assert st["state"] == "running" and st["name"] == cname, text
             assert alive(int(st["pid"])), text
-        # what was pending stays pending; the policy is what the guest left
+        # what no node could take still waits; the policy is what the guest left
         for m in MOUNTS:
-            assert (await placement(run.sched.addr, f"big-{m}"))["status"] == "pending"
+            assert (await placement(run.sched.addr, f"big-{m}"))["status"] == "unschedulable"
         assert await read(run.sched.addr, "cluster/scheduler/policy") == "spread\n"
 
     asyncio.run(go())
