@@ -20,7 +20,7 @@ from typing import Any
 
 from ..sched import lang
 from ..sched.core import Cluster
-from ..sched.model import NodeFacts, Policy
+from ..sched.model import NodeFacts, Policy, Request
 from ..units import SizeError, parse_size
 from .engine import platform_path, platform_source
 from .errors import PolicyError, SandboxError
@@ -49,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
     if args.policy_command == "platform":
         print(platform_path() if args.path else platform_source(), end="" if not args.path else "\n")
         return 0
+    req = None
+    if args.policy_command == "simulate":  # the command line's words first: a bad one is a usage error
+        try:
+            req = place_words(args.place)
+        except lang.LangError as e:
+            print(f"fornax-sched policy simulate: {e}", file=sys.stderr)
+            return 2
     try:
         text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -59,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                           else (sample_cluster(), "the sample cluster"))
         if args.policy_command == "check":
             return check(text, cluster, where, str(args.file))
-        return simulate(text, cluster, where, args.place)
+        assert req is not None
+        return simulate(text, cluster, where, req)
     except (PolicyError, lang.LangError) as e:
         print(f"{args.file}: {e}", file=sys.stderr)
         return 1
@@ -83,10 +91,14 @@ def check(text: str, cluster: Cluster, where: str, name: str) -> int:
     return 0
 
 
-def simulate(text: str, cluster: Cluster, where: str, words: list[str]) -> int:
+def place_words(words: list[str]) -> Request:
+    """The request a `policy simulate FILE place IMAGE ...` command line asks about."""
     if not words or words[0] != "place":
         raise lang.LangError("usage: fornax-sched policy simulate FILE place IMAGE [CONSTRAINT ...]")
-    req = lang.parse_place(words[1:])
+    return lang.parse_place(words[1:])
+
+
+def simulate(text: str, cluster: Cluster, where: str, req: Request) -> int:
     loaded = load_policy(text, cluster)
     try:
         if loaded.program is None:

@@ -43,8 +43,13 @@ def test_simulate_shows_decisions() -> None:
     out = policy("simulate", "-", "place", "web", "cpu=100", stdin="pack\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1].startswith("web-3 pending: no node fits cpu>=100")
-    out = policy("simulate", "-", "stop", "x", stdin="pack\n")
-    assert out.returncode == 1 and "usage: fornax-sched policy simulate FILE place IMAGE" in out.stderr
+    out = policy("simulate", "-", "stop", "x", stdin="pack\n")  # a usage error: status 2, as for every command
+    assert out.returncode == 2 and "usage: fornax-sched policy simulate FILE place IMAGE" in out.stderr
+    out = policy("simulate", "-", "place", "web", "cpu=abc", stdin="pack\n")
+    assert (out.returncode, out.stderr) == (2, "fornax-sched policy simulate: bad cpu constraint 'cpu=abc': "
+                                                "want a number of CPUs such as 0.5 or 2\n")
+    out = policy("simulate", "-", "place", "web", stdin="frobnicate\n")  # a bad policy: refused, status 1
+    assert out.returncode == 1 and out.stderr.startswith("-: "), out.stderr
 
 
 def test_platform_is_readable() -> None:
