@@ -33,3 +33,12 @@ def format_size(n: int) -> str:
         if n and n % mult == 0:
             return f"{n // mult}{unit}"
     return str(n)
+
+
+def human_size(n: int) -> str:
+    """A size for a person's eyes, two digits or one and a tenth: 25275990016 -> "24G", 1610612736 -> "1.5G"."""
+    for unit, mult in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= mult:
+            v = n / mult
+            return f"{v:.1f}{unit}" if v < 10 and n % mult else f"{round(v)}{unit}"
+    return str(n)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..policy import Limits, PolicyError
-from ..units import format_size
+from ..units import format_size, human_size
 from . import lang, plans, reconcile
 from .backends import (
     CLUSTER_LABEL,
@@ -947,7 +947,7 @@ class Scheduler:
 
     def nodes_table(self) -> str:
         def size(v: int | None) -> str:
-            return "-" if v is None else format_size(max(v, 0))
+            return "-" if v is None else human_size(max(v, 0))
 
         return _table(["NAME", "KIND", "STATUS", "CPUS", "RESERVED", "MEM", "RESERVED", "USED", "LOAD", "CONTAINERS"],
                       [[r["name"], r["kind"], r["status"], f"{r['cpus']:g}", f"{r['cpus_reserved']:g}", size(r["mem"]),
