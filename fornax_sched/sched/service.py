@@ -675,6 +675,17 @@ class Scheduler:
         lk = self._link(info.name, addr, backend)
         await self._node_info(info.name, info, lk)
 
+    def follow(self, addr: str) -> None:
+        """Follow a node at ``addr`` from now on (a Persys agent that registered)."""
+        self._try_addr(addr)
+
+    async def node_lost(self, node: str, why: str) -> None:
+        """The node is dead, whatever its calls say, until ``node_back`` (an agent's lease ran out)."""
+        await self._transitions(self.liveness.expire(node, why))
+
+    def node_back(self, node: str) -> None:
+        self.liveness.release(node)
+
     def _link(self, name: str, addr: str, backend: Backend | None = None) -> Link:
         self._addrs.add(addr)
         if backend is None:

@@ -1,6 +1,6 @@
 """A Persys compute agent, driven over gRPC (``persys.agent.v1.AgentService``), as a Backend.
 
-Address: ``persys!HOST:PORT`` or ``persys!HOST:PORT!name=NAME,cpus=N,mem=SIZE``.
+Address: ``persys!HOST:PORT`` or ``persys!HOST:PORT!name=NAME,cpus=N,mem=SIZE,label.KEY=VALUE``.
 AgentService says nothing of the node's name or capacity, so they come
 with the address: given by ``--agent`` or learnt at registration
 (AgentControl's ``node_id`` and capabilities); undeclared, the name is
@@ -86,15 +86,18 @@ class Address:
     name: str
     cpus: float
     mem: int
+    labels: tuple[tuple[str, str], ...] = ()
 
     def text(self) -> str:
-        return f"{PREFIX}{self.endpoint}!name={self.name},cpus={self.cpus:g},mem={self.mem}"
+        return (f"{PREFIX}{self.endpoint}!name={self.name},cpus={self.cpus:g},mem={self.mem}"
+                + "".join(f",label.{k}={v}" for k, v in self.labels))
 
 
 def parse_address(addr: str) -> Address:
-    """``persys!HOST:PORT[!name=N,cpus=C,mem=SIZE]``; ValueError naming the address and what is wrong."""
+    """``persys!HOST:PORT[!name=N,cpus=C,mem=SIZE,label.KEY=VALUE...]``; ValueError naming the address and
+    what is wrong."""
     from ...persys.node import split_hostport  # (lazy: fornax_sched.persys imports the backends)
-    from ..lang import NAME
+    from ..lang import LABEL_KEY, NAME
 
     if not addr.startswith(PREFIX):
         raise ValueError(f"bad agent address {addr!r}: want persys!HOST:PORT")
@@ -104,6 +107,7 @@ def parse_address(addr: str) -> Address:
     except ValueError as e:
         raise ValueError(f"bad agent address {addr!r}: {e}") from None
     name, cpus, mem = f"agent-{host}-{port}".replace(":", "."), 1.0, 1 << 30
+    labels: list[tuple[str, str]] = []
     for item in filter(None, opts.split(",")):
         key, eq, value = item.partition("=")
         try:
@@ -119,11 +123,13 @@ def parse_address(addr: str) -> Address:
                     raise ValueError("want more than 0")
             elif key == "mem":
                 mem = parse_size(value, "mem")
+            elif key.startswith("label.") and LABEL_KEY.match(key[len("label."):]) and value:
+                labels.append((key[len("label."):], value))
             else:
-                raise ValueError("want name=, cpus= or mem=")
+                raise ValueError("want name=, cpus=, mem= or label.KEY=")
         except (ValueError, SizeError) as e:
             raise ValueError(f"bad agent address {addr!r}: {item!r}: {e}") from None
-    return Address(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", name, cpus, mem)
+    return Address(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", name, cpus, mem, tuple(labels))
 
 
 class PersysAgent:
@@ -138,7 +144,7 @@ class PersysAgent:
         if timeout is not None:
             opts = replace(opts, rpc_timeout=timeout)
         self.addr, self.endpoint, self.name = addr, a.endpoint, a.name
-        self.cpus, self.mem = a.cpus, a.mem
+        self.cpus, self.mem, self.labels = a.cpus, a.mem, dict(a.labels)
         self.opts = opts
         self.rand, self.monotonic = rand, monotonic
         self._channel: grpc.aio.Channel | None = None
@@ -206,7 +212,8 @@ class PersysAgent:
     # ------------------------------------------------------------ about the node
     async def info(self) -> NodeInfo:
         h = await self._health()
-        return NodeInfo(self.name, self.name, self.addr, self.cpus, self.mem, self._free(h), {}, None, self.kind)
+        return NodeInfo(self.name, self.name, self.addr, self.cpus, self.mem, self._free(h), dict(self.labels), None,
+                        self.kind)
 
     async def _health(self) -> Any:
         return await self._call("health check", "HealthCheck", _agent().HealthCheckRequest())
@@ -338,6 +345,10 @@ class PersysAgent:
         from ...persys import convert
 
         c = convert.info_of_status(st)
+        sent = self._requests.get(st.id)
+        if not c.labels and sent is not None:  # (no container yet: a task queued) the labels it was sent with
+            c.labels = dict(sent.spec.container.labels)
+            c.image = c.image or sent.spec.container.image
         if c.state != "missing":
             self._missing.pop(st.id, None)
             return c
