@@ -79,6 +79,7 @@ class SchedDaemon:
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
                                    limits=self.cfg.policy_limits, budget=self.cfg.budget,
                                    connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout))
+            self.sched.drift_interval = self.cfg.bridge.drift_interval
             await self.sched.start()
             await self.bridge.start(self.sched)
             self.server = Server(tree.build(self.sched, self.owner, self.writers),

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
+from ..node.cluster import ctl as node_ctl
 from ..node.cluster import eventually, read
 from ..sched.harness import ctl, placement, running_on
 from .agentproc import agent_node, agent_stub, container_req, state_name, status
@@ -218,3 +219,61 @@ def test_agent_options_are_checked(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 2 and words in out.stdout, (args, out.stdout, out.stderr)
         assert len(out.stdout.strip().splitlines()) == 1
+
+
+def test_the_four_kinds_of_drift_on_both_kinds_of_node(tmp_path: Path) -> None:
+    """Made behind the scheduler's back, each seen in /cluster/scheduler/drift and remedied (an orphan
+    left alone): on agent-01 a workload applied by hand (orphan), one re-applied with another revision,
+    one whose container is destroyed (missing), one stopped (state); on fornax-01 a container run by hand,
+    one destroyed, one stopped."""
+    with mixed_cluster(tmp_path) as m:
+        async def go() -> None:
+            await all_online(m)
+            a1, f1 = m.node("agent-01"), m.node("fornax-01")
+            for name in ("rev", "gone", "halt"):
+                await place_on(m, "agent-01", f"hello name={name}")
+            for name in ("fgone", "fhalt"):
+                await place_on(m, "fornax-01", f"hello name={name}")
+            async with agent_stub(m.endpoints["agent-01"]) as stub:
+                assert (await stub.ApplyWorkload(container_req("stray"), timeout=5)).applied
+                assert (await stub.ApplyWorkload(container_req("rev", revision="by-hand"), timeout=5)).applied
+                ids = {n: (await status(stub, n)).metadata["container_id"] for n in ("gone", "halt")}
+            await node_ctl(a1.addr, "cluster/ctl", f"destroy {ids['gone']}")
+            await node_ctl(a1.addr, "cluster/ctl", f"stop {ids['halt']}")
+            fids = await running_on(f1)
+            await node_ctl(f1.addr, "cluster/ctl", f"destroy {fids['fgone']}")
+            await node_ctl(f1.addr, "cluster/ctl", f"stop {fids['fhalt']}")
+            await node_ctl(f1.addr, "cluster/ctl", "run hello name=fstray")
+
+            want = {("orphan_on_agent", "agent-01", "stray"), ("revision_mismatch", "agent-01", "rev"),
+                    ("missing_on_agent", "agent-01", "gone"), ("state_mismatch", "agent-01", "halt"),
+                    ("orphan_on_agent", "fornax-01", "fstray"), ("missing_on_agent", "fornax-01", "fgone"),
+                    ("state_mismatch", "fornax-01", "fhalt")}
+
+            async def seen() -> bool:
+                text = await read(m.sched.addr, "cluster/scheduler/drift")
+                got = {tuple(line.split()[:3]) for line in text.splitlines()[1:]}
+                if not want <= got:
+                    raise AssertionError(f"not yet in drift: {sorted(want - got)}")
+                return True
+
+            await eventually(seen, 20, 0.2)
+            for name, node in (("rev", "agent-01"), ("gone", "agent-01"), ("halt", "agent-01"),
+                               ("fgone", "fornax-01"), ("fhalt", "fornax-01")):
+                await eventually(lambda name=name, node=node: running_at(m, name, node), 20)  # remedied
+            async with agent_stub(m.endpoints["agent-01"]) as stub:
+                st = await status(stub, "rev")
+                assert st.revision_id != "by-hand"  # re-applied with the placement's revision
+                assert state_name(await status(stub, "stray")) == "RUNNING"  # an orphan is left alone
+            assert "fstray" in await running_on(f1)
+
+            async def resolved() -> bool:
+                text = await read(m.sched.addr, "cluster/scheduler/drift")
+                open_ = {tuple(line.split()[:3]) for line in text.splitlines()[1:] if "resolved=" not in line}
+                return open_ == {("orphan_on_agent", "agent-01", "stray"), ("orphan_on_agent", "fornax-01", "fstray")}
+
+            await eventually(resolved, 20, 0.2)
+            log = await read(m.sched.addr, "cluster/scheduler/log")
+            assert "drift revision_mismatch on agent-01: rev" in log and "drift orphan_on_agent on fornax-01" in log
+
+        asyncio.run(asyncio.wait_for(go(), 120))
