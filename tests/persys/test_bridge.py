@@ -277,3 +277,35 @@ def test_the_four_kinds_of_drift_on_both_kinds_of_node(tmp_path: Path) -> None:
             assert "drift revision_mismatch on agent-01: rev" in log and "drift orphan_on_agent on fornax-01" in log
 
         asyncio.run(asyncio.wait_for(go(), 120))
+
+
+def test_mtls_between_the_scheduler_and_its_agents_and_a_client_with_no_certificate_refused(
+        tmp_path: Path) -> None:
+    from fornax_sched.persys import tls
+
+    from .certs import CA
+
+    ca = CA(tmp_path / "ca")
+    sched_pair, node_pair, client_pair = ca.issue("scheduler"), ca.issue("agent"), ca.issue("client")
+
+    def opts(pair: Any) -> list[str]:
+        return ["--tls-ca", str(ca.path), "--tls-cert", str(pair.cert), "--tls-key", str(pair.key)]
+
+    with mixed_cluster(tmp_path, extra=opts(sched_pair), agent_extra=opts(node_pair)) as m:
+        async def go() -> None:
+            await all_online(m)  # agent-01 dialled over mTLS, agent-02 registered over mTLS
+            await place_on(m, "agent-02", "hello name=t1")
+            files = tls.load(ca.path, client_pair.cert, client_pair.key)
+            assert files is not None
+            async with grpc.aio.secure_channel(m.control, tls.channel_credentials(files)) as ch:
+                r = await control_stub(ch).GetWorkload(C.GetWorkloadRequest(workload_id="t1"), timeout=5)
+                assert r.workload.assigned_node_id == "agent-02" and r.workload.status == "Running"
+            no_cert = grpc.ssl_channel_credentials(root_certificates=ca.path.read_bytes())
+            for creds in (no_cert, None):
+                ch = grpc.aio.secure_channel(m.control, creds) if creds else grpc.aio.insecure_channel(m.control)
+                async with ch:
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await control_stub(ch).ListNodes(C.ListNodesRequest(), timeout=3)
+                    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        asyncio.run(asyncio.wait_for(go(), 90))
