@@ -131,10 +131,10 @@ def test_a_ready_workload_is_seen_at_once_and_a_slow_one_polled_less_often() -> 
             await b.run(SPEC)
             assert time.monotonic() - t < 0.1 and len(s.looks) == 1
             s.looks.clear()
-            s.pending_looks = 6
+            s.pending_looks = 12
             await b.run(SPEC)
             gaps = [b2 - a for a, b2 in zip(s.looks, s.looks[1:], strict=False)]
-            assert len(s.looks) == 7 and max(gaps) < 0.45 and gaps[-1] > 0.2 > gaps[0]  # backs off to the interval
+            assert len(s.looks) == 13 and max(gaps) < 0.45 and gaps[-1] > 0.2 > gaps[0]  # backs off to the interval
         finally:
             await b.close()
             await s.server.stop(0)  # type: ignore[union-attr]

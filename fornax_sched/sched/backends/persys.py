@@ -11,7 +11,7 @@ The mapping, as Persys' own scheduler drives its agents:
 - ``run(spec)``: ApplyWorkload with the placement's name as the workload id
   and ``spec.revision`` (Spec.with_revision: a hash of the spec) as
   ``revision_id``, then GetWorkloadStatus until the task is done: the first
-  look after a few milliseconds, then longer, up to ``poll`` (1 s), so an
+  look after 5 ms, each wait half as long again, up to ``poll`` (1 s), so an
   agent that converges at once is seen at once.  The container id is the
   workload id.  A reply ``applied=false`` (a spec the agent cannot run) is
   NodeRefused at once, never retried; a transient failure (UNAVAILABLE,
@@ -277,7 +277,7 @@ class PersysAgent:
                 state = A.ActualState.Name(st.actual_state) if st is not None else "not known"
                 raise NodeRefused(f"{self._where()}: {wid} not {'running' if running else 'stopped'} after "
                                   f"{self.opts.apply_timeout:g}s (last {state}){await self._actions(wid)}")
-            wait = min(wait * 3, self.opts.poll)
+            wait = min(wait * 1.5, self.opts.poll)
 
     async def _actions(self, wid: str) -> str:
         """The agent's last actions on a workload, for an error's text ('' if it cannot say)."""
@@ -325,7 +325,7 @@ class PersysAgent:
             if self.monotonic() + wait >= deadline:
                 raise NodeRefused(f"{self._where()}: {cid} still there {self.opts.delete_timeout:g}s after its "
                                   f"delete{await self._actions(cid)}")
-            wait = min(wait * 3, self.opts.poll)
+            wait = min(wait * 1.5, self.opts.poll)
 
     async def status(self, cid: str) -> ContainerInfo:
         return self._info(await self._workload(cid, f"status of {cid}"))
