@@ -135,7 +135,8 @@ class Bridge:
         if self.cfg.control is None:
             return
         self.service = ControlService(sched, heartbeat_interval=self.cfg.heartbeat_interval,
-                                      lease_intervals=self.cfg.lease_intervals)
+                                      lease_intervals=self.cfg.lease_intervals, plain=self.cfg.tls is None,
+                                      insecure=self.cfg.insecure)
         server = ControlServer(self.service, self.cfg.control, tls_files=self.cfg.tls, insecure=self.cfg.insecure)
         try:
             await server.start()

@@ -73,8 +73,10 @@ class ControlService:
     """The AgentControl methods (grpc.aio handlers) over one scheduler; see the module docstring."""
 
     def __init__(self, sched: Scheduler, *, heartbeat_interval: int = 60, lease_intervals: int = 3,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 plain: bool = True, insecure: bool = False) -> None:
         self.sched = sched
+        self.plain, self.insecure = plain, insecure  # calls to agents without TLS; allowed off loopback
         self.interval = heartbeat_interval
         self.lease = heartbeat_interval * lease_intervals
         self.clock, self.monotonic = clock, monotonic
@@ -125,6 +127,9 @@ class ControlService:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"node {node}: {e}")
         if self.sched.mode.name != NORMAL:
             return C.RegisterNodeResponse(accepted=False, reason=f"scheduler {self.sched.mode.name} mode")
+        if self.plain and not self.insecure and not tls.is_loopback(host):
+            return C.RegisterNodeResponse(accepted=False, reason=f"grpc_endpoint {request.grpc_endpoint}: this "
+                                          f"scheduler speaks plain gRPC to loopback addresses only (no --tls-*)")
         caps = request.capabilities
         cpus = caps.cpu_total_millicores / 1000 if caps.cpu_total_millicores > 0 else 1.0
         mem = caps.memory_total_mb << 20 if caps.memory_total_mb > 0 else 1 << 30

@@ -166,6 +166,9 @@ def test_mixed_cluster_a_fornax_node_killed_and_agentcontrol_clients(tmp_path: P
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.RegisterNode(C.RegisterNodeRequest(node_id="agent-09", grpc_endpoint=""), timeout=5)
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "grpc_endpoint" in str(e.value.details())
+                far = await stub.RegisterNode(C.RegisterNodeRequest(node_id="agent-09", grpc_endpoint="10.9.9.9:50051"),
+                                              timeout=5)
+                assert not far.accepted and "loopback" in far.reason  # plain gRPC off loopback: not without mTLS
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.Heartbeat(C.HeartbeatRequest(node_id="agent-09"), timeout=5)
                 assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -225,8 +228,9 @@ def test_the_four_kinds_of_drift_on_both_kinds_of_node(tmp_path: Path) -> None:
     """Made behind the scheduler's back, each seen in /cluster/scheduler/drift and remedied (an orphan
     left alone): on agent-01 a workload applied by hand (orphan), one re-applied with another revision,
     one whose container is destroyed (missing), one stopped (state); on fornax-01 a container run by hand,
-    one destroyed, one stopped."""
-    with mixed_cluster(tmp_path) as m:
+    one destroyed, one stopped.  (The agents' own reconcile every 3 s, so that the scheduler sees the
+    destroyed container missing before the agent runs it again.)"""
+    with mixed_cluster(tmp_path, agent_extra=["--persys-reconcile", "3"]) as m:
         async def go() -> None:
             await all_online(m)
             a1, f1 = m.node("agent-01"), m.node("fornax-01")
