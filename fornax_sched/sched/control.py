@@ -48,8 +48,9 @@ log = logging.getLogger("fornax_sched.sched.control")
 USER = "persys-control"  # who the log says wrote a command that came through AgentControl
 FROZEN_LEASE = 30.0  # seconds of lease given while the mode is not normal (theirs)
 # A placement status as the workload state words of Persys views.
-VIEW_STATE = {"running": "Running", "starting": "Pending", "pending": "Pending", "stopped": "Stopped",
-              "exited": "Stopped", "failed": "Failed", "lost": "Failed", "refused": "Failed"}
+VIEW_STATE = {"running": "Running", "starting": "Pending", "pending": "Pending", "unschedulable": "Pending",
+              "lost": "Pending", "stopped": "Stopped", "succeeded": "Stopped", "exited": "Stopped",
+              "failed": "Failed", "refused": "Failed"}
 
 
 def drain_node(sched: Scheduler, node: str) -> bool:

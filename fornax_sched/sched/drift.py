@@ -8,7 +8,8 @@ for every kind of node:
   place (no cluster label of this store, no placement of that name on the
   node): reported, never stopped or destroyed (an operator's business);
 - ``state_mismatch``: a placement meant to run whose container is there but
-  not running (stopped or ended behind the scheduler's back), or one meant
+  stopped behind the scheduler's back (one that ended on its own is not
+  drift: its status records it, its restart policy decides), or one meant
   stopped that runs; remedy: the status is aligned and the container
   started (or stopped) again, as reconciliation does;
 - ``revision_mismatch``: the container of a placement runs another revision
@@ -111,7 +112,7 @@ def plan_drift(state: State, node: str, listing: list[ContainerInfo], *, cluster
             if r.want == "run":
                 plan.edit(state, name, status="starting", cid="", detail=f"re-applied: it ran revision {have}")
                 plan.starts.append(name)
-        elif r.want == "run" and not live and c.state in ("stopped", "exited"):
+        elif r.want == "run" and not live and c.state == "stopped":  # (one that ended on its own is recorded so)
             add(STATE, name, f"{c.state}, placed to run: starting it again")
         elif r.want == "stop" and live:
             add(STATE, name, f"{c.state}, placed stopped: stopping it")
