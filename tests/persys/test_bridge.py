@@ -75,12 +75,12 @@ def test_mixed_cluster_an_agent_killed_evacuate_migrate_and_cordon(tmp_path: Pat
 
             # migrate from a Fornax node to an agent and back
             await place_on(m, "fornax-01", "hello name=mig")
-            await ctl(m.sched.addr, "migrate mig fornax-01 agent-02")
-            assert (await placement(m.sched.addr, "mig"))["node"] == "agent-02"
-            await eventually(lambda: running_at(m, "mig", "agent-02"), 10)
+            reply = await ctl(m.sched.addr, "migrate mig fornax-01 agent-02")
+            assert (await placement(m.sched.addr, "mig"))["node"] == "agent-02", reply
+            await eventually(lambda: running_at(m, "mig", "agent-02"), 20)
             assert "mig" not in await running_on(m.node("fornax-01"))
             await ctl(m.sched.addr, "migrate mig agent-02 fornax-02")
-            await eventually(lambda: running_at(m, "mig", "fornax-02"), 10)
+            await eventually(lambda: running_at(m, "mig", "fornax-02"), 20)
 
             async def gone_from_agent() -> bool:
                 async with agent_stub(m.endpoints["agent-02"]) as stub:
