@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sched_place_bench import Phase, clean, ms, nodes_online, ours  # noqa: E402
+from sched_place_bench import Phase, clean, ms, node_containers, nodes_online, ours  # noqa: E402
 
 from fornax_sched.fs.client import Client  # noqa: E402
+from fornax_sched.fs.errors import P9Error  # noqa: E402
 from fornax_sched.sched.backends import Spec  # noqa: E402
 from fornax_sched.sched.backends.persys import PersysAgent  # noqa: E402
 from tests.node.cluster import NodeProc, eventually  # noqa: E402
@@ -53,7 +54,17 @@ async def phase(sched: SchedProc, nodes: list[NodeProc], places: int, writers: i
     ph = Phase(pids)
     await ours(sched.addr, "hello", places, writers, ph)
     r = ph.report(places, writers, what)
-    r["left_on_nodes"] = await clean(sched.addr, ph.done, [n.addr for n in nodes])
+    await clean(sched.addr, ph.done, [])  # removed through the scheduler (for agents: DeleteWorkload)
+    left = 0
+    for n in nodes:  # what is still there (none, if every remove went through), destroyed on the node
+        for kv in await node_containers(n.addr):
+            left += 1
+            async with await Client.connect(n.addr, timeout=60) as c:
+                try:
+                    await c.write_file("cluster/ctl", f"destroy {kv['id']}".encode(), read_reply=True)
+                except P9Error:
+                    pass  # gone meanwhile
+    r["left_on_nodes"] = left
     return r
 
 
