@@ -144,7 +144,7 @@ def encode_node(cluster: Cluster, n: NodeState) -> str:
     return json.dumps({
         "name": n.name, "cpus": n.facts.cpus, "mem": n.facts.mem, "used_cpus": n.used_cpus,
         "used_mem": n.used_mem, "labels": n.facts.labels, "status": n.status, "cordoned": n.cordoned,
-        "containers": flat,
+        "kind": n.facts.kind, "containers": flat,
     })
 
 

@@ -281,7 +281,7 @@ local function unplace(raw)
   ncontainers = ncontainers - #names
 end
 
--- d: {name, cpus, mem, used_cpus, used_mem, labels = {k = v}, status, cordoned,
+-- d: {name, cpus, mem, used_cpus, used_mem, labels = {k = v}, status, cordoned, kind,
 --     containers = {name, image, cpus, mem, name, image, ...}} (fresh tables).
 local function set_node(d)
   local name = d.name
@@ -300,7 +300,7 @@ local function set_node(d)
   raw.name, raw.cpus, raw.mem = name, d.cpus, d.mem
   raw.used_cpus, raw.used_mem = d.used_cpus, d.used_mem
   raw.free_cpus, raw.free_mem = d.cpus - d.used_cpus, d.mem - d.used_mem
-  raw.status, raw.cordoned = d.status, d.cordoned
+  raw.status, raw.cordoned, raw.kind = d.status, d.cordoned, d.kind or "fornax"
   raw.usable = d.status == "online" and not d.cordoned
   raw.labels = view(d.labels)
   local flat, names = d.containers, {}

@@ -12,7 +12,8 @@ declares it suspect, then dead, from the clock alone.
 - ``suspect``: a call failed, or no answer for ``suspect_after``;
 - ``dead``: no answer for ``dead_after`` (counted from the start for a node
   never reached), or never reached since the start while its peers say it
-  is dead.  Its containers are placed again elsewhere.
+  is dead; or declared dead from outside (``expire``: a Persys agent's
+  lease ran out), until ``release``.  Its containers are placed again elsewhere.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class _Seen:
     last_error: str = ""
     peers_dead: bool = False
     added: float = 0.0
+    held: bool = False  # declared dead from outside (an agent's lease ran out): answers do not revive it
 
 
 class Liveness:
@@ -66,6 +68,8 @@ class Liveness:
     # ------------------------------------------------------------ what happened
     def ok(self, node: str, now: float) -> list[Transition]:
         s = self._nodes.setdefault(node, _Seen(added=now))
+        if s.held:
+            return []
         s.last_ok = now if s.last_ok is None else max(s.last_ok, now)
         s.last_error = ""
         s.peers_dead = False
@@ -78,6 +82,20 @@ class Liveness:
         if s.status in ("online", "unknown"):
             out = self._move(node, s, "suspect", error)
         return out + self.tick(now, only=node)
+
+    def expire(self, node: str, why: str) -> list[Transition]:
+        """The node is dead whatever its calls do (an agent's lease ran out), until ``release``."""
+        s = self._nodes.get(node)
+        if s is None:
+            return []
+        s.held, s.last_error = True, why
+        return self._move(node, s, "dead", why)
+
+    def release(self, node: str) -> None:
+        """An expired node is heard from again (it registered, or heartbeats): its answers count again."""
+        s = self._nodes.get(node)
+        if s is not None:
+            s.held = False
 
     def peers_say(self, node: str, status: str, now: float) -> list[Transition]:
         s = self._nodes.get(node)

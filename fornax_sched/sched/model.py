@@ -20,6 +20,7 @@ class NodeFacts:
     cpus: float
     mem: int  # bytes
     labels: dict[str, str] = field(default_factory=dict)
+    kind: str = "fornax"  # fornax (9P) | persys (gRPC agent) | sim: policies may tell them apart
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from ..fs.server import Server
 from ..policy import Limits
 from ..signals import until_stopped
 from ..units import parse_size
-from . import tree
+from . import bridge, tree
 from .service import Scheduler
 from .store import StoreError, open_store
 
@@ -45,6 +45,7 @@ class SchedConfig:
     idle_evict: float = 5.0  # a connection idle this long may be closed to let a newcomer in at the cap
     handshake_timeout: float = 60.0
     budget: float = 1.0  # seconds of policy time one command's decisions share
+    bridge: bridge.BridgeConfig = field(default_factory=lambda: bridge.BridgeConfig(control=None))  # Persys agents
 
     def store_spec(self) -> str:
         return self.store or str(self.state / "sched.db")
@@ -60,13 +61,14 @@ class SchedDaemon:
         self.sched: Scheduler | None = None
         self.server: Server | None = None
         self.addr = cfg.listen
+        self.bridge = bridge.Bridge(cfg.bridge)
 
     async def start(self) -> None:
         store = await open_store(self.cfg.store_spec(), fresh=self.cfg.fresh)
         try:
             # One scheduler per state: a second one would undo the first's work.
             await store.campaign("scheduler", f"fornax-sched serve on {self.cfg.listen}", ttl=10, wait=False)
-            seeds = list(self.cfg.nodes)
+            seeds = list(self.cfg.nodes) + list(self.cfg.bridge.agents)
             if self.cfg.sim_nodes:
                 from .backends import CLUSTER as SIMULATED
 
@@ -75,13 +77,17 @@ class SchedDaemon:
                 seeds.append("sim!sim-0001")  # the rest are found as its peers
             self.sched = Scheduler(store, seeds=seeds, interval=self.cfg.interval,
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
-                                   limits=self.cfg.policy_limits, budget=self.cfg.budget)
+                                   limits=self.cfg.policy_limits, budget=self.cfg.budget,
+                                   connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout))
+            self.sched.drift_interval = self.cfg.bridge.drift_interval
             await self.sched.start()
+            await self.bridge.start(self.sched)
             self.server = Server(tree.build(self.sched, self.owner, self.writers),
                                  groups={tree.WRITERS: self.writers}, max_connections=self.cfg.max_connections,
                                  idle_minimum=self.cfg.idle_evict, handshake_timeout=self.cfg.handshake_timeout)
             listener = await self.server.listen(self.cfg.listen)
         except BaseException:
+            await self.bridge.stop()
             if self.sched is not None:
                 await self.sched.close()
             await store.close()
@@ -91,6 +97,7 @@ class SchedDaemon:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.close()
+        await self.bridge.stop()
         if self.sched is not None:
             await self.sched.close()
             await self.sched.store.close()
@@ -100,7 +107,9 @@ async def serve_forever(cfg: SchedConfig) -> None:
     daemon = SchedDaemon(cfg)
     await daemon.start()
     where = daemon.sched.store.where if daemon.sched is not None else cfg.store_spec()
-    await until_stopped(lambda: print(f"fornax-sched scheduler serving {daemon.addr} (state {where})", flush=True))
+    control = f", AgentControl {daemon.bridge.address}" if daemon.bridge.address else ""
+    await until_stopped(lambda: print(f"fornax-sched scheduler serving {daemon.addr} (state {where}{control})",
+                                      flush=True))
     await daemon.stop()
 
 
@@ -142,6 +151,7 @@ def add_parser(sub: Any) -> None:
                         "decides the rest (default 1)")
     p.add_argument("--policy-memory", default="64M", metavar="SIZE",
                    help="memory a Lua policy may use per decision (default 64M)")
+    bridge.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -163,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         if memory < 1 << 20:
             raise ValueError("--policy-memory: want at least 1M")
         limits = Limits(deadline=args.policy_deadline / 1000, memory=memory, command=args.decide_budget)
+        persys = bridge.config_of(args)
     except ValueError as e:
         print(f"fornax-sched serve: {e}", flush=True)
         return 2
@@ -171,13 +182,16 @@ def run(args: argparse.Namespace) -> int:
                       policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget,
                       node_timeout=args.node_timeout, max_connections=args.max_connections,
                       idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,
-                      sim_nodes=args.sim_nodes)
+                      sim_nodes=args.sim_nodes, bridge=persys)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:
         print(f"fornax-sched serve: {e}", flush=True)
         return 1
     except OSError as e:
+        if str(e).startswith("--control"):
+            print(f"fornax-sched serve: {e}", flush=True)
+            return exitcodes.REFUSED
         # A taken address is its own status (4): fornax-sched up, say, must not start it again and again.
         print(f"fornax-sched serve: cannot listen on {cfg.listen}: {e.strerror or e}", flush=True)
         return exitcodes.IN_USE if e.errno == errno.EADDRINUSE else exitcodes.REFUSED

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..policy import Limits, PolicyError
 from ..units import format_size, human_size
-from . import lang, plans, reconcile
+from . import drift, lang, plans, reconcile
 from .backends import (
     CLUSTER_LABEL,
     Backend,
@@ -155,6 +155,11 @@ class Scheduler:
         self.started = clock()
         self.mode = Mode(NORMAL, "", self.started)  # see modes.py
         self.leader: str | None = None  # the leading replica's address, when several share a store
+        self.drift = drift.DriftBook()  # what /cluster/scheduler/drift lists (see _drift_step)
+        self.drift_interval = 30.0  # seconds between a node's drift comparisons (0: none)
+        self._drift_at: dict[str, float] = {}  # node -> when last compared (monotonic)
+        self._drift_now: set[str] = set()  # nodes to compare at their next listing (they came back)
+        self._revisions: dict[Request, str] = {}
 
     # ================================================================ life
     async def start(self) -> None:
@@ -188,6 +193,8 @@ class Scheduler:
         for table in ("nodes", "meta", "policies", "placements"):
             async for items in self.store.scan(table):
                 rows = [(table, it.key, it.value) for it in items]
+                if table == "meta":
+                    self.drift.load({it.key: it.value for it in items})
                 self.state.apply(rows)
                 self.decider.apply(rows)
         self.state.sort_pending()
@@ -675,6 +682,17 @@ class Scheduler:
         lk = self._link(info.name, addr, backend)
         await self._node_info(info.name, info, lk)
 
+    def follow(self, addr: str) -> None:
+        """Follow a node at ``addr`` from now on (a Persys agent that registered)."""
+        self._try_addr(addr)
+
+    async def node_lost(self, node: str, why: str) -> None:
+        """The node is dead, whatever its calls say, until ``node_back`` (an agent's lease ran out)."""
+        await self._transitions(self.liveness.expire(node, why))
+
+    def node_back(self, node: str) -> None:
+        self.liveness.release(node)
+
     def _link(self, name: str, addr: str, backend: Backend | None = None) -> Link:
         self._addrs.add(addr)
         if backend is None:
@@ -741,6 +759,7 @@ class Scheduler:
             (found, listed), lk.listing = lk.listing, None
 
             async def step(found: list[ContainerInfo] = found, listed: float = listed) -> None:
+                await self._drift_step(name, found, listed)
                 plan = await self._submit(lambda st, g: reconcile.plan_node(
                     st, name, found, cluster=cluster, now=self.clock(), listed_at=listed, busy=g.busy,
                     acted=g.acted))
@@ -748,6 +767,42 @@ class Scheduler:
                     await self._act(plan)
 
             await self._step(f"reconciling node {name}", step())
+
+    async def _drift_step(self, name: str, found: list[ContainerInfo], listed: float) -> None:
+        """Compare a listing with the placements (drift.py): recorded when the findings change, and
+        counted as a pass every ``drift_interval`` (and at the first listing after the node returns)."""
+        if self.drift_interval <= 0:
+            return
+        now = self.monotonic()
+        due = name in self._drift_now or now - self._drift_at.get(name, -1e18) >= self.drift_interval
+        cluster, known = self.store.cluster, dict(self.drift.entries)
+
+        def planner(st: State, g: Group | None = None) -> Plan:
+            return drift.plan_drift(st, name, found, cluster=cluster, now=self.clock(), listed_at=listed,
+                                    busy=g.busy if g is not None else self._busy_now(),
+                                    acted=g.acted if g is not None else self._acted, known=known,
+                                    revision=lambda n: self._revision(st, n))[0]
+
+        if not due and not planner(self.state):
+            return
+        plan = await self._submit(planner)
+        self.drift.apply(plan)
+        if due:
+            self._drift_now.discard(name)
+            self._drift_at[name] = now
+            self.drift.passes += 1
+            self.drift.last = self.clock()
+        if plan.stops or plan.starts:
+            await self._act(plan)
+
+    def _revision(self, st: State, name: str) -> str:
+        req = st.cluster.placements[name].request
+        rev = self._revisions.get(req)
+        if rev is None:
+            if len(self._revisions) > 10_000:
+                self._revisions.clear()
+            rev = self._revisions[req] = self._spec(name, req).revision
+        return rev
 
     async def _learn_peers(self, backend: Discovery) -> None:
         now = self.monotonic()
@@ -773,6 +828,7 @@ class Scheduler:
                 await self._act(plan)
                 continue
             if t.now == "online":
+                self._drift_now.add(t.node)  # compared again at its next listing
                 lk = self.links.get(t.node)
                 self.note(f"node {t.node} online" + (f" at {lk.addr}" if lk else "") + f" (was {t.was})")
             else:

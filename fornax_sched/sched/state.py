@@ -163,7 +163,8 @@ class State:
                 c.remove_node(name)
             self.nodes.pop(name, None)
             return
-        facts = NodeFacts(name, float(d["cpus"]), int(d["mem"]), dict(d.get("labels") or {}))
+        facts = NodeFacts(name, float(d["cpus"]), int(d["mem"]), dict(d.get("labels") or {}),
+                          str(d.get("kind", "fornax")))
         old = c.nodes.get(name)
         if old is None or old.facts != facts:
             c.add_node(facts, old.status if old is not None else "unknown")

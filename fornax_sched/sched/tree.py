@@ -10,6 +10,7 @@
     /cluster/scheduler/logs/C         the output of container C, read through its node
     /cluster/scheduler/status         every placement and group as a table (status.json: the same as JSON)
     /cluster/scheduler/nodes          every node as a table: offered, reserved, in use (nodes.json)
+    /cluster/scheduler/drift          what nodes run unlike what was placed (drift.py), open then resolved
     /cluster/nodes/N/{status,kind,addr,resources,containers,health}
 """
 
@@ -228,6 +229,7 @@ def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
         ro("status.json", lambda ctx: _json(dict(zip(("placements", "groups"), sched.status_rows(), strict=True)))),
         ro("nodes", lambda ctx: sched.nodes_table()),
         ro("nodes.json", lambda ctx: _json({"nodes": sched.node_rows()})),
+        ro("drift", lambda ctx: sched.drift.text()),
     ], uid=owner)
     nodes = DynamicDir("nodes", names=lambda ctx: list(sched.state.cluster.nodes), make=node_dir,
                        exists=lambda n: n in sched.state.cluster.nodes, uid=owner)

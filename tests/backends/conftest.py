@@ -1,8 +1,8 @@
 """The backend kinds the conformance suite runs over, each with a way to make its node fail.
 
 ``fornax``: a real fornax-node daemon over 9P (unreachable: kill -9; hung:
-SIGSTOP).  ``sim``: a simulated node in this process.  The Persys agent
-joins here when it exists.
+SIGSTOP).  ``sim``: a simulated node in this process.  ``persys``: a real
+fornax-node serving AgentService, driven over gRPC (the same failures).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Kind:
             self.handle.hung = False
 
 
-@pytest.fixture(params=["fornax", "sim"])
+@pytest.fixture(params=["fornax", "sim", "persys"])
 def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
     if request.param == "fornax":
         nodes = three_nodes(tmp_path)
@@ -71,6 +71,21 @@ def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
                 if n.proc is not None and n.proc.poll() is None:
                     n.proc.send_signal(signal.SIGCONT)
                 n.stop()
+    elif request.param == "persys":
+        from fornax_sched.sched.backends import PersysAgent
+        from fornax_sched.sched.backends.persys import Options
+
+        from ..persys.agentproc import agent_node
+
+        node, endpoint = agent_node(tmp_path, "agent-01")
+        opts = Options(rpc_timeout=TIMEOUT, apply_timeout=10, delete_timeout=10, poll=0.2)
+        try:
+            yield Kind("persys", PersysAgent(f"persys!{endpoint}!name=agent-01,cpus=2,mem=2G", options=opts),
+                       "agent-01", [], node)
+        finally:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)
+            node.stop()
     else:
         sims = SimCluster()
         st = sims.add("sim-01")

@@ -112,7 +112,7 @@ function decide(ctx)
   table.sort(keys)
   log(table.concat(keys, ' '))
   log(n.name, n.cpus, n.mem, n.used_cpus, n.used_mem, n.free_cpus, n.free_mem, n.status, n.cordoned,
-      n.usable, n.ncontainers, #n.containers, n.containers[1], n.labels.zone)
+      n.usable, n.ncontainers, #n.containers, n.containers[1], n.labels.zone, n.kind)
   local m = ctx.node['node-2']
   log(m.cordoned, m.usable, ctx.node['node-4'].status, ctx.node['node-4'].usable, #ctx.nodes, ctx.nodes[1].name)
   local p = ctx.placements['web-2']
@@ -130,8 +130,8 @@ end
     d = p.decide(cluster, "web-3", req, frozenset({"node-3"}))
     assert d.reason == "policy: seen"
     assert list(p.logs) == [
-        "containers cordoned cpus free_cpus free_mem labels mem name ncontainers status usable used_cpus used_mem",
-        f"node-1 4 {8 * G} 1.0 {G} 3.0 {7 * G} online false true 1 1 web-1 east",
+        "containers cordoned cpus free_cpus free_mem kind labels mem name ncontainers status usable used_cpus used_mem",
+        f"node-1 4 {8 * G} 1.0 {G} 3.0 {7 * G} online false true 1 1 web-1 east fornax",
         "true false suspect false 4 node-1",
         f"web-2 node-2 web 1 {G}",
         f"web-3 web web 0.5 {64 * M} 2 ssd 1 node-* node-9 db-* --port "
@@ -324,3 +324,12 @@ def test_a_copied_cluster_shares_the_program(make: Make) -> None:
     assert sim.decide("b", PLAIN).reason == "policy: mirrored" and list(p.logs) == mirror_of(sim)
     p.logs.clear()
     assert c.decide("b", PLAIN).reason == "policy: mirrored" and list(p.logs) == mirror_of(c)
+
+
+def test_a_policy_tells_the_kinds_of_node_apart(make: Make, cluster: Cluster) -> None:
+    cluster.add_node(NodeFacts("agent-1", 4, 8 * G, {}, "persys"))
+    cluster.set_status("agent-1", "online")
+    p = make("function score(node) if node.kind == 'persys' then return 10 end return 0 end")
+    assert p.decide(cluster, "c", PLAIN, frozenset()).node == "agent-1"
+    p = make("function score(node) if node.kind == 'fornax' then return 10 - node.ncontainers end return 0 end")
+    assert p.decide(cluster, "c", PLAIN, frozenset()).node != "agent-1"

@@ -2,9 +2,10 @@
 
     backend = connect("tcp!10.0.0.3!564")     # a Fornax node over 9P
     backend = connect("sim!node-0042")        # a simulated node in this process
+    backend = connect("persys!10.0.0.4:50051")  # a Persys agent over gRPC (persys.py)
 
 ``KINDS`` maps an address form to the backend that serves it; a new kind
-(the Persys agent over gRPC) is one more entry and one more file.
+is one more entry and one more file.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from .base import (
     Spec,
 )
 from .fornax import FornaxNode
+from .persys import PersysAgent
 from .sim import CLUSTER, SimCluster, SimNode, SimState
 
 __all__ = [
     "CLUSTER", "CLUSTER_LABEL", "KINDS", "REVISION_LABEL", "Backend", "BackendError", "ContainerInfo", "Discovery",
     "FornaxNode", "Health", "Logs", "NoSuchContainer", "NodeInfo", "NodeRefused", "NodeUnreachable", "PeerInfo",
-    "SimCluster", "SimNode", "SimState", "Spec", "connect", "kind_of",
+    "PersysAgent", "SimCluster", "SimNode", "SimState", "Spec", "connect", "kind_of",
 ]
 
 # (how an address of this kind starts, the backend's factory: address, timeout -> Backend)
@@ -41,6 +43,7 @@ KINDS: list[tuple[str, Callable[[str, float], Backend]]] = [
     ("tcp!", lambda addr, timeout: FornaxNode(addr, timeout=timeout)),
     ("unix!", lambda addr, timeout: FornaxNode(addr, timeout=timeout)),
     ("sim!", lambda addr, timeout: SimNode(addr, timeout=timeout)),
+    ("persys!", lambda addr, timeout: PersysAgent(addr, timeout=timeout)),
 ]
 
 
