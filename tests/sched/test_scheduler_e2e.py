@@ -157,7 +157,7 @@ def test_commands(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
         await ctl(sched.addr, "uncordon fornax-02")
         # ctl reads back the state
         summary = await read(sched.addr, "cluster/scheduler/ctl")
-        assert summary.startswith("nodes 3 online 3\nplacements 4 pending 1 running 3\npolicy spread")
+        assert summary.startswith("nodes 3 online 3\nplacements 4 running 3 unschedulable 1\npolicy spread")
         # rebalance moves at most the number asked for (four could move here: it moves two)
         await ctl(sched.addr, "cordon fornax-01")
         await ctl(sched.addr, "cordon fornax-02")
