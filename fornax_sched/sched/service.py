@@ -22,7 +22,9 @@ liveness.py; a dead node's containers are decided again), housekeeping
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -53,11 +55,11 @@ from .decider import Decider
 from .liveness import Liveness, Transition
 from .logbook import LogBook, capped
 from .model import Request
-from .modes import NORMAL, Mode
+from .modes import NORMAL, RECOVERY, Mode, Seen, decide
 from .plans import CommandError, Plan, Stop
 from .policies import Policies
 from .state import WAITING, State, replica_order, stamp
-from .store import Batch, Store, StoreError
+from .store import Batch, Compacted, Conflict, NotLeader, Store, StoreBusy, StoreError
 from .store.api import LogLine
 
 log = logging.getLogger("fornax_sched.sched")
@@ -67,7 +69,11 @@ SMALL = 16  # decisions a command may make on the event loop under the built-in 
 GROUP = 64  # plans planned and committed together at most
 QUOTE = 120  # characters of a refused command quoted in the log
 
-__all__ = ["CommandError", "Scheduler"]
+__all__ = ["CommandError", "Frozen", "Scheduler"]
+
+
+class Frozen(StoreError):
+    """A change refused because the scheduler is not in normal mode: the message says why (modes.py)."""
 
 
 @dataclass
@@ -117,7 +123,7 @@ class Scheduler:
                  dead_after: float = 10.0, node_timeout: float = 5.0,
                  connect: Callable[[str], Backend] | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, limits: Limits | None = None,
-                 budget: float = 1.0) -> None:
+                 budget: float = 1.0, probe_timeout: float = 1.2) -> None:
         self.store = store
         self.state = State()  # committed: what the file tree reads
         # The decider's copy shares the one copy of each request and repeated string with it.
@@ -154,6 +160,11 @@ class Scheduler:
         self._closing = False
         self.started = clock()
         self.mode = Mode(NORMAL, "", self.started)  # see modes.py
+        self._seen = Seen(identity=store.cluster, expected=store.cluster, where=store.where)
+        self.probe_every = min(interval, 0.25)  # seconds between looks at the store
+        self.probe_timeout = probe_timeout  # seconds a look may take before the store counts as unreachable
+        self._probing: asyncio.Task[None] | None = None  # a look at the store after a failed commit
+        self._held: set[str] = set()  # nodes whose liveness moved while the mode froze change
         self.leader: str | None = None  # the leading replica's address, when several share a store
 
     # ================================================================ life
@@ -165,10 +176,13 @@ class Scheduler:
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="sched-housekeeping"))
         self._tasks.append(asyncio.create_task(self._ticker(), name="sched-liveness"))
         self._tasks.append(asyncio.create_task(self._persister(), name="sched-persist"))
+        self._tasks.append(asyncio.create_task(self._store_watch(), name="sched-store-watch"))
 
     async def close(self) -> None:
         self._closing = True
         tasks = self._tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler) if t is not None]
+        if self._probing is not None:
+            tasks.append(self._probing)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -221,8 +235,9 @@ class Scheduler:
             loop.call_soon_threadsafe(self.note, line)
 
     async def _flush_log(self) -> None:
-        """Write what is only in memory: log lines noted outside a plan, and observed statuses."""
-        if self._unsaved or self._dirty:
+        """Write what is only in memory: log lines noted outside a plan, and observed statuses
+        (in normal mode only: a degraded or recovering store is left as it is)."""
+        if (self._unsaved or self._dirty) and self.mode.name == NORMAL:
             async with self._mutate:
                 plan = Plan(self.clock())
                 dirty, self._dirty = self._dirty, set()
@@ -237,10 +252,127 @@ class Scheduler:
 
     def _store_failed(self, e: StoreError) -> None:
         """A store failure outside a command: logged once until it changes."""
+        if isinstance(e, Frozen):
+            return  # the mode's change was logged
         if str(e) != self._store_error:
             self._store_error = str(e)
             log.error("%s", e)
             self.note(f"store: {e}")
+
+    # ================================================================ the store's mode (modes.py)
+    def _frozen(self) -> Frozen:
+        return Frozen(self.mode.refusal(stamp(self.mode.since)))
+
+    def mode_text(self) -> str:
+        return self.mode.line(stamp(self.mode.since)) + "\n"
+
+    async def _store_watch(self) -> None:
+        """Look at the store every ``probe_every`` seconds: reachable, holding this cluster's state,
+        and (while a write failed) writable again.  Each look is bounded by ``probe_timeout``."""
+        while not self._closing:
+            await asyncio.sleep(self.probe_every)
+            await self._step("looking at the store", self._probe(write=bool(self._seen.write_error)))
+
+    def _store_suspect(self, cause: str) -> None:
+        """A commit failed: look at the store at once (apart), writing too; if that fails, degraded."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.get_running_loop().create_task(self._probe(write=True, cause=cause),
+                                                                   name="sched-store-probe")
+
+    async def _probe(self, write: bool, cause: str = "") -> None:
+        seen = self._seen
+        try:
+            ident = await asyncio.wait_for(self.store.probe(), self.probe_timeout)
+        except (StoreError, TimeoutError) as e:
+            why = str(e) if isinstance(e, StoreError) else (f"cannot read the store {self.store.where}: "
+                                                            f"no answer within {self.probe_timeout:g}s")
+            self._saw(dataclasses.replace(seen, read_error=why))
+            return
+        seen = dataclasses.replace(seen, read_error="", identity=ident)
+        if write and ident == seen.expected and self.mode.name != RECOVERY:
+            try:
+                await asyncio.wait_for(self.store.probe(write=True), self.probe_timeout)
+            except (StoreError, TimeoutError) as e:
+                why = str(e) if isinstance(e, StoreError) else (f"cannot write the store {self.store.where}: "
+                                                                f"no answer within {self.probe_timeout:g}s")
+                seen = dataclasses.replace(seen, write_error=cause or why)
+            else:
+                seen = dataclasses.replace(seen, write_error="")
+        self._saw(seen)
+
+    def _saw(self, seen: Seen) -> None:
+        """Record what a look at the store showed; if the mode changes, say so and react."""
+        self._seen = seen
+        new = decide(self.mode, seen, self.clock())
+        if new is self.mode:
+            return
+        old, self.mode = self.mode, new
+        line = f"mode {new.name} (was {old.name})" + (f": {new.reason}" if new.reason else "")
+        (log.warning if new.name != NORMAL else log.info)("%s", line)
+        self.note(line)
+        if new.name == NORMAL:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Back to normal: what was paused goes on from what is true now (not from what happened meanwhile)."""
+        held, self._held = self._held, set()
+        moves = []
+        for node in sorted(held):
+            n = self.state.cluster.nodes.get(node)
+            now = self.liveness.status(node)
+            if n is not None and n.status != now:
+                moves.append(Transition(node, n.status, now, self.liveness.last_error(node)))
+        if moves:
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._step("liveness", self._transitions(moves)), name="sched-resume"))
+        for name, lk in self.links.items():
+            if lk.listing is not None and (lk.reconciler is None or lk.reconciler.done()):
+                lk.reconciler = asyncio.get_running_loop().create_task(self._reconcile(name, lk),
+                                                                       name=f"sched-reconcile-{name}")
+        self._kick.set()
+
+    def _rows(self) -> dict[str, dict[str, Any]]:
+        """The last known state as the store's rows."""
+        st = self.state
+        return {"nodes": {n: st.node_row(n) for n in st.cluster.nodes},
+                "placements": {n: st.placement_row(n) for n in st.records},
+                "meta": {f"seq/{stem}": n for stem, n in st.seq.items()},
+                "policies": dict(st.policies)}
+
+    def _book_lines(self) -> list[tuple[float, str]]:
+        """The log as memory holds it, as (time, line): what ``recover`` writes back."""
+        out = []
+        for text in self.book.tail(LOG_LINES):
+            at_s, _, line = text.partition(" ")
+            try:
+                at = calendar.timegm(time.strptime(at_s[:19], "%Y-%m-%dT%H:%M:%S")) + int(at_s[20:23]) / 1000
+            except ValueError:
+                continue
+            out.append((at, line))
+        return out
+
+    async def _cmd_recover(self, cmd: lang.Command) -> str:
+        """In recovery mode: write the last known state (rows and log) back to the store."""
+        if self.mode.name != RECOVERY:
+            raise CommandError(f"recover: the scheduler is {self.mode.name}, not in recovery: nothing to do"
+                               + (f" ({self.mode.reason})" if self.mode.reason else ""))
+        async with self._mutate:
+            rows = self._rows()
+            ident = {"cluster": self.store.cluster, "created": self.clock(), "format": 1,
+                     "recovered": self.clock()}
+            lines = self._book_lines()
+            line = (f"recover (by {cmd.user or '-'}): wrote back {len(rows['placements'])} placements, "
+                    f"{len(rows['nodes'])} nodes, {len(rows['policies'])} policy rows and {len(lines)} log lines")
+            at = self.clock()
+            restore = getattr(self.store, "replace", None)
+            if restore is None:
+                raise CommandError(f"recover: the store {self.store.where} cannot be written whole")
+            await restore(rows, lines + [(at, line)], ident)
+            self._unsaved = []
+            self.book.add(f"{stamp(at)} {line}")
+            log.info("%s", line)
+        await self._probe(write=False)
+        return line + f"\n{self.mode_text()}"
 
     # ================================================================ the one path of change
     async def _execute(self, plan: Plan, observed: bool = True) -> None:
@@ -271,8 +403,10 @@ class Scheduler:
             batch.log = saved + lines
             try:
                 await self.store.apply(batch)
-            except BaseException:
+            except BaseException as e:
                 self._unsaved = saved + self._unsaved
+                if isinstance(e, StoreError) and not isinstance(e, (Conflict, Compacted, NotLeader, StoreBusy)):
+                    self._store_suspect(str(e))
                 raise
             self._store_error = ""
         rows = plan.rows()
@@ -296,6 +430,8 @@ class Scheduler:
         Plans submitted while others are being made are planned together, each on top of the ones
         before it, and committed in one transaction: eight writers pay one commit, not eight in a row.
         """
+        if self.mode.name != NORMAL:
+            raise self._frozen()
         loop = asyncio.get_running_loop()
         job = _Job(planner, small, loop.create_future())
         self._jobs.append(job)
@@ -604,6 +740,8 @@ class Scheduler:
 
     async def set_policy(self, text: str, by: str = "-") -> str:
         """Check a policy (syntax, then a dry run) and make it active; CommandError if it is refused."""
+        if self.mode.name != NORMAL:
+            raise CommandError(f"policy refused, the old one stays: {self._frozen()}")
         try:
             # Loading may stall (a policy stuck at load time): on a thread of its own, bounded by the
             # load budget; then the dry run against the cluster, on the decider's thread.
@@ -662,6 +800,8 @@ class Scheduler:
                 await asyncio.sleep(self.interval)
         else:
             return
+        while self.mode.name != NORMAL and not self._closing:  # no node is registered while change is frozen
+            await asyncio.sleep(self.interval)
         existing = self.links.get(info.name)
         if existing is not None and existing.addr == addr:
             await backend.close()
@@ -717,7 +857,8 @@ class Scheduler:
                 info = await lk.backend.info()
                 if info.name != name:
                     self.note(f"node at {lk.addr} now calls itself {info.name}, not {name}")
-                await self._node_info(name, info, lk)
+                if self.mode.name == NORMAL:
+                    await self._node_info(name, info, lk)
             if lk.rounds % 5 == 0:
                 lk.health = await lk.backend.health()
             listed = self.monotonic()
@@ -731,13 +872,15 @@ class Scheduler:
             lk.rounds += 1
         await self._transitions(self.liveness.ok(name, self.monotonic()))
         lk.listing = (found, listed)  # a listing still waiting to be planned is replaced by this newer one
+        if self.mode.name != NORMAL:
+            return  # reconciliation is paused (the newest listing waits: see _resume)
         if lk.reconciler is None or lk.reconciler.done():
             lk.reconciler = asyncio.create_task(self._reconcile(name, lk), name=f"sched-reconcile-{name}")
 
     async def _reconcile(self, name: str, lk: Link) -> None:
         """Plan what the newest listing of a node means, commit it and act, until none is left."""
         cluster = self.store.cluster
-        while lk.listing is not None and not self._closing:
+        while lk.listing is not None and not self._closing and self.mode.name == NORMAL:
             (found, listed), lk.listing = lk.listing, None
 
             async def step(found: list[ContainerInfo] = found, listed: float = listed) -> None:
@@ -764,6 +907,9 @@ class Scheduler:
             await self._step("liveness", self._transitions(self.liveness.tick(self.monotonic())))
 
     async def _transitions(self, moves: list[Transition]) -> None:
+        if self.mode.name != NORMAL:  # nothing is re-placed while change is frozen: see _resume
+            self._held.update(t.node for t in moves)
+            return
         for t in moves:
             if t.now == "dead":
                 label = self._label()
@@ -811,7 +957,7 @@ class Scheduler:
                 kicked = True
             self._kick.clear()
             idle = 0.0 if kicked else idle + quiet
-            if self.state.pending and (kicked or idle >= 5 * quiet):
+            if self.state.pending and (kicked or idle >= 5 * quiet) and self.mode.name == NORMAL:
                 idle = 0.0
                 await self._step("placing pending containers", self._place_pending())
 
