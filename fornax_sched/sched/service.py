@@ -153,7 +153,11 @@ class Scheduler:
         self._acted: dict[str, float] = {}
         self._pruned = 0.0  # when _acted was last pruned
         self._kick = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the scheduler's own (the store's watch)
+        self._lead_tasks: list[asyncio.Task[None]] = []  # those only a leader runs: nodes, liveness, pending work
+        self.leading = False  # deciding and acting on nodes (one scheduler alone always does)
+        # Set on a follower (replicas.py): a ctl or policy write goes to the leader, and its answer back.
+        self.forward: Callable[[str, str, str], Awaitable[str]] | None = None
         self._addrs: set[str] = set()
         self._store_error = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,21 +170,62 @@ class Scheduler:
         self._probing: asyncio.Task[None] | None = None  # a look at the store after a failed commit
         self._held: set[str] = set()  # nodes whose liveness moved while the mode froze change
         self.leader: str | None = None  # the leading replica's address, when several share a store
+        self.replicated = False  # one of several replicas on one store (replicas.py)
+        self.relead: Callable[[], Awaitable[None]] | None = None  # a replica's: lead again before recover
 
     # ================================================================ life
-    async def start(self) -> None:
+    async def start(self, lead: bool = True) -> None:
+        """Load the state; lead at once (one scheduler alone), or wait to be made leader (replicas.py)."""
         self._loop = asyncio.get_running_loop()
         await self._load()
+        self._tasks.append(asyncio.create_task(self._store_watch(), name="sched-store-watch"))
+        if lead:
+            self.begin_leading()
+
+    def begin_leading(self) -> None:
+        """Decide and act: follow the nodes the state names and the seeds, run liveness and pending work."""
+        if self.leading or self._closing:
+            return
+        self.leading = True
+        self.forward = None
+        now = self.monotonic()
+        for name, meta in self.state.nodes.items():
+            self.liveness.add(name, now)
+            if meta.addr and name not in self.links:
+                with contextlib.suppress(ValueError):  # an address no backend serves: noted, left dead
+                    self._link(name, meta.addr)
         for addr in self.seeds:
             self._try_addr(addr)
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="sched-housekeeping"))
-        self._tasks.append(asyncio.create_task(self._ticker(), name="sched-liveness"))
-        self._tasks.append(asyncio.create_task(self._persister(), name="sched-persist"))
-        self._tasks.append(asyncio.create_task(self._store_watch(), name="sched-store-watch"))
+        self._lead_tasks.append(asyncio.create_task(self._housekeeping(), name="sched-housekeeping"))
+        self._lead_tasks.append(asyncio.create_task(self._ticker(), name="sched-liveness"))
+        self._lead_tasks.append(asyncio.create_task(self._persister(), name="sched-persist"))
+
+    async def end_leading(self) -> None:
+        """Step down: stop acting on nodes (what is under way ends; its commits are refused by the store)."""
+        if not self.leading:
+            return
+        self.leading = False
+        tasks = self._lead_tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler) if t is not None]
+        self._lead_tasks = []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        links, self.links = self.links, {}
+        self._addrs.clear()
+        self._busy.clear()
+        self._dirty.clear()
+        self._unsaved = []
+        self._held.clear()
+        for lk in links.values():
+            with contextlib.suppress(Exception):
+                await lk.backend.close()
 
     async def close(self) -> None:
         self._closing = True
-        tasks = self._tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler) if t is not None]
+        tasks = self._tasks + self._lead_tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler)
+                                                  if t is not None]
         if self._probing is not None:
             tasks.append(self._probing)
         for t in tasks:
@@ -188,8 +233,9 @@ class Scheduler:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        with contextlib.suppress(StoreError):
-            await self._flush_log()
+        if self.leading:
+            with contextlib.suppress(StoreError):
+                await self._flush_log()
         for lk in self.links.values():
             with contextlib.suppress(Exception):
                 await lk.backend.close()
@@ -208,12 +254,6 @@ class Scheduler:
         await self.decider.call(lambda st: st.sort_pending())
         for at, line in sorted(await self.store.log_tail(LOG_LINES), key=lambda t: t[0]):  # (stable)
             self.book.add(f"{stamp(at)} {line}")
-        now = self.monotonic()
-        for name, meta in self.state.nodes.items():
-            self.liveness.add(name, now)
-            if meta.addr:
-                with contextlib.suppress(ValueError):  # an address no backend serves: noted, left dead
-                    self._link(name, meta.addr)
         # The policy last: its sandbox starts with the cluster's placements known.
         await self.decider.call(lambda st: self.policies.load(dict(st.policies), self.clock()))
         self._same_rules()
@@ -225,7 +265,8 @@ class Scheduler:
         """A log line outside a plan: in memory now, in the store with the next commit."""
         line, at = capped(line), self.clock()
         self.book.add(f"{stamp(at)} {line}")
-        self._unsaved.append((at, line))
+        if self.leading:  # (a follower's own lines are its own: the store's log is the leader's)
+            self._unsaved.append((at, line))
         log.info("%s", line)
 
     def _note_from_thread(self, line: str) -> None:
@@ -323,7 +364,7 @@ class Scheduler:
             if n is not None and n.status != now:
                 moves.append(Transition(node, n.status, now, self.liveness.last_error(node)))
         if moves:
-            self._tasks.append(asyncio.get_running_loop().create_task(
+            self._lead_tasks.append(asyncio.get_running_loop().create_task(
                 self._step("liveness", self._transitions(moves)), name="sched-resume"))
         for name, lk in self.links.items():
             if lk.listing is not None and (lk.reconciler is None or lk.reconciler.done()):
@@ -356,6 +397,8 @@ class Scheduler:
         if self.mode.name != RECOVERY:
             raise CommandError(f"recover: the scheduler is {self.mode.name}, not in recovery: nothing to do"
                                + (f" ({self.mode.reason})" if self.mode.reason else ""))
+        if self.relead is not None:
+            await self.relead()
         async with self._mutate:
             rows = self._rows()
             ident = {"cluster": self.store.cluster, "created": self.clock(), "format": 1,
@@ -373,6 +416,43 @@ class Scheduler:
             log.info("%s", line)
         await self._probe(write=False)
         return line + f"\n{self.mode_text()}"
+
+    # ================================================================ following (replicas.py)
+    async def replicate(self, rows: list[tuple[str, str, Any]], lines: list[tuple[float, str]]) -> None:
+        """What the leader committed, seen through a watch: made true in both copies of the state."""
+        if rows:
+            self.state.apply(rows)
+            self.decider.apply(rows)
+            self.state.sort_pending()
+            if any(table == "policies" for table, _, _ in rows):
+                await self._reload_policy()
+        for at, line in lines:
+            self.book.add(f"{stamp(at)} {line}")
+
+    async def resync(self) -> None:
+        """Make memory hold exactly what the store holds (after a watch lost its place, or a step-down)."""
+        rows: list[tuple[str, str, Any]] = []
+        mine = self._rows()
+        for table in ("nodes", "meta", "policies", "placements"):
+            seen: set[str] = set()
+            async for items in self.store.scan(table):
+                for it in items:
+                    seen.add(it.key)
+                    rows.append((table, it.key, it.value))
+            rows += [(table, key, None) for key in mine[table] if key not in seen]
+        await self.replicate(rows, [])
+        await self.decider.call(lambda st: st.sort_pending())
+
+    async def _reload_policy(self) -> None:
+        def reload(st: State) -> Any:
+            old = self.policies.program
+            self.policies.load(dict(st.policies), self.clock())
+            return old if old is not None and old is not self.policies.program else None
+
+        old = await self.decider.call(reload)
+        self._same_rules()
+        if old is not None:
+            old.close()
 
     # ================================================================ the one path of change
     async def _execute(self, plan: Plan, observed: bool = True) -> None:
@@ -611,6 +691,8 @@ class Scheduler:
         9P2000.L client sees only the errno, and the log is where its user
         finds the words.
         """
+        if self.forward is not None:
+            return await self.forward("ctl", text, user)
         try:
             try:
                 cmd = lang.parse_command(text)
@@ -740,6 +822,8 @@ class Scheduler:
 
     async def set_policy(self, text: str, by: str = "-") -> str:
         """Check a policy (syntax, then a dry run) and make it active; CommandError if it is refused."""
+        if self.forward is not None:
+            return await self.forward("policy", text, by)
         if self.mode.name != NORMAL:
             raise CommandError(f"policy refused, the old one stays: {self._frozen()}")
         try:
@@ -783,7 +867,7 @@ class Scheduler:
         if addr in self._addrs or self._closing:
             return
         self._addrs.add(addr)
-        self._tasks.append(asyncio.create_task(self._discover(addr), name=f"sched-discover-{addr}"))
+        self._lead_tasks.append(asyncio.create_task(self._discover(addr), name=f"sched-discover-{addr}"))
 
     async def _discover(self, addr: str) -> None:
         try:
@@ -980,6 +1064,8 @@ class Scheduler:
                 + f"\npolicy {self.policies.label()}" + (f" {h}" if (h := self.policies.health()) else "")
                 + f"\nstore {self.store.kind} {self.store.where} cluster {self.store.cluster}"
                 + f"\n{self.mode.line(stamp(self.mode.since))}"
+                + (f"\nleader {self.leader or 'none (an election is under way)'}"
+                   + (" (this replica)" if self.leading else "") if self.replicated else "")
                 + f"\n\n{lang.USAGE}")
 
     async def container_log(self, name: str) -> tuple[str, bytes]:

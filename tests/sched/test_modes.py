@@ -4,6 +4,8 @@ schedulers on a failing SQLite and on a real etcd stopped, cut down to two membe
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,12 +139,23 @@ def etcd_own3(tmp_path: Path) -> Iterator[EtcdCluster]:
 
 
 def _on_etcd(tmp_path: Path, spec: str) -> SchedProc:
-    return SchedProc(tmp_path / "sched", [], extra=["--store", spec, "--sim-nodes", "3"])
+    sched = SchedProc(tmp_path / "sched", [], extra=["--store", spec, "--sim-nodes", "3", "--lease-ttl", "2"])
+    sched.start()
+    run(leads(sched))
+    return sched
+
+
+async def leads(sched: SchedProc) -> None:
+    """Until the replica names itself the leader in ctl."""
+    async def check() -> bool:
+        return "(this replica)" in await read(sched.addr, "cluster/scheduler/ctl")
+
+    await eventually(check, 10, interval=0.05)
 
 
 def test_etcd_stopped_is_degraded_within_2s_and_back_is_normal(etcd_own1: EtcdCluster, tmp_path: Path) -> None:
     spec = etcd_own1.spec("modes", timeout=5)
-    sched = _on_etcd(tmp_path, spec).start()
+    sched = _on_etcd(tmp_path, spec)
     try:
         async def go() -> None:
             await ctl(sched.addr, "place hello name=web replicas=3")
@@ -175,7 +188,7 @@ def test_etcd_stopped_is_degraded_within_2s_and_back_is_normal(etcd_own1: EtcdCl
 
 def test_one_member_of_three_killed_changes_no_mode(etcd_own3: EtcdCluster, tmp_path: Path) -> None:
     spec = etcd_own3.spec("modes3", timeout=5)
-    sched = _on_etcd(tmp_path, spec).start()
+    sched = _on_etcd(tmp_path, spec)
     try:
         async def go() -> None:
             await ctl(sched.addr, "place hello name=web")
@@ -192,3 +205,37 @@ def test_one_member_of_three_killed_changes_no_mode(etcd_own3: EtcdCluster, tmp_
         run(go(), timeout=60)
     finally:
         sched.stop()
+
+
+def test_etcd_wiped_is_recovery_and_recover_writes_the_state_back(etcd_own1: EtcdCluster, tmp_path: Path) -> None:
+    spec = etcd_own1.spec("wiped", timeout=5)
+    sched = _on_etcd(tmp_path, spec)
+    try:
+        async def go() -> None:
+            await ctl(sched.addr, "place hello name=web replicas=2")
+            await ctl(sched.addr, "cordon sim-0002")
+            assert "not in recovery" in await _refused(sched.addr, "recover")
+            subprocess.run(["etcdctl", "--endpoints", etcd_own1.endpoints, "del", "--prefix", "wiped"], check=True,
+                           capture_output=True, timeout=10, env={**os.environ, "ETCDCTL_API": "3"})
+            await _wait_mode(sched.addr, "recovery", 2.0)
+            why = await _refused(sched.addr, "place hello name=lost")
+            assert "is reachable but holds no state" in why and "ctl: recover" in why, why
+            assert await _names(sched.addr) == ["web-1", "web-2"]
+            answer = await ctl(sched.addr, "recover")
+            assert "wrote back 2 placements, 3 nodes" in answer and "mode normal" in answer, answer
+            assert (await ctl(sched.addr, "place hello name=after")).startswith("after node=sim-")
+
+        run(go(), timeout=60)
+    finally:
+        sched.stop()
+
+    async def stored() -> tuple[dict[str, object], dict[str, object]]:
+        s = await open_store(spec, create=False)
+        try:
+            return await s.load("placements"), await s.load("nodes")
+        finally:
+            await s.close()
+
+    placements, nodes = run(stored())
+    assert sorted(placements) == ["after", "web-1", "web-2"]
+    assert nodes["sim-0002"]["cordoned"] is True  # type: ignore[index]
