@@ -177,6 +177,7 @@ class Scheduler:
     async def start(self, lead: bool = True) -> None:
         """Load the state; lead at once (one scheduler alone), or wait to be made leader (replicas.py)."""
         self._loop = asyncio.get_running_loop()
+        self.replicated = self.replicated or not lead
         await self._load()
         self._tasks.append(asyncio.create_task(self._store_watch(), name="sched-store-watch"))
         if lead:
@@ -265,7 +266,7 @@ class Scheduler:
         """A log line outside a plan: in memory now, in the store with the next commit."""
         line, at = capped(line), self.clock()
         self.book.add(f"{stamp(at)} {line}")
-        if self.leading:  # (a follower's own lines are its own: the store's log is the leader's)
+        if self.leading or not self.replicated:  # (a follower's own lines are its own: the log is the leader's)
             self._unsaved.append((at, line))
         log.info("%s", line)
 
