@@ -169,6 +169,7 @@ class Scheduler:
         self.probe_timeout = probe_timeout  # seconds a look may take before the store counts as unreachable
         self._probing: asyncio.Task[None] | None = None  # a look at the store after a failed commit
         self._held: set[str] = set()  # nodes whose liveness moved while the mode froze change
+        self._led_at = 0.0  # when this scheduler began leading (see _settle)
         self.leader: str | None = None  # the leading replica's address, when several share a store
         self.replicated = False  # one of several replicas on one store (replicas.py)
         self.relead: Callable[[], Awaitable[None]] | None = None  # a replica's: lead again before recover
@@ -197,6 +198,7 @@ class Scheduler:
                     self._link(name, meta.addr)
         for addr in self.seeds:
             self._try_addr(addr)
+        self._led_at = self.monotonic()
         self._lead_tasks.append(asyncio.create_task(self._housekeeping(), name="sched-housekeeping"))
         self._lead_tasks.append(asyncio.create_task(self._ticker(), name="sched-liveness"))
         self._lead_tasks.append(asyncio.create_task(self._persister(), name="sched-persist"))
@@ -307,6 +309,18 @@ class Scheduler:
 
     def mode_text(self) -> str:
         return self.mode.line(stamp(self.mode.since)) + "\n"
+
+    def _settled(self) -> bool:
+        return all(lk.rounds > 0 for lk in self.links.values()) and not any(
+            not t.done() for t in self._lead_tasks if t.get_name().startswith("sched-discover-"))
+
+    async def _settle(self) -> None:
+        """Just after it began leading (a start, an election), a command waits a moment, until every
+        node has been looked at once (bounded: 2 intervals and a second), so that it is not decided
+        on nodes that only look down because nobody asked them yet."""
+        bound = self._led_at + 2 * self.interval + 1.0
+        while self.leading and not self._settled() and self.monotonic() < bound:
+            await asyncio.sleep(0.02)
 
     async def _store_watch(self) -> None:
         """Look at the store every ``probe_every`` seconds: reachable, holding this cluster's state,
@@ -694,6 +708,7 @@ class Scheduler:
         """
         if self.forward is not None:
             return await self.forward("ctl", text, user)
+        await self._settle()
         try:
             try:
                 cmd = lang.parse_command(text)
