@@ -6,6 +6,10 @@ so that a Ctrl-C reaches this process alone and it stops them in order:
 the scheduler first (so it does not see the nodes go as deaths), then the
 nodes, which stop their containers.
 
+With ``--store etcd`` it also starts one etcd member (Debian's etcd-server)
+and two scheduler replicas on it, one leading; etcd starts first and stops
+last.
+
 Before starting anything it makes sure nothing else holds what it needs
 (its state, its ports) and names the holder; it prints "is up" only once
 the scheduler's own files say every node is online.
@@ -17,6 +21,7 @@ import argparse
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +55,11 @@ def add_parser(sub: Any) -> None:
                     help="seconds before a process that exited is started again (default %(default)s)")
     up.add_argument("--wait", type=float, default=60.0,
                     help="seconds to wait for every node to be online before giving up (default %(default)s)")
+    up.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite",
+                    help="sqlite: one scheduler on its embedded store (the default); etcd: a local etcd member "
+                         "and two scheduler replicas on it, on PORT and PORT+N+1")
+    up.add_argument("--etcd-port", type=int, default=2379,
+                    help="with --store etcd: etcd's client port (its peer port is the next; default %(default)s)")
     up.set_defaults(func=run)
 
 
@@ -60,7 +70,12 @@ def run(a: argparse.Namespace) -> int:
         return _usage(f"--port and --gossip: want 1 to {65535 - a.nodes} (node N takes PORT+N)")
     if a.dead <= 0 or a.restart < 0 or a.wait <= 0:
         return _usage("--dead and --wait: want seconds above 0; --restart: 0 or more")
-    return up(a.nodes, a.images, a.state, a.port, a.gossip, a.dead, a.restart, fresh=a.fresh, wait=a.wait)
+    if a.store == "etcd" and not 1 <= a.etcd_port <= 65534:
+        return _usage("--etcd-port: want 1 to 65534 (the peer port is the next)")
+    if a.store == "etcd" and a.port + a.nodes + 1 > 65535:
+        return _usage(f"--port: want at most {65535 - a.nodes - 1} with --store etcd (the second replica's port)")
+    return up(a.nodes, a.images, a.state, a.port, a.gossip, a.dead, a.restart, fresh=a.fresh, wait=a.wait,
+              store=a.store, etcd_port=a.etcd_port)
 
 
 def _usage(why: str) -> int:
@@ -85,10 +100,20 @@ def node_cmd(i: int, nodes: int, images: Path, state: Path, port: int, gossip: i
             "--peers", peers, "--broadcast", "off"]
 
 
-def sched_cmd(state: Path, port: int, dead: float, fresh: bool = False) -> list[str]:
+def sched_cmd(state: Path, port: int, dead: float, fresh: bool = False, store: str = "", node: int = 0,
+              name: str = "scheduler") -> list[str]:
     return [sys.executable, "-m", "fornax_sched", "serve", "--listen", f"tcp!127.0.0.1!{port}",
-            "--state", str(state / "scheduler"), "--node", f"tcp!127.0.0.1!{port + 1}", "--dead", f"{dead:g}",
-            *(["--fresh"] if fresh else [])]
+            "--state", str(state / name), "--node", f"tcp!127.0.0.1!{node or port + 1}", "--dead", f"{dead:g}",
+            *(["--store", store] if store else []), *(["--fresh"] if fresh else [])]
+
+
+def etcd_cmd(state: Path, client: int) -> list[str]:
+    etcd = shutil.which("etcd") or "etcd"
+    peer = f"http://127.0.0.1:{client + 1}"
+    return [etcd, "--name", "up", "--data-dir", str(state / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"up={peer}",
+            "--logger", "zap", "--log-level", "error"]
 
 
 # ---------------------------------------------------------------- who holds what
@@ -103,6 +128,11 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     restart_at: float | None = None  # exited: when to start it again
     runs: int = 0
+    role: str = "node"  # "scheduler", "node", "store": schedulers stop first, the store last
+
+    def __post_init__(self) -> None:
+        if self.pidfile is None and self.role == "node":
+            self.role = "scheduler"
 
 
 def _socket_inodes(port: int, proto: str) -> set[str]:
@@ -325,14 +355,20 @@ class Up:
                 say(f"starting {d.name} again so that it stops its containers")
                 self.start(d)
                 _wait_pidfile(d)
-        running = [d for d in self.daemons if d.proc is not None and d.proc.poll() is None]
+        order = {"scheduler": 0, "node": 1, "store": 2}
+        running = sorted((d for d in self.daemons if d.proc is not None and d.proc.poll() is None),
+                         key=lambda d: order[d.role])
         for d in running:
             assert d.proc is not None
+            if d.role == "store":  # the store last: the nodes are gone first
+                for n in running:
+                    if n.role == "node" and n.proc is not None:
+                        _wait(n.proc, 30)
             if d.pidfile is not None:  # a node still starting ends cleanly on SIGTERM only once it is ready
                 _wait_pidfile(d)
             say(f"stopping {d.name} (pid {d.proc.pid})")
             d.proc.terminate()
-            if d.pidfile is None:  # the scheduler: let it go before the nodes do
+            if d.role != "node":  # a scheduler: let it go before the nodes do (the store: at the end)
                 _wait(d.proc, 10)
         for d in running:
             assert d.proc is not None
@@ -365,16 +401,29 @@ def _wait_pidfile(d: Daemon, timeout: float = 15.0) -> None:
 
 def up(nodes: int = 3, images: Path | None = None, state: Path | None = None, port: int = 5640,
        gossip: int = 9710, dead: float = 10.0, restart: float = 20.0, *, fresh: bool = False,
-       wait: float = 60.0) -> int:
+       wait: float = 60.0, store: str = "sqlite", etcd_port: int = 2379) -> int:
     images = images or REPO_IMAGES
     state = state or default_state()
     if not images.is_dir():
         return _usage(f"no images directory at {images} (give --images)")
     sched = f"tcp!127.0.0.1!{port}"
     names = [f"fornax-{i:02d}" for i in range(1, nodes + 1)]
-    daemons = [Daemon("the scheduler", sched_cmd(state, port, dead, fresh), port)]
+    if store == "etcd":
+        if shutil.which("etcd") is None:
+            say("--store etcd needs etcd (the Debian package etcd-server: apt-get install etcd-server)")
+            return X.REFUSED
+        url = f"etcd://127.0.0.1:{etcd_port}/fornax-up?timeout=10"  # (etcd starts beside the replicas)
+        second = port + nodes + 1
+        daemons = [Daemon("scheduler replica 1", sched_cmd(state, port, dead, store=url, node=port + 1,
+                                                           name="scheduler-1"), port),
+                   Daemon("scheduler replica 2", sched_cmd(state, second, dead, store=url, node=port + 1,
+                                                           name="scheduler-2"), second)]
+    else:
+        daemons = [Daemon("the scheduler", sched_cmd(state, port, dead, fresh), port)]
     daemons += [Daemon(n, node_cmd(i, nodes, images, state, port, gossip), port + i, gossip + i, state / n / "pid")
                 for i, n in enumerate(names, 1)]
+    if store == "etcd":
+        daemons.append(Daemon("etcd", etcd_cmd(state, etcd_port), etcd_port, role="store"))
 
     lock = StateLock(state)
     holder = lock.take(f"scheduler {sched}")
@@ -397,9 +446,10 @@ def up(nodes: int = 3, images: Path | None = None, state: Path | None = None, po
                     f"{name} of {node} (pid {pid})" for node, name, pid in still)
                     + "; stop them first, or start without --fresh to adopt them")
                 return X.REFUSED
-            aside = put_aside(state, names)
+            aside = put_aside(state, names + (["etcd"] if store == "etcd" else []))
             say("starting afresh" + (f": the nodes' old state is in {aside}" if aside else "")
-                + "; the scheduler keeps its old store beside the new one (sched.db.replaced-TIME)")
+                + ("" if store == "etcd" else
+                   "; the scheduler keeps its old store beside the new one (sched.db.replaced-TIME)"))
         return _run(Up(daemons, state), sched, names, state, restart, wait)
     finally:
         lock.release()
@@ -419,8 +469,10 @@ def _run(u: Up, sched: str, names: list[str], state: Path, restart: float, wait:
         if left:
             say("still running: " + ", ".join(left))
             return X.REFUSED
-        say("stopped the scheduler and " + (f"{len(names)} nodes" if len(names) > 1 else "the node")
-            + "; nothing left running")
+        scheds = [d for d in u.daemons if d.role == "scheduler"]
+        say(("stopped the scheduler" if len(scheds) == 1 else f"stopped {len(scheds)} scheduler replicas")
+            + (", etcd" if any(d.role == "store" for d in u.daemons) else "")
+            + " and " + (f"{len(names)} nodes" if len(names) > 1 else "the node") + "; nothing left running")
         return status
     finally:
         for s, h in old.items():
@@ -429,14 +481,18 @@ def _run(u: Up, sched: str, names: list[str], state: Path, restart: float, wait:
 
 def _supervise(u: Up, sched: str, names: list[str], state: Path, restart: float, wait: float) -> int:
     """Start the daemons, print the banner once all nodes are online, restart what exits; until a signal."""
-    for d in u.daemons:
+    for d in sorted(u.daemons, key=lambda d: d.role != "store"):  # the store first
         u.start(d)
     deadline = time.monotonic() + wait
     missing: dict[str, str] = {}
     while not u.stopping:
         if (failed := _failed(u, starting=True)) is not None:
             return failed
-        missing = not_online(sched, names)
+        missing = {}
+        for d in [d for d in u.daemons if d.role == "scheduler"]:  # (replicas: the leader says)
+            missing = not_online(f"tcp!127.0.0.1!{d.tcp}", names)
+            if not missing:
+                break
         if not missing:
             break
         if time.monotonic() >= deadline:
@@ -490,13 +546,19 @@ def _status(code: int) -> str:
 
 
 def banner(daemons: list[Daemon], state: Path) -> str:
-    sched, nodes = daemons[0], daemons[1:]
+    scheds = [d for d in daemons if d.role == "scheduler"]
+    nodes = [d for d in daemons if d.role == "node"]
+    stores = [d for d in daemons if d.role == "store"]
+    sched = scheds[0]
     addr = f"tcp!127.0.0.1!{sched.tcp}"
     ctl = "/cluster/scheduler/ctl"
+    who = "the scheduler" if len(scheds) == 1 else f"{len(scheds)} scheduler replicas on etcd"
     return (f"""
-fornax-sched is up: the scheduler and {len(nodes)} fornax-nodes on loopback, all online (state in {state})
-  scheduler  {addr}   pid {sched.proc.pid if sched.proc else '-'}
-""" + "".join(f"  {d.name}  tcp!127.0.0.1!{d.tcp}   gossip 127.0.0.1:{d.udp}   pid {d.proc.pid if d.proc else '-'}\n"
+fornax-sched is up: {who} and {len(nodes)} fornax-nodes on loopback, all online (state in {state})
+""" + "".join(f"  {'scheduler' if len(scheds) == 1 else f'replica {i}'}  tcp!127.0.0.1!{d.tcp}   "
+              f"pid {d.proc.pid if d.proc else '-'}\n" for i, d in enumerate(scheds, 1))
+      + "".join(f"  etcd       http://127.0.0.1:{d.tcp}   pid {d.proc.pid if d.proc else '-'}\n" for d in stores)
+      + "".join(f"  {d.name}  tcp!127.0.0.1!{d.tcp}   gossip 127.0.0.1:{d.udp}   pid {d.proc.pid if d.proc else '-'}\n"
               for d in nodes) + f"""
   see the nodes:      fornax-sched 9p ls '{addr}' /cluster/nodes
   place a container:  fornax-sched 9p write -r '{addr}' {ctl} place hello

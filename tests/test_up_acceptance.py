@@ -296,3 +296,29 @@ def test_up_gives_up_naming_the_nodes_not_online(tmp_path: Path) -> None:
     assert "not every node is online after 0.1s: fornax-01: " in r.stderr and "; fornax-02: " in r.stderr
     assert "stopping the scheduler (pid " in r.stderr and "nothing left running" in r.stderr
     assert running_under(state) == []
+
+
+def test_up_on_etcd_starts_etcd_and_two_replicas_one_leading(tmp_path: Path) -> None:
+    """`up --store etcd`: a local etcd and two scheduler replicas beside the nodes; a place written to
+    either replica is answered; Ctrl-C stops everything, etcd last, and leaves nothing running."""
+    port, gossip = free_run(5, socket.SOCK_STREAM), free_run(4, socket.SOCK_DGRAM)
+    etcd = free_run(2, socket.SOCK_STREAM)
+    state = tmp_path / "up"
+    u = Up(port, gossip, state, "--store", "etcd", "--etcd-port", str(etcd))
+    try:
+        out = u.banner()
+        assert "2 scheduler replicas on etcd and 3 fornax-nodes" in out, out
+        second = f"tcp!127.0.0.1!{port + 4}"
+        assert f"replica 2  {second}" in out and f"etcd       http://127.0.0.1:{etcd}" in out, out
+        texts = [ctl_text(u.addr), ctl_text(second)]
+        assert sum("(this replica)" in t for t in texts) == 1, texts  # one leads
+        assert all(f"store etcd etcd://127.0.0.1:{etcd}/fornax-up" in t for t in texts), texts
+        for addr, name in ((u.addr, "one"), (second, "two")):
+            with BlockingClient.connect(addr, version="9P2000.u", timeout=10) as c:
+                answer = c.write_file("cluster/scheduler/ctl", f"place hello name={name}".encode(), read_reply=True)
+            assert answer.decode().startswith(f"{name} node=fornax-0"), answer
+    finally:
+        said = u.interrupt()
+    assert "stopped 2 scheduler replicas, etcd and 3 nodes; nothing left running" in said, said
+    assert said.index("stopping etcd") > said.index("stopping fornax-03"), said
+    assert running_under(state) == []

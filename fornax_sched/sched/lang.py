@@ -48,6 +48,7 @@ USAGE = """commands:
   cordon NODE | uncordon NODE | scale NAME REPLICAS
   simulate place IMAGE [CONSTRAINT ...]      (what place would decide; nothing changes)
   policy history | policy restore VERSION
+  recover                                    (in recovery mode: write the last known state back to the store)
 """
 
 
@@ -93,6 +94,10 @@ def parse_command(text: str) -> Command:
                 raise LangError(f"{verb}: {w!r} is not a {roles[role]} name (letters, digits, '.', '_' and '-', "
                                 f"at most 63); usage: {verb} {what}")
         return Command(verb, targets=rest)
+    if verb == "recover":
+        if rest:
+            raise LangError("usage: recover")
+        return Command(verb)
     if verb == "rebalance":
         if len(rest) > 1:
             raise LangError("usage: rebalance [MOVES]")

@@ -46,6 +46,8 @@ class SchedConfig:
     handshake_timeout: float = 60.0
     budget: float = 1.0  # seconds of policy time one command's decisions share
     bridge: bridge.BridgeConfig = field(default_factory=lambda: bridge.BridgeConfig(control=None))  # Persys agents
+    lease_ttl: float = 5.0  # seconds the leadership's lease lives (replicas on etcd)
+    advertise: str = ""  # the 9P address other replicas reach this one at ("": the listening address)
 
     def store_spec(self) -> str:
         return self.store or str(self.state / "sched.db")
@@ -60,14 +62,17 @@ class SchedDaemon:
         self.writers = frozenset({self.owner, *cfg.writers})
         self.sched: Scheduler | None = None
         self.server: Server | None = None
+        self.replica: Any = None  # replicas.Replica, on a store several schedulers share
         self.addr = cfg.listen
         self.bridge = bridge.Bridge(cfg.bridge)
 
     async def start(self) -> None:
         store = await open_store(self.cfg.store_spec(), fresh=self.cfg.fresh)
+        replicated = store.kind == "etcd"  # several replicas share it, one leading; SQLite has one scheduler
         try:
-            # One scheduler per state: a second one would undo the first's work.
-            await store.campaign("scheduler", f"fornax-sched serve on {self.cfg.listen}", ttl=10, wait=False)
+            if not replicated:
+                # One scheduler per state: a second one would undo the first's work.
+                await store.campaign("scheduler", f"fornax-sched serve on {self.cfg.listen}", ttl=10, wait=False)
             seeds = list(self.cfg.nodes) + list(self.cfg.bridge.agents)
             if self.cfg.sim_nodes:
                 from .backends import CLUSTER as SIMULATED
@@ -80,24 +85,35 @@ class SchedDaemon:
                                    limits=self.cfg.policy_limits, budget=self.cfg.budget,
                                    connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout))
             self.sched.drift_interval = self.cfg.bridge.drift_interval
-            await self.sched.start()
+            await self.sched.start(lead=not replicated)
             await self.bridge.start(self.sched)
             self.server = Server(tree.build(self.sched, self.owner, self.writers),
                                  groups={tree.WRITERS: self.writers}, max_connections=self.cfg.max_connections,
                                  idle_minimum=self.cfg.idle_evict, handshake_timeout=self.cfg.handshake_timeout)
             listener = await self.server.listen(self.cfg.listen)
+            self.addr = str(listener.address)
+            if replicated:
+                from .replicas import Replica
+
+                self.replica = Replica(self.sched, self.cfg.advertise or self.addr, ttl=self.cfg.lease_ttl)
+                await self.replica.start()
         except BaseException:
             await self.bridge.stop()
+            if self.replica is not None:
+                await self.replica.close()
+            if self.server is not None:
+                await self.server.close()
             if self.sched is not None:
                 await self.sched.close()
             await store.close()
             raise
-        self.addr = str(listener.address)
 
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.close()
         await self.bridge.stop()
+        if self.replica is not None:
+            await self.replica.close()
         if self.sched is not None:
             await self.sched.close()
             await self.sched.store.close()
@@ -149,6 +165,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--decide-budget", type=float, default=1.0, metavar="S",
                    help="seconds of policy time one command's decisions share; past it the platform policy "
                         "decides the rest (default 1)")
+    p.add_argument("--lease-ttl", type=float, default=5.0, metavar="S",
+                   help="on etcd, where several replicas share the state: seconds the leader's lease lives; a "
+                        "leader gone this long is replaced (default 5)")
+    p.add_argument("--advertise", default="", metavar="ADDR",
+                   help="on etcd: the 9P address other replicas forward writes to (default: the listening address)")
     p.add_argument("--policy-memory", default="64M", metavar="SIZE",
                    help="memory a Lua policy may use per decision (default 64M)")
     bridge.add_arguments(p)
@@ -167,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--node-timeout: want 0.05 to 600 seconds")
         if not 0.01 <= args.decide_budget <= 600:
             raise ValueError("--decide-budget: want 0.01 to 600 seconds")
+        if not 1 <= args.lease_ttl <= 600:
+            raise ValueError("--lease-ttl: want 1 to 600 seconds")
         if not 1 <= args.policy_deadline <= 60_000:
             raise ValueError("--policy-deadline: want 1 to 60000 milliseconds")
         memory = parse_size(args.policy_memory, "--policy-memory")
@@ -182,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                       policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget,
                       node_timeout=args.node_timeout, max_connections=args.max_connections,
                       idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,
-                      sim_nodes=args.sim_nodes, bridge=persys)
+                      sim_nodes=args.sim_nodes, bridge=persys, lease_ttl=args.lease_ttl, advertise=args.advertise)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

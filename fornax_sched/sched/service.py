@@ -22,7 +22,9 @@ liveness.py; a dead node's containers are decided again), housekeeping
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -53,11 +55,11 @@ from .decider import Decider
 from .liveness import Liveness, Transition
 from .logbook import LogBook, capped
 from .model import Request
-from .modes import NORMAL, Mode
+from .modes import NORMAL, RECOVERY, Mode, Seen, decide
 from .plans import CommandError, Plan, Stop
 from .policies import Policies
 from .state import WAITING, State, replica_order, stamp
-from .store import Batch, Store, StoreError
+from .store import Batch, Compacted, Conflict, NotLeader, Store, StoreBusy, StoreError
 from .store.api import LogLine
 
 log = logging.getLogger("fornax_sched.sched")
@@ -67,7 +69,11 @@ SMALL = 16  # decisions a command may make on the event loop under the built-in 
 GROUP = 64  # plans planned and committed together at most
 QUOTE = 120  # characters of a refused command quoted in the log
 
-__all__ = ["CommandError", "Scheduler"]
+__all__ = ["CommandError", "Frozen", "Scheduler"]
+
+
+class Frozen(StoreError):
+    """A change refused because the scheduler is not in normal mode: the message says why (modes.py)."""
 
 
 @dataclass
@@ -117,7 +123,7 @@ class Scheduler:
                  dead_after: float = 10.0, node_timeout: float = 5.0,
                  connect: Callable[[str], Backend] | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, limits: Limits | None = None,
-                 budget: float = 1.0) -> None:
+                 budget: float = 1.0, probe_timeout: float = 1.2) -> None:
         self.store = store
         self.state = State()  # committed: what the file tree reads
         # The decider's copy shares the one copy of each request and repeated string with it.
@@ -147,40 +153,97 @@ class Scheduler:
         self._acted: dict[str, float] = {}
         self._pruned = 0.0  # when _acted was last pruned
         self._kick = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # the scheduler's own (the store's watch)
+        self._lead_tasks: list[asyncio.Task[None]] = []  # those only a leader runs: nodes, liveness, pending work
+        self.leading = False  # deciding and acting on nodes (one scheduler alone always does)
+        # Set on a follower (replicas.py): a ctl or policy write goes to the leader, and its answer back.
+        self.forward: Callable[[str, str, str], Awaitable[str]] | None = None
         self._addrs: set[str] = set()
         self._store_error = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.started = clock()
         self.mode = Mode(NORMAL, "", self.started)  # see modes.py
+        self._seen = Seen(identity=store.cluster, expected=store.cluster, where=store.where)
+        self.probe_every = min(interval, 0.25)  # seconds between looks at the store
+        self.probe_timeout = probe_timeout  # seconds a look may take before the store counts as unreachable
+        self._probing: asyncio.Task[None] | None = None  # a look at the store after a failed commit
+        self._held: set[str] = set()  # nodes whose liveness moved while the mode froze change
+        self._led_at = 0.0  # when this scheduler began leading (see _settle)
         self.leader: str | None = None  # the leading replica's address, when several share a store
         self.drift = drift.DriftBook()  # what /cluster/scheduler/drift lists (see _drift_step)
         self.drift_interval = 30.0  # seconds between a node's drift comparisons (0: none)
         self._drift_at: dict[str, float] = {}  # node -> when last compared (monotonic)
         self._drift_now: set[str] = set()  # nodes to compare at their next listing (they came back)
         self._revisions: dict[Request, str] = {}
+        self.replicated = False  # one of several replicas on one store (replicas.py)
+        self.relead: Callable[[], Awaitable[None]] | None = None  # a replica's: lead again before recover
 
     # ================================================================ life
-    async def start(self) -> None:
+    async def start(self, lead: bool = True) -> None:
+        """Load the state; lead at once (one scheduler alone), or wait to be made leader (replicas.py)."""
         self._loop = asyncio.get_running_loop()
+        self.replicated = self.replicated or not lead
         await self._load()
+        self._tasks.append(asyncio.create_task(self._store_watch(), name="sched-store-watch"))
+        if lead:
+            self.begin_leading()
+
+    def begin_leading(self) -> None:
+        """Decide and act: follow the nodes the state names and the seeds, run liveness and pending work."""
+        if self.leading or self._closing:
+            return
+        self.leading = True
+        self.forward = None
+        now = self.monotonic()
+        for name, meta in self.state.nodes.items():
+            self.liveness.add(name, now)
+            if meta.addr and name not in self.links:
+                with contextlib.suppress(ValueError):  # an address no backend serves: noted, left dead
+                    self._link(name, meta.addr)
         for addr in self.seeds:
             self._try_addr(addr)
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="sched-housekeeping"))
-        self._tasks.append(asyncio.create_task(self._ticker(), name="sched-liveness"))
-        self._tasks.append(asyncio.create_task(self._persister(), name="sched-persist"))
+        self._led_at = self.monotonic()
+        self._lead_tasks.append(asyncio.create_task(self._housekeeping(), name="sched-housekeeping"))
+        self._lead_tasks.append(asyncio.create_task(self._ticker(), name="sched-liveness"))
+        self._lead_tasks.append(asyncio.create_task(self._persister(), name="sched-persist"))
 
-    async def close(self) -> None:
-        self._closing = True
-        tasks = self._tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler) if t is not None]
+    async def end_leading(self) -> None:
+        """Step down: stop acting on nodes (what is under way ends; its commits are refused by the store)."""
+        if not self.leading:
+            return
+        self.leading = False
+        tasks = self._lead_tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler) if t is not None]
+        self._lead_tasks = []
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        with contextlib.suppress(StoreError):
-            await self._flush_log()
+        links, self.links = self.links, {}
+        self._addrs.clear()
+        self._busy.clear()
+        self._dirty.clear()
+        self._unsaved = []
+        self._held.clear()
+        for lk in links.values():
+            with contextlib.suppress(Exception):
+                await lk.backend.close()
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = self._tasks + self._lead_tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler)
+                                                  if t is not None]
+        if self._probing is not None:
+            tasks.append(self._probing)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.leading:
+            with contextlib.suppress(StoreError):
+                await self._flush_log()
         for lk in self.links.values():
             with contextlib.suppress(Exception):
                 await lk.backend.close()
@@ -201,12 +264,6 @@ class Scheduler:
         await self.decider.call(lambda st: st.sort_pending())
         for at, line in sorted(await self.store.log_tail(LOG_LINES), key=lambda t: t[0]):  # (stable)
             self.book.add(f"{stamp(at)} {line}")
-        now = self.monotonic()
-        for name, meta in self.state.nodes.items():
-            self.liveness.add(name, now)
-            if meta.addr:
-                with contextlib.suppress(ValueError):  # an address no backend serves: noted, left dead
-                    self._link(name, meta.addr)
         # The policy last: its sandbox starts with the cluster's placements known.
         await self.decider.call(lambda st: self.policies.load(dict(st.policies), self.clock()))
         self._same_rules()
@@ -218,7 +275,8 @@ class Scheduler:
         """A log line outside a plan: in memory now, in the store with the next commit."""
         line, at = capped(line), self.clock()
         self.book.add(f"{stamp(at)} {line}")
-        self._unsaved.append((at, line))
+        if self.leading or not self.replicated:  # (a follower's own lines are its own: the log is the leader's)
+            self._unsaved.append((at, line))
         log.info("%s", line)
 
     def _note_from_thread(self, line: str) -> None:
@@ -228,8 +286,9 @@ class Scheduler:
             loop.call_soon_threadsafe(self.note, line)
 
     async def _flush_log(self) -> None:
-        """Write what is only in memory: log lines noted outside a plan, and observed statuses."""
-        if self._unsaved or self._dirty:
+        """Write what is only in memory: log lines noted outside a plan, and observed statuses
+        (in normal mode only: a degraded or recovering store is left as it is)."""
+        if (self._unsaved or self._dirty) and self.mode.name == NORMAL:
             async with self._mutate:
                 plan = Plan(self.clock())
                 dirty, self._dirty = self._dirty, set()
@@ -244,10 +303,178 @@ class Scheduler:
 
     def _store_failed(self, e: StoreError) -> None:
         """A store failure outside a command: logged once until it changes."""
+        if isinstance(e, Frozen):
+            return  # the mode's change was logged
         if str(e) != self._store_error:
             self._store_error = str(e)
             log.error("%s", e)
             self.note(f"store: {e}")
+
+    # ================================================================ the store's mode (modes.py)
+    def _frozen(self) -> Frozen:
+        return Frozen(self.mode.refusal(stamp(self.mode.since)))
+
+    def mode_text(self) -> str:
+        return self.mode.line(stamp(self.mode.since)) + "\n"
+
+    def _settled(self) -> bool:
+        return all(lk.rounds > 0 for lk in self.links.values()) and not any(
+            not t.done() for t in self._lead_tasks if t.get_name().startswith("sched-discover-"))
+
+    async def _settle(self) -> None:
+        """Just after it began leading (a start, an election), a command waits a moment, until every
+        node has been looked at once (bounded: 2 intervals and a second), so that it is not decided
+        on nodes that only look down because nobody asked them yet."""
+        bound = self._led_at + 2 * self.interval + 1.0
+        while self.leading and not self._settled() and self.monotonic() < bound:
+            await asyncio.sleep(0.02)
+
+    async def _store_watch(self) -> None:
+        """Look at the store every ``probe_every`` seconds: reachable, holding this cluster's state,
+        and (while a write failed) writable again.  Each look is bounded by ``probe_timeout``."""
+        while not self._closing:
+            await asyncio.sleep(self.probe_every)
+            await self._step("looking at the store", self._probe(write=bool(self._seen.write_error)))
+
+    def _store_suspect(self, cause: str) -> None:
+        """A commit failed: look at the store at once (apart), writing too; if that fails, degraded."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.get_running_loop().create_task(self._probe(write=True, cause=cause),
+                                                                   name="sched-store-probe")
+
+    async def _probe(self, write: bool, cause: str = "") -> None:
+        seen = self._seen
+        try:
+            ident = await asyncio.wait_for(self.store.probe(), self.probe_timeout)
+        except (StoreError, TimeoutError) as e:
+            why = str(e) if isinstance(e, StoreError) else (f"cannot read the store {self.store.where}: "
+                                                            f"no answer within {self.probe_timeout:g}s")
+            self._saw(dataclasses.replace(seen, read_error=why))
+            return
+        seen = dataclasses.replace(seen, read_error="", identity=ident)
+        if write and ident == seen.expected and self.mode.name != RECOVERY:
+            try:
+                await asyncio.wait_for(self.store.probe(write=True), self.probe_timeout)
+            except (StoreError, TimeoutError) as e:
+                why = str(e) if isinstance(e, StoreError) else (f"cannot write the store {self.store.where}: "
+                                                                f"no answer within {self.probe_timeout:g}s")
+                seen = dataclasses.replace(seen, write_error=cause or why)
+            else:
+                seen = dataclasses.replace(seen, write_error="")
+        self._saw(seen)
+
+    def _saw(self, seen: Seen) -> None:
+        """Record what a look at the store showed; if the mode changes, say so and react."""
+        self._seen = seen
+        new = decide(self.mode, seen, self.clock())
+        if new is self.mode:
+            return
+        old, self.mode = self.mode, new
+        line = f"mode {new.name} (was {old.name})" + (f": {new.reason}" if new.reason else "")
+        (log.warning if new.name != NORMAL else log.info)("%s", line)
+        self.note(line)
+        if new.name == NORMAL:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Back to normal: what was paused goes on from what is true now (not from what happened meanwhile)."""
+        held, self._held = self._held, set()
+        moves = []
+        for node in sorted(held):
+            n = self.state.cluster.nodes.get(node)
+            now = self.liveness.status(node)
+            if n is not None and n.status != now:
+                moves.append(Transition(node, n.status, now, self.liveness.last_error(node)))
+        if moves:
+            self._lead_tasks.append(asyncio.get_running_loop().create_task(
+                self._step("liveness", self._transitions(moves)), name="sched-resume"))
+        for name, lk in self.links.items():
+            if lk.listing is not None and (lk.reconciler is None or lk.reconciler.done()):
+                lk.reconciler = asyncio.get_running_loop().create_task(self._reconcile(name, lk),
+                                                                       name=f"sched-reconcile-{name}")
+        self._kick.set()
+
+    def _rows(self) -> dict[str, dict[str, Any]]:
+        """The last known state as the store's rows."""
+        st = self.state
+        return {"nodes": {n: st.node_row(n) for n in st.cluster.nodes},
+                "placements": {n: st.placement_row(n) for n in st.records},
+                "meta": {f"seq/{stem}": n for stem, n in st.seq.items()},
+                "policies": dict(st.policies)}
+
+    def _book_lines(self) -> list[tuple[float, str]]:
+        """The log as memory holds it, as (time, line): what ``recover`` writes back."""
+        out = []
+        for text in self.book.tail(LOG_LINES):
+            at_s, _, line = text.partition(" ")
+            try:
+                at = calendar.timegm(time.strptime(at_s[:19], "%Y-%m-%dT%H:%M:%S")) + int(at_s[20:23]) / 1000
+            except ValueError:
+                continue
+            out.append((at, line))
+        return out
+
+    async def _cmd_recover(self, cmd: lang.Command) -> str:
+        """In recovery mode: write the last known state (rows and log) back to the store."""
+        if self.mode.name != RECOVERY:
+            raise CommandError(f"recover: the scheduler is {self.mode.name}, not in recovery: nothing to do"
+                               + (f" ({self.mode.reason})" if self.mode.reason else ""))
+        if self.relead is not None:
+            await self.relead()
+        async with self._mutate:
+            rows = self._rows()
+            ident = {"cluster": self.store.cluster, "created": self.clock(), "format": 1,
+                     "recovered": self.clock()}
+            lines = self._book_lines()
+            line = (f"recover (by {cmd.user or '-'}): wrote back {len(rows['placements'])} placements, "
+                    f"{len(rows['nodes'])} nodes, {len(rows['policies'])} policy rows and {len(lines)} log lines")
+            at = self.clock()
+            restore = getattr(self.store, "replace", None)
+            if restore is None:
+                raise CommandError(f"recover: the store {self.store.where} cannot be written whole")
+            await restore(rows, lines + [(at, line)], ident)
+            self._unsaved = []
+            self.book.add(f"{stamp(at)} {line}")
+            log.info("%s", line)
+        await self._probe(write=False)
+        return line + f"\n{self.mode_text()}"
+
+    # ================================================================ following (replicas.py)
+    async def replicate(self, rows: list[tuple[str, str, Any]], lines: list[tuple[float, str]]) -> None:
+        """What the leader committed, seen through a watch: made true in both copies of the state."""
+        if rows:
+            self.state.apply(rows)
+            self.decider.apply(rows)
+            self.state.sort_pending()
+            if any(table == "policies" for table, _, _ in rows):
+                await self._reload_policy()
+        for at, line in lines:
+            self.book.add(f"{stamp(at)} {line}")
+
+    async def resync(self) -> None:
+        """Make memory hold exactly what the store holds (after a watch lost its place, or a step-down)."""
+        rows: list[tuple[str, str, Any]] = []
+        mine = self._rows()
+        for table in ("nodes", "meta", "policies", "placements"):
+            seen: set[str] = set()
+            async for items in self.store.scan(table):
+                for it in items:
+                    seen.add(it.key)
+                    rows.append((table, it.key, it.value))
+            rows += [(table, key, None) for key in mine[table] if key not in seen]
+        await self.replicate(rows, [])
+        await self.decider.call(lambda st: st.sort_pending())
+
+    async def _reload_policy(self) -> None:
+        def reload(st: State) -> Any:
+            old = self.policies.program
+            self.policies.load(dict(st.policies), self.clock())
+            return old if old is not None and old is not self.policies.program else None
+
+        old = await self.decider.call(reload)
+        self._same_rules()
+        if old is not None:
+            old.close()
 
     # ================================================================ the one path of change
     async def _execute(self, plan: Plan, observed: bool = True) -> None:
@@ -278,8 +505,10 @@ class Scheduler:
             batch.log = saved + lines
             try:
                 await self.store.apply(batch)
-            except BaseException:
+            except BaseException as e:
                 self._unsaved = saved + self._unsaved
+                if isinstance(e, StoreError) and not isinstance(e, (Conflict, Compacted, NotLeader, StoreBusy)):
+                    self._store_suspect(str(e))
                 raise
             self._store_error = ""
         rows = plan.rows()
@@ -303,6 +532,8 @@ class Scheduler:
         Plans submitted while others are being made are planned together, each on top of the ones
         before it, and committed in one transaction: eight writers pay one commit, not eight in a row.
         """
+        if self.mode.name != NORMAL:
+            raise self._frozen()
         loop = asyncio.get_running_loop()
         job = _Job(planner, small, loop.create_future())
         self._jobs.append(job)
@@ -482,6 +713,9 @@ class Scheduler:
         9P2000.L client sees only the errno, and the log is where its user
         finds the words.
         """
+        if self.forward is not None:
+            return await self.forward("ctl", text, user)
+        await self._settle()
         try:
             try:
                 cmd = lang.parse_command(text)
@@ -611,6 +845,10 @@ class Scheduler:
 
     async def set_policy(self, text: str, by: str = "-") -> str:
         """Check a policy (syntax, then a dry run) and make it active; CommandError if it is refused."""
+        if self.forward is not None:
+            return await self.forward("policy", text, by)
+        if self.mode.name != NORMAL:
+            raise CommandError(f"policy refused, the old one stays: {self._frozen()}")
         try:
             # Loading may stall (a policy stuck at load time): on a thread of its own, bounded by the
             # load budget; then the dry run against the cluster, on the decider's thread.
@@ -652,7 +890,7 @@ class Scheduler:
         if addr in self._addrs or self._closing:
             return
         self._addrs.add(addr)
-        self._tasks.append(asyncio.create_task(self._discover(addr), name=f"sched-discover-{addr}"))
+        self._lead_tasks.append(asyncio.create_task(self._discover(addr), name=f"sched-discover-{addr}"))
 
     async def _discover(self, addr: str) -> None:
         try:
@@ -669,6 +907,8 @@ class Scheduler:
                 await asyncio.sleep(self.interval)
         else:
             return
+        while self.mode.name != NORMAL and not self._closing:  # no node is registered while change is frozen
+            await asyncio.sleep(self.interval)
         existing = self.links.get(info.name)
         if existing is not None and existing.addr == addr:
             await backend.close()
@@ -735,7 +975,8 @@ class Scheduler:
                 info = await lk.backend.info()
                 if info.name != name:
                     self.note(f"node at {lk.addr} now calls itself {info.name}, not {name}")
-                await self._node_info(name, info, lk)
+                if self.mode.name == NORMAL:
+                    await self._node_info(name, info, lk)
             if lk.rounds % 5 == 0:
                 lk.health = await lk.backend.health()
             listed = self.monotonic()
@@ -749,13 +990,15 @@ class Scheduler:
             lk.rounds += 1
         await self._transitions(self.liveness.ok(name, self.monotonic()))
         lk.listing = (found, listed)  # a listing still waiting to be planned is replaced by this newer one
+        if self.mode.name != NORMAL:
+            return  # reconciliation is paused (the newest listing waits: see _resume)
         if lk.reconciler is None or lk.reconciler.done():
             lk.reconciler = asyncio.create_task(self._reconcile(name, lk), name=f"sched-reconcile-{name}")
 
     async def _reconcile(self, name: str, lk: Link) -> None:
         """Plan what the newest listing of a node means, commit it and act, until none is left."""
         cluster = self.store.cluster
-        while lk.listing is not None and not self._closing:
+        while lk.listing is not None and not self._closing and self.mode.name == NORMAL:
             (found, listed), lk.listing = lk.listing, None
 
             async def step(found: list[ContainerInfo] = found, listed: float = listed) -> None:
@@ -819,6 +1062,9 @@ class Scheduler:
             await self._step("liveness", self._transitions(self.liveness.tick(self.monotonic())))
 
     async def _transitions(self, moves: list[Transition]) -> None:
+        if self.mode.name != NORMAL:  # nothing is re-placed while change is frozen: see _resume
+            self._held.update(t.node for t in moves)
+            return
         for t in moves:
             if t.now == "dead":
                 label = self._label()
@@ -867,7 +1113,7 @@ class Scheduler:
                 kicked = True
             self._kick.clear()
             idle = 0.0 if kicked else idle + quiet
-            if self.state.pending and (kicked or idle >= 5 * quiet):
+            if self.state.pending and (kicked or idle >= 5 * quiet) and self.mode.name == NORMAL:
                 idle = 0.0
                 await self._step("placing pending containers", self._place_pending())
 
@@ -890,6 +1136,8 @@ class Scheduler:
                 + f"\npolicy {self.policies.label()}" + (f" {h}" if (h := self.policies.health()) else "")
                 + f"\nstore {self.store.kind} {self.store.where} cluster {self.store.cluster}"
                 + f"\n{self.mode.line(stamp(self.mode.since))}"
+                + (f"\nleader {self.leader or 'none (an election is under way)'}"
+                   + (" (this replica)" if self.leading else "") if self.replicated else "")
                 + f"\n\n{lang.USAGE}")
 
     async def container_log(self, name: str) -> tuple[str, bytes]:

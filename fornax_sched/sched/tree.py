@@ -4,6 +4,7 @@
     /cluster/scheduler/policy         the active policy as written; write a new one (text rules, Lua, YAML)
     /cluster/scheduler/policy.lua     the Lua that runs (YAML compiled)
     /cluster/scheduler/policy.status  version, health and failure counts of the active policy
+    /cluster/scheduler/mode           the operating mode (normal, degraded, recovery), since when and why
     /cluster/scheduler/history/N      the policy versions kept (ctl: policy restore N)
     /cluster/scheduler/placements/C   one file per container
     /cluster/scheduler/log            decisions and actions, one timestamped line each (tail -f follows it)
@@ -216,6 +217,7 @@ def build(sched: Scheduler, owner: str, writers: frozenset[str]) -> Dir:
         ControlFile("ctl", lambda ctx: sched.summary(), ctl, owner, writers),
         PolicyFile(lambda ctx: sched.policy_text(), policy, owner, writers),
         ro("policy.lua", lambda ctx: sched.policies.lua_text()),
+        ro("mode", lambda ctx: sched.mode_text()),
         ro("policy.status", lambda ctx: sched.policies.status_text()),
         DynamicDir("history", names=lambda ctx: [str(n) for n in sorted(sched.policies.versions)], make=version,
                    exists=lambda n: n.isdigit() and int(n) in sched.policies.versions, uid=owner),

@@ -104,7 +104,9 @@ def test_fault1_a_store_that_fails_changes_nothing(tmp_path: Path) -> None:
             log = await read(sched.addr, "cluster/scheduler/log")
             assert "cannot rollback" not in log
             flag.unlink()
-            assert "status=stopped" in await ctl(sched.addr, "stop web-1")  # the store is back: commands work
+            # the store is back: normal again (the scheduler looks every 0.2 s), and commands work
+            await eventually(lambda: _mode_is(sched, "normal"), 5, interval=0.05)
+            assert "status=stopped" in await ctl(sched.addr, "stop web-1")
             assert "status=running" in await ctl(sched.addr, "start web-1")
 
         run(go())
@@ -115,6 +117,10 @@ def test_fault1_a_store_that_fails_changes_nothing(tmp_path: Path) -> None:
         sched.stop()
         for n in nodes:
             n.stop()
+
+
+async def _mode_is(sched: SchedProc, name: str) -> bool:
+    return (await read(sched.addr, "cluster/scheduler/mode")).startswith(f"mode {name} ")
 
 
 async def _settled_same(sched: SchedProc) -> bool:

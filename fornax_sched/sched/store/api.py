@@ -152,6 +152,10 @@ class Store(Protocol):
         """The revision of the last change this store object saw."""
         ...
 
+    async def probe(self, write: bool = False) -> str | None:
+        """The cluster identity the store holds now (None: none); with ``write`` a small write too."""
+        ...
+
     async def get(self, table: str, key: str) -> Item | None: ...
 
     def scan(self, table: str, start: str = "", size: int = 5000) -> AsyncIterator[list[Item]]:

@@ -35,6 +35,7 @@ from .api import TABLES, Batch, Conflict, Event, Item, LogLine, NotLeader, Store
 
 FORMAT = 1
 IDENTITY = "i"
+PROBE = "h"  # written by a probe of the store (see KVStore.probe); no reader looks at it
 CHUNK = 256 << 10  # bytes of staged operations per key
 LINE_MAX = 2000  # characters a log line keeps in the store
 
@@ -277,6 +278,24 @@ class KVStore:
                 await self._hold.release()
             self._hold = None
         await self.kv.close()
+
+    # ------------------------------------------------------------ probing
+    async def probe(self, write: bool = False) -> str | None:
+        """The cluster identity the store holds now (None: it holds none, it was emptied); with
+        ``write``, also one small write outside the tables (key ``h``), to see that it takes
+        writes.  StoreError if it cannot be read or written.  The scheduler's operating mode is
+        decided from what this says (modes.py)."""
+        async with self.kv.snapshot() as snap:
+            rows = await snap.read(Range(IDENTITY, IDENTITY + "\0", 1))
+        ident: str | None = None
+        if rows:
+            try:
+                ident = str(json.loads(rows[0].value)["cluster"])
+            except (ValueError, KeyError, TypeError):
+                ident = f"(unreadable: {rows[0].value[:40]!r})"
+        if write and await self.kv.txn([], [Put(PROBE, encode(self.clock()))]) is None:
+            raise StoreError(f"cannot write the store {self.where}: a write without conditions was refused")
+        return ident
 
     # ------------------------------------------------------------ reading
     async def get(self, table: str, key: str) -> Item | None:
