@@ -24,24 +24,25 @@ def _common(p: Any) -> None:
     p.add_argument("-t", "--timeout", type=float, default=10.0, help="seconds per request (default 10)")
 
 
-def add_status(sub: Any) -> None:
-    p = sub.add_parser("status", help="list placements and groups",
-                       description="Every placement (name, image, node, status, age, why it waits or failed) "
-                                   "and every group's wanted/running, as the scheduler's status file has them.")
+def _listing(sub: Any, name: str, text: str, description: str) -> None:
+    """`status` and `nodes`: one read of /cluster/scheduler/NAME (NAME.json with --json)."""
+    p = sub.add_parser(name, help=text, description=description)
     p.add_argument("addr", nargs="?", default=None, metavar="ADDR", help=ADDR_HELP)
-    p.add_argument("--json", action="store_true", help="the same as JSON (status.json)")
+    p.add_argument("--json", action="store_true", help=f"the same as JSON ({name}.json)")
     _common(p)
-    p.set_defaults(func=lambda a: _show(a, "status"), quiet_start=True)
+    p.set_defaults(func=lambda a: _show(a, name), quiet_start=True)
+
+
+def add_status(sub: Any) -> None:
+    _listing(sub, "status", "list placements and groups",
+             "Every placement (name, image, node, status, age, why it waits or failed) "
+             "and every group's wanted/running, as the scheduler's status file has them.")
 
 
 def add_nodes(sub: Any) -> None:
-    p = sub.add_parser("nodes", help="list nodes: offered, reserved, in use",
-                       description="Every node the scheduler knows: kind, status, cpu and memory offered, "
-                                   "reserved and in use, load and containers.")
-    p.add_argument("addr", nargs="?", default=None, metavar="ADDR", help=ADDR_HELP)
-    p.add_argument("--json", action="store_true", help="the same as JSON (nodes.json)")
-    _common(p)
-    p.set_defaults(func=lambda a: _show(a, "nodes"), quiet_start=True)
+    _listing(sub, "nodes", "list nodes: offered, reserved, in use",
+             "Every node the scheduler knows: kind, status, cpu and memory offered, "
+             "reserved and in use, load and containers.")
 
 
 def add_logs(sub: Any) -> None:
