@@ -16,11 +16,13 @@ from ..fs.server import Server
 from ..policy import Limits
 from ..signals import until_stopped
 from ..units import parse_size
+from ..web import http
 from . import bridge, tree
 from .service import Scheduler
 from .store import StoreError, open_store
 
 DEFAULT_LISTEN = "tcp!127.0.0.1!5640"
+DEFAULT_HTTP = "127.0.0.1:8084"  # the Persys scheduler's metrics and health port
 
 
 def default_state() -> Path:
@@ -48,6 +50,7 @@ class SchedConfig:
     bridge: bridge.BridgeConfig = field(default_factory=lambda: bridge.BridgeConfig(control=None))  # Persys agents
     lease_ttl: float = 5.0  # seconds the leadership's lease lives (replicas on etcd)
     advertise: str = ""  # the 9P address other replicas reach this one at ("": the listening address)
+    http: http.HttpConfig = field(default_factory=lambda: http.HttpConfig(None))  # /health, /metrics, the page
 
     def store_spec(self) -> str:
         return self.store or str(self.state / "sched.db")
@@ -65,6 +68,8 @@ class SchedDaemon:
         self.replica: Any = None  # replicas.Replica, on a store several schedulers share
         self.addr = cfg.listen
         self.bridge = bridge.Bridge(cfg.bridge)
+        self.http: http.HttpServer | None = None
+        self.http_address: str | None = None
 
     async def start(self) -> None:
         store = await open_store(self.cfg.store_spec(), fresh=self.cfg.fresh)
@@ -97,7 +102,10 @@ class SchedDaemon:
 
                 self.replica = Replica(self.sched, self.cfg.advertise or self.addr, ttl=self.cfg.lease_ttl)
                 await self.replica.start()
+            await self._start_http()
         except BaseException:
+            if self.http is not None:
+                await self.http.close()
             await self.bridge.stop()
             if self.replica is not None:
                 await self.replica.close()
@@ -108,7 +116,30 @@ class SchedDaemon:
             await store.close()
             raise
 
+    async def _start_http(self) -> None:
+        """Serve /health, /metrics (and the page) if wanted; a taken default address is only noted."""
+        assert self.sched is not None
+        if self.cfg.http.listen is None:
+            return
+        from ..web import sched_app
+
+        server = http.HttpServer(sched_app.build(self.sched))
+        try:
+            self.http_address = await server.start(self.cfg.http.listen)
+        except OSError as e:
+            if self.cfg.http.given:
+                err = OSError(f"--http {self.cfg.http.listen}: {e.strerror or e}")
+                err.errno = e.errno
+                raise err from None
+            self.sched.note(f"HTTP not served: {self.cfg.http.listen}: {e.strerror or e} "
+                            f"(give --http HOST:PORT or --http off)")
+            return
+        self.http = server
+        self.sched.note(f"HTTP on http://{self.http_address}/ (health, metrics)")
+
     async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.close()
         if self.server is not None:
             await self.server.close()
         await self.bridge.stop()
@@ -124,6 +155,7 @@ async def serve_forever(cfg: SchedConfig) -> None:
     await daemon.start()
     where = daemon.sched.store.where if daemon.sched is not None else cfg.store_spec()
     control = f", AgentControl {daemon.bridge.address}" if daemon.bridge.address else ""
+    control += f", HTTP http://{daemon.http_address}/" if daemon.http_address else ""
     await until_stopped(lambda: print(f"fornax-sched scheduler serving {daemon.addr} (state {where}{control})",
                                       flush=True))
     await daemon.stop()
@@ -170,6 +202,9 @@ def add_parser(sub: Any) -> None:
                         "leader gone this long is replaced (default 5)")
     p.add_argument("--advertise", default="", metavar="ADDR",
                    help="on etcd: the 9P address other replicas forward writes to (default: the listening address)")
+    p.add_argument("--http", default=None, metavar="HOST:PORT|off",
+                   help=f"serve /health, /metrics and the web page here (default {DEFAULT_HTTP}; a taken default "
+                        f"is only a warning)")
     p.add_argument("--policy-memory", default="64M", metavar="SIZE",
                    help="memory a Lua policy may use per decision (default 64M)")
     bridge.add_arguments(p)
@@ -197,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--policy-memory: want at least 1M")
         limits = Limits(deadline=args.policy_deadline / 1000, memory=memory, command=args.decide_budget)
         persys = bridge.config_of(args)
+        web = http.config_of(args.http, DEFAULT_HTTP)
     except ValueError as e:
         print(f"fornax-sched serve: {e}", flush=True)
         return 2
@@ -205,16 +241,17 @@ def run(args: argparse.Namespace) -> int:
                       policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget,
                       node_timeout=args.node_timeout, max_connections=args.max_connections,
                       idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,
-                      sim_nodes=args.sim_nodes, bridge=persys, lease_ttl=args.lease_ttl, advertise=args.advertise)
+                      sim_nodes=args.sim_nodes, bridge=persys, lease_ttl=args.lease_ttl, advertise=args.advertise,
+                      http=web)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:
         print(f"fornax-sched serve: {e}", flush=True)
         return 1
     except OSError as e:
-        if str(e).startswith("--control"):
+        if str(e).startswith(("--control", "--http")):
             print(f"fornax-sched serve: {e}", flush=True)
-            return exitcodes.REFUSED
+            return exitcodes.IN_USE if e.errno == errno.EADDRINUSE else exitcodes.REFUSED
         # A taken address is its own status (4): fornax-sched up, say, must not start it again and again.
         print(f"fornax-sched serve: cannot listen on {cfg.listen}: {e.strerror or e}", flush=True)
         return exitcodes.IN_USE if e.errno == errno.EADDRINUSE else exitcodes.REFUSED

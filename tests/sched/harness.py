@@ -17,7 +17,7 @@ from ..helpers import drain, stop_process
 from ..node.cluster import NodeProc, eventually, free_port, read, three_nodes
 
 # Fast enough for tests: a look at each node every 0.2 s, dead after 2 s unreachable.
-FAST = ["--interval", "0.2", "--dead", "2", "--control", "off"]  # (no AgentControl: no fixed port)
+FAST = ["--interval", "0.2", "--dead", "2", "--control", "off", "--http", "off"]  # (no fixed ports)
 
 
 @dataclass

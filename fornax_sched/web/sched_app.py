@@ -1,0 +1,42 @@
+"""The scheduler's HTTP routes: ``/health`` and ``/metrics`` (docs/http.8.md)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..sched.metrics import CONTENT_TYPE, SchedMetrics
+from ..sched.modes import NORMAL
+from ..sched.state import stamp
+
+if TYPE_CHECKING:
+    from ..sched.service import Scheduler
+
+
+def health(sched: Scheduler) -> dict[str, Any]:
+    """The Persys shape (status, mode, reason, modeChangedAt), and who leads.
+
+    Made from memory alone, so it is answered while the store is down.
+    """
+    mode = sched.mode
+    return {"status": "ok" if mode.name == NORMAL else mode.name, "mode": mode.name, "reason": mode.reason,
+            "modeChangedAt": stamp(mode.since), "leading": sched.leading,
+            "leader": sched.leader if sched.replicated else None, "replicated": sched.replicated}
+
+
+def build(sched: Scheduler, metrics: SchedMetrics | None = None) -> web.Application:
+    metrics = metrics or SchedMetrics(sched)
+    app = web.Application(client_max_size=1 << 20)
+
+    async def get_health(request: web.Request) -> web.Response:
+        return web.json_response(health(sched), headers={"Cache-Control": "no-store"})
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/metrics", get_metrics)
+    app["sched"] = sched
+    app["metrics"] = metrics
+    return app
