@@ -95,6 +95,14 @@ def test_a_write_to_a_follower_is_applied_once_and_answered(etcd: EtcdCluster, t
                 return "node=sim-" in await read(follower.addr, "cluster/scheduler/placements/fw")
 
             await eventually(seen, 5, interval=0.05)
+            # the nodes' liveness as the leader recorded it (a follower watches the store, not the nodes)
+            async def nodes_online() -> bool:
+                return "\nnodes 3 online 3\n" in "\n" + await read(follower.addr, "cluster/scheduler/ctl")
+
+            await eventually(nodes_online, 5, interval=0.05)
+            assert (await read(follower.addr, "cluster/nodes/sim-0001/status")).strip() == "online"
+            health = await read(follower.addr, "cluster/nodes/sim-0001/health")
+            assert health.startswith("online since ") and f"as the leader {lead.addr} saw it" in health, health
             async with await Client.connect(follower.addr, timeout=5, version="9P2000.u") as c:
                 await c.write_file("cluster/scheduler/policy", b"pack\n")
 
