@@ -818,6 +818,26 @@ class Scheduler:
         await self._act(plan)
         return plan.answer
 
+    async def _cmd_join(self, cmd: lang.Command) -> str:
+        """Follow one more node, found at an address (an operator's new node; an agent that registered
+        with a follower, whose registration is forwarded here)."""
+        addr = cmd.targets[0]
+        if self.mode.name != NORMAL:
+            raise self._frozen()
+        for name, lk in self.links.items():
+            if lk.addr == addr:
+                return f"{addr} is node {name} already\n"
+        try:
+            backend = self.connect(addr)
+        except ValueError as e:
+            raise CommandError(f"join {addr}: {e}") from None
+        await backend.close()
+        if addr in self._addrs:
+            return f"joining {addr}: already being reached; its name is learnt on first contact\n"
+        self.note(f"join {addr} (by {cmd.user})")
+        self._try_addr(addr)
+        return f"joining {addr}: its name is learnt on first contact (see /cluster/nodes)\n"
+
     async def _cmd_cordon(self, cmd: lang.Command, on: bool = True) -> str:
         node = cmd.targets[0]
         plan = await self._submit(lambda st, g: plans.plan_cordon(st, node, on, self.clock()))
@@ -922,9 +942,6 @@ class Scheduler:
         lk = self._link(info.name, addr, backend)
         await self._node_info(info.name, info, lk)
 
-    def follow(self, addr: str) -> None:
-        """Follow a node at ``addr`` from now on (a Persys agent that registered)."""
-        self._try_addr(addr)
 
     async def node_lost(self, node: str, why: str) -> None:
         """The node is dead, whatever its calls say, until ``node_back`` (an agent's lease ran out)."""
