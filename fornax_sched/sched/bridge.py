@@ -18,6 +18,7 @@ from .backends.persys import PREFIX, Options, PersysAgent, parse_address
 log = logging.getLogger("fornax_sched.sched.bridge")
 
 DEFAULT_CONTROL = "127.0.0.1:8085"
+CONTROL_USER = "persys-control"  # who the log says wrote a command that came through AgentControl
 
 
 @dataclass

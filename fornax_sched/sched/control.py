@@ -38,6 +38,7 @@ from ..persys.convert import timestamp
 from ..persys.node import split_hostport
 from ..units import format_size
 from .backends.persys import Address
+from .bridge import CONTROL_USER
 from .lang import LABEL_KEY, NAME
 from .modes import NORMAL
 from .plans import CommandError
@@ -45,7 +46,7 @@ from .service import Scheduler
 
 log = logging.getLogger("fornax_sched.sched.control")
 
-USER = "persys-control"  # who the log says wrote a command that came through AgentControl
+USER = CONTROL_USER
 FROZEN_LEASE = 30.0  # seconds of lease given while the mode is not normal (theirs)
 # A placement status as the workload state words of Persys views.
 VIEW_STATE = {"running": "Running", "starting": "Pending", "pending": "Pending", "unschedulable": "Pending",
@@ -97,6 +98,8 @@ class ControlService:
     async def watch_leases(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
+            if not self.sched.leading:  # a follower acts on no node; the leader sees a silent agent itself
+                continue
             for node in self.expired():
                 with contextlib.suppress(Exception):
                     await self.sched.node_lost(node, f"lease expired: no heartbeat for {self.lease}s")
@@ -145,7 +148,10 @@ class ControlService:
         if known is None or known.endpoint != endpoint:
             self.sched.note(f"agent {node} registered at {endpoint} ({cpus:g} cpus, {format_size(mem)}, "
                             f"{request.agent_version or 'version not told'})")
-        self.sched.follow(addr)
+        try:  # the ctl path: a follower forwards it to the leader, which follows the agent
+            await self.sched.command(f"join {addr}", USER)
+        except CommandError as e:
+            return C.RegisterNodeResponse(accepted=False, reason=str(e).splitlines()[0])
         return C.RegisterNodeResponse(accepted=True, reason="registered", heartbeat_interval_seconds=self.interval,
                                       lease_expires_at=lease)
 

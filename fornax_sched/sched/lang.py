@@ -6,6 +6,7 @@ ctl, one command per write::
     migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
     stop NAME | start NAME | remove NAME      (NAME: a container, or a group: all its replicas)
     cordon NODE | uncordon NODE | scale NAME REPLICAS
+  join ADDR                                  (follow the node at ADDR too: tcp!HOST!PORT, persys!HOST:PORT...)
   simulate place IMAGE [CONSTRAINT ...]      (what place would decide; nothing changes)
   policy history | policy restore VERSION
 
@@ -46,6 +47,7 @@ USAGE = """commands:
   migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
   stop NAME | start NAME | remove NAME      (NAME: a container, or a group: all its replicas)
   cordon NODE | uncordon NODE | scale NAME REPLICAS
+  join ADDR                                  (follow the node at ADDR too: tcp!HOST!PORT, persys!HOST:PORT...)
   simulate place IMAGE [CONSTRAINT ...]      (what place would decide; nothing changes)
   policy history | policy restore VERSION
   recover                                    (in recovery mode: write the last known state back to the store)
@@ -93,6 +95,10 @@ def parse_command(text: str) -> Command:
             if not NAME.match(w):
                 raise LangError(f"{verb}: {w!r} is not a {roles[role]} name (letters, digits, '.', '_' and '-', "
                                 f"at most 63); usage: {verb} {what}")
+        return Command(verb, targets=rest)
+    if verb == "join":
+        if len(rest) != 1 or not rest[0].isprintable() or len(rest[0]) > 512:
+            raise LangError("usage: join ADDR (a node's address: tcp!HOST!PORT, or persys!HOST:PORT[!...])")
         return Command(verb, targets=rest)
     if verb == "recover":
         if rest:

@@ -356,8 +356,11 @@ def plan_pending(state: State, now: float, policy: str, budget_left: Callable[[]
         d = c.decide(name, p.request)
         if d.node is None:
             status = r.status if r.status == "lost" else waiting(d.reason)  # lost stays lost until placed
-            if r.detail != d.reason or r.status != status:
-                plan.edit(state, name, detail=d.reason, status=status)
+            # (and keeps saying with which node: the why is refreshed, the what stays)
+            lost = r.detail.partition("; ")[0] + "; " if status == "lost" and r.detail.startswith("lost with ") else ""
+            detail = lost + d.reason
+            if r.detail != detail or r.status != status:
+                plan.edit(state, name, detail=detail, status=status)
             continue
         c.assign(name, d.node, d.reason)
         plan.note(decided_line(d, f"place pending {name}", policy))

@@ -25,6 +25,11 @@ DEFAULT_LISTEN = "tcp!127.0.0.1!5640"
 DEFAULT_HTTP = "127.0.0.1:8084"  # the Persys scheduler's metrics and health port
 
 
+def store_shared(cfg: SchedConfig) -> bool:
+    """Whether several replicas may share the store (etcd): then writes are forwarded between them."""
+    return cfg.store.startswith("etcd")
+
+
 def default_state() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "fornax-sched" / "scheduler"
@@ -62,7 +67,8 @@ class SchedDaemon:
     def __init__(self, cfg: SchedConfig) -> None:
         self.cfg = cfg
         self.owner = getpass.getuser()
-        self.writers = frozenset({self.owner, *cfg.writers})
+        # (commands from AgentControl carry its name; a follower forwards an agent's under it to the leader)
+        self.writers = frozenset({self.owner, *cfg.writers, *([bridge.CONTROL_USER] if store_shared(cfg) else [])})
         self.sched: Scheduler | None = None
         self.server: Server | None = None
         self.replica: Any = None  # replicas.Replica, on a store several schedulers share

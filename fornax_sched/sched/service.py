@@ -818,6 +818,26 @@ class Scheduler:
         await self._act(plan)
         return plan.answer
 
+    async def _cmd_join(self, cmd: lang.Command) -> str:
+        """Follow one more node, found at an address (an operator's new node; an agent that registered
+        with a follower, whose registration is forwarded here)."""
+        addr = cmd.targets[0]
+        if self.mode.name != NORMAL:
+            raise self._frozen()
+        for name, lk in self.links.items():
+            if lk.addr == addr:
+                return f"{addr} is node {name} already\n"
+        try:
+            backend = self.connect(addr)
+        except ValueError as e:
+            raise CommandError(f"join {addr}: {e}") from None
+        await backend.close()
+        if addr in self._addrs:
+            return f"joining {addr}: already being reached; its name is learnt on first contact\n"
+        self.note(f"join {addr} (by {cmd.user})")
+        self._try_addr(addr)
+        return f"joining {addr}: its name is learnt on first contact (see /cluster/nodes)\n"
+
     async def _cmd_cordon(self, cmd: lang.Command, on: bool = True) -> str:
         node = cmd.targets[0]
         plan = await self._submit(lambda st, g: plans.plan_cordon(st, node, on, self.clock()))
@@ -922,9 +942,6 @@ class Scheduler:
         lk = self._link(info.name, addr, backend)
         await self._node_info(info.name, info, lk)
 
-    def follow(self, addr: str) -> None:
-        """Follow a node at ``addr`` from now on (a Persys agent that registered)."""
-        self._try_addr(addr)
 
     async def node_lost(self, node: str, why: str) -> None:
         """The node is dead, whatever its calls say, until ``node_back`` (an agent's lease ran out)."""
@@ -1069,8 +1086,8 @@ class Scheduler:
             if t.now == "dead":
                 label = self._label()
                 plan = await self._submit(
-                    lambda st, g, t=t, label=label: plans.plan_node_dead(  # type: ignore[misc]
-                        st, t.node, t.why, self.clock(), label), small=False)
+                    lambda st, g, t=t, label=label: self._reported(plans.plan_node_dead(  # type: ignore[misc]
+                        st, t.node, t.why, self.clock(), label), t.node, t.now), small=False)
                 await self._act(plan)
                 continue
             if t.now == "online":
@@ -1081,8 +1098,15 @@ class Scheduler:
                 lk = self.links.get(t.node)
                 why = t.why.replace(f"node {t.node} at {lk.addr}: ", "") if lk else t.why
                 self.note(f"node {t.node} {t.now}" + (f" at {lk.addr}" if lk else "") + f": {why}")
-            await self._submit(lambda st, g, t=t: Plan(self.clock(), statuses=[(t.node, t.now)],  # type: ignore[misc]
-                                                       kick=t.now == "online"))
+            await self._submit(lambda st, g, t=t: self._reported(  # type: ignore[misc]
+                Plan(self.clock(), statuses=[(t.node, t.now)], kick=t.now == "online"), t.node, t.now))
+
+    def _reported(self, plan: Plan, node: str, status: str) -> Plan:
+        """With replicas, the leader records each node's liveness (meta liveness/NODE) for the
+        followers to show: they watch the store, not the nodes.  One small row per change."""
+        if self.replicated:
+            plan.put("meta", f"liveness/{node}", {"status": status, "since": plan.now})
+        return plan
 
     async def _persister(self) -> None:
         """Write observed statuses and stray log lines to the store, a few times a second."""
@@ -1128,8 +1152,9 @@ class Scheduler:
         for r in self.state.records.values():
             counts[r.status] = counts.get(r.status, 0) + 1
         nodes: dict[str, int] = {}
-        for n in self.state.cluster.nodes.values():
-            nodes[n.status] = nodes.get(n.status, 0) + 1
+        for name in self.state.cluster.nodes:
+            status = self.node_status(name)
+            nodes[status] = nodes.get(status, 0) + 1
         return (f"nodes {len(self.state.cluster.nodes)}" + "".join(f" {k} {v}" for k, v in sorted(nodes.items()))
                 + f"\nplacements {len(self.state.records)}"
                 + "".join(f" {k} {v}" for k, v in sorted(counts.items()))
@@ -1180,11 +1205,17 @@ class Scheduler:
             lines.append(f"reason={p.reason}")
         return "\n".join(lines) + "\n"
 
+    def node_status(self, name: str) -> str:
+        """A node's liveness: what this scheduler saw, or on a follower what the leader recorded."""
+        if not self.leading and name in self.state.reported:
+            return self.state.reported[name][0]
+        return self.state.cluster.nodes[name].status
+
     def node_field(self, name: str, what: str) -> str:
         n = self.state.cluster.nodes[name]
         meta = self.state.nodes.get(name)
         if what == "status":
-            return n.status + (" cordoned" if n.cordoned else "") + "\n"
+            return self.node_status(name) + (" cordoned" if n.cordoned else "") + "\n"
         if what == "addr":
             return (meta.addr if meta else "") + "\n"
         if what == "kind":
@@ -1199,6 +1230,9 @@ class Scheduler:
             return "".join(f"{c} {self.state.cluster.placements[c].request.image} {self.state.records[c].status}\n"
                            for c in n.containers)
         if what == "health":
+            if not self.leading and name in self.state.reported:
+                status, since = self.state.reported[name]
+                return f"{status} since {stamp(since)}, as the leader {self.leader or '-'} saw it\n"
             last = self.liveness.last_ok(name)
             seen = f"last contact {_ago(self.monotonic() - last)} ago" if last is not None else "not reached yet"
             err = self.liveness.last_error(name)
@@ -1242,7 +1276,7 @@ class Scheduler:
             n, meta, lk = self.state.cluster.nodes[name], self.state.nodes.get(name), self.links.get(name)
             h = lk.health if lk is not None else None
             out.append({"name": name, "kind": meta.kind if meta else "", "addr": meta.addr if meta else "",
-                        "status": n.status + (" cordoned" if n.cordoned else ""),
+                        "status": self.node_status(name) + (" cordoned" if n.cordoned else ""),
                         "cpus": n.facts.cpus, "cpus_reserved": n.used_cpus, "mem": n.facts.mem,
                         "mem_reserved": n.used_mem,
                         "mem_used": n.facts.mem - h.mem_free if h is not None and h.mem_free is not None else None,

@@ -72,6 +72,9 @@ class State:
     policies: dict[str, Any] = field(default_factory=dict)  # the policies table, as stored
     pending: dict[str, None] = field(default_factory=dict)  # placements whose status is pending, oldest first
     foreign: dict[str, set[str]] = field(default_factory=dict)  # node -> names it runs that we did not place
+    # node -> (liveness, since) as the leading replica last recorded it (meta liveness/NODE): what a
+    # follower shows, since only the leader watches the nodes; never used to decide
+    reported: dict[str, tuple[str, float]] = field(default_factory=dict)
     _requests: dict[Request, Request] = field(default_factory=dict)  # one copy of each request
     _text: dict[str, str] = field(default_factory=dict)  # one copy of each repeated string
     _known: tuple[set[str] | None, set[str]] | None = field(default=None, repr=False)  # see _facts
@@ -223,6 +226,11 @@ class State:
                 self.seq.pop(key[4:], None)
             else:
                 self.seq[key[4:]] = int(value)
+        elif key.startswith("liveness/"):
+            if isinstance(value, dict):
+                self.reported[key[9:]] = (self._one(str(value.get("status", "unknown"))), float(value.get("since", 0)))
+            else:
+                self.reported.pop(key[9:], None)
         elif key == "seq" and isinstance(value, dict):  # stores from before one row a stem
             for stem, n in value.items():
                 self.seq.setdefault(stem, int(n))

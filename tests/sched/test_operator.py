@@ -7,9 +7,11 @@ goes through 9P as a user's `echo` and `cat` would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ import pytest
 from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
+from ..helpers import free_port
 from ..node.cluster import NodeProc, eventually, read
 from .harness import SchedProc, ctl, discovered, running_on, scheduler_over_three
 
@@ -407,3 +410,36 @@ def fields_of(text: str) -> dict[str, str]:
             if sep and k not in out:
                 out[k] = v
     return out
+
+
+def test_join_adds_a_node_at_run_time(tmp_path: Path) -> None:
+    """An operator's new node, told to a running scheduler (ctl join), with every refusal clear."""
+    sched = SchedProc(tmp_path / "sched", []).start()
+    node = NodeProc("fornax-09", free_port(), free_port(socket.SOCK_DGRAM), tmp_path / "n9").start()
+    try:
+        async def go() -> None:
+            assert "join ADDR" in await read(sched.addr, "cluster/scheduler/ctl")  # the usage names it
+            answer = await ctl(sched.addr, f"join {node.addr}")
+            assert answer.startswith(f"joining {node.addr}: its name is learnt on first contact"), answer
+
+            async def online() -> bool:
+                with contextlib.suppress(P9Error):
+                    return (await read(sched.addr, "cluster/nodes/fornax-09/status")).strip() == "online"
+                return False
+
+            await eventually(online, 15)
+            assert (await ctl(sched.addr, f"join {node.addr}")) == f"{node.addr} is node fornax-09 already\n"
+            assert (await ctl(sched.addr, "place hello name=j")).startswith("j node=fornax-09")
+            for bad, words in (("join", "usage: join ADDR"), ("join a b", "usage: join ADDR"),
+                               ("join udp!x!1", "join udp!x!1: "), ("join persys!10.9.9.9:1", "loopback")):
+                with pytest.raises(P9Error, match=words):
+                    await ctl(sched.addr, bad)
+            with pytest.raises(P9Error, match="permission denied: mallory may not write ctl"):
+                await ctl(sched.addr, f"join {node.addr}", uname="mallory")
+            log = await read(sched.addr, "cluster/scheduler/log")
+            assert f"join {node.addr} (by " in log and log.count(f"join {node.addr} (by ") == 1
+
+        asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        node.stop()
+        sched.stop()

@@ -18,7 +18,7 @@ from fornax_sched.fs.errors import P9Error
 from fornax_sched.sched.store import open_store
 
 from ..etcd_cluster import EtcdCluster
-from ..helpers import eventually, run
+from ..helpers import eventually, free_port, run
 from ..node.cluster import read, three_nodes
 from .harness import SchedProc, ctl, running_on
 
@@ -95,6 +95,14 @@ def test_a_write_to_a_follower_is_applied_once_and_answered(etcd: EtcdCluster, t
                 return "node=sim-" in await read(follower.addr, "cluster/scheduler/placements/fw")
 
             await eventually(seen, 5, interval=0.05)
+            # the nodes' liveness as the leader recorded it (a follower watches the store, not the nodes)
+            async def nodes_online() -> bool:
+                return "\nnodes 3 online 3\n" in "\n" + await read(follower.addr, "cluster/scheduler/ctl")
+
+            await eventually(nodes_online, 5, interval=0.05)
+            assert (await read(follower.addr, "cluster/nodes/sim-0001/status")).strip() == "online"
+            health = await read(follower.addr, "cluster/nodes/sim-0001/health")
+            assert health.startswith("online since ") and f"as the leader {lead.addr} saw it" in health, health
             async with await Client.connect(follower.addr, timeout=5, version="9P2000.u") as c:
                 await c.write_file("cluster/scheduler/policy", b"pack\n")
 
@@ -246,3 +254,40 @@ def test_kill9_of_the_leader_under_8_writers_placing_300(etcd: EtcdCluster, tmp_
 
 async def _at_least(s: set[str], n: int) -> bool:
     return len(s) >= n
+
+
+def test_an_agent_registering_with_a_follower_is_followed_by_the_leader(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Registration is a ctl ``join`` on the ctl path, so a follower's AgentControl forwards it."""
+    from ..persys.agentproc import agent_node
+
+    spec = etcd.spec("ag", timeout=5)
+    ports = [free_port(), free_port()]
+    procs = [SchedProc(tmp_path / f"sched{i}", [], extra=["--store", spec, "--lease-ttl", str(TTL), "--dead", "10",
+                                                         "--control", f"127.0.0.1:{ports[i]}"]).start()
+             for i in range(2)]
+    agent = None
+    try:
+        async def go() -> None:
+            nonlocal agent
+            lead = await leader_of(procs)
+            follower = next(p for p in procs if p is not lead)
+            port = ports[procs.index(follower)]
+            agent, _ = agent_node(tmp_path, "agent-f", ["--persys-scheduler", f"127.0.0.1:{port}"])
+
+            async def followed() -> bool:
+                return (await read(lead.addr, "cluster/nodes/agent-f/status")).strip() == "online"
+
+            await eventually(followed, 20, interval=0.1)
+            log = await read(lead.addr, "cluster/scheduler/log")
+            assert "join persys!127.0.0.1:" in log and "(by persys-control)" in log, log
+            answer = await ctl(follower.addr, "place hello name=on-agent")
+            assert answer.startswith("on-agent node=agent-f"), answer
+            # the follower does not reach the agent itself: what it shows is what the leader recorded
+            health = await read(follower.addr, "cluster/nodes/agent-f/health")
+            assert health.startswith("online since ") and f"as the leader {lead.addr} saw it" in health, health
+
+        run(go(), timeout=90)
+    finally:
+        if agent is not None:
+            agent.stop()
+        stop_all(procs)
