@@ -57,6 +57,9 @@ class Plan:
     statuses: list[tuple[str, str]] = field(default_factory=list)  # (node, liveness): observed, not stored
     foreign: dict[str, set[str]] = field(default_factory=dict)  # node -> names it runs we did not place
     kick: bool = False  # capacity may have appeared: try the pending placements again
+    # New placements to start (name -> node, request): may be started while the plan commits,
+    # since a container of ours with no record is stopped by reconciliation (see service._start_early)
+    placing: dict[str, tuple[str, Request]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ building
     def put(self, table: str, key: str, value: Any) -> None:
@@ -91,6 +94,7 @@ class Plan:
             "detail": "" if d.node else d.reason, "created": self.now, "restarts": 0, "restarted": 0.0}
         if d.node:
             self.starts.append(name)
+            self.placing[name] = (d.node, req)
 
     # ------------------------------------------------------------ reading
     @property
@@ -110,6 +114,7 @@ class Plan:
         self.stops += other.stops
         self.statuses += other.statuses
         self.foreign.update(other.foreign)
+        self.placing.update(other.placing)
         self.kick = self.kick or other.kick
 
 

@@ -178,6 +178,8 @@ class Scheduler:
         self._revisions: dict[Request, str] = {}
         self.replicated = False  # one of several replicas on one store (replicas.py)
         self.relead: Callable[[], Awaitable[None]] | None = None  # a replica's: lead again before recover
+        self._early: dict[str, tuple[str, asyncio.Task[str]]] = {}  # starts under way before their commit
+        self._undoing: set[asyncio.Task[None]] = set()  # stopping starts whose commit failed
 
     # ================================================================ life
     async def start(self, lead: bool = True) -> None:
@@ -213,8 +215,11 @@ class Scheduler:
         if not self.leading:
             return
         self.leading = False
-        tasks = self._lead_tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler) if t is not None]
+        tasks: list[asyncio.Task[Any]] = [*self._lead_tasks, *(t for lk in self.links.values()
+                                                               for t in (lk.task, lk.reconciler) if t is not None)]
         self._lead_tasks = []
+        tasks += [t for _, t in self._early.values()] + list(self._undoing)
+        self._early.clear()
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -232,10 +237,11 @@ class Scheduler:
 
     async def close(self) -> None:
         self._closing = True
-        tasks = self._tasks + self._lead_tasks + [t for lk in self.links.values() for t in (lk.task, lk.reconciler)
-                                                  if t is not None]
+        tasks: list[asyncio.Task[Any]] = [*self._tasks, *self._lead_tasks, *(
+            t for lk in self.links.values() for t in (lk.task, lk.reconciler) if t is not None)]
         if self._probing is not None:
             tasks.append(self._probing)
+        tasks += [t for _, t in self._early.values()] + list(self._undoing)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -589,15 +595,20 @@ class Scheduler:
             merged = Plan(self.clock())
             for _, plan in made:
                 merged.extend(plan)
+            early = self._start_early(merged)
             try:
                 await self._execute(merged)
-            except StoreError as e:
+            except BaseException as e:
+                if early:  # the refusal says "nothing changed": so it must be, on the nodes too
+                    await asyncio.shield(self._discard_early(early))
+                if not isinstance(e, StoreError):
+                    raise
                 for j, _ in made:
                     if not j.future.done():
                         j.future.set_exception(e)
             else:
                 for j, plan in made:
-                    self._claim(_acting(plan))
+                    self._claim(_acting(plan) - early)  # (the early starts are claimed already)
                     if not j.future.done():
                         j.future.set_result(plan)
             for j, r in zip(jobs, results, strict=True):
@@ -629,17 +640,75 @@ class Scheduler:
         return Spec(name, req.image, req.args, req.cpus, req.mem,
                     labels=((CLUSTER_LABEL, self.store.cluster),)).with_revision()
 
+    def _start_early(self, plan: Plan) -> set[str]:
+        """Start the containers of new placements while their plan commits, so that the store's
+        fsync and the node's start overlap (the answer still waits for both).
+
+        The world may run ahead of the record only by containers of ours that no record names,
+        and those are what reconciliation stops and destroys (reconcile.py): a crash before the
+        commit leaves nothing behind for long.  The names are claimed, so no reconciler acts on a
+        listing that shows one meanwhile; a commit that fails stops them at once."""
+        names: set[str] = set()
+        if self.mode.name != NORMAL or not self.leading:
+            return names
+        for name, (node, req) in plan.placing.items():
+            lk = self.links.get(node)
+            if lk is None or name in self._early:
+                continue
+            task = asyncio.create_task(lk.backend.run(self._spec(name, req)), name=f"sched-start-{name}")
+            self._early[name] = (node, task)
+            names.add(name)
+        self._claim(names)
+        return names
+
+    async def _discard_early(self, names: set[str]) -> None:
+        """Their plan was not committed: stop and destroy what was started, before the refusal is
+        answered (each call is bounded by the node timeout)."""
+        undos = []
+        for name in names:
+            node, task = self._early.pop(name)
+            undo = asyncio.create_task(self._undo_start(name, node, task), name=f"sched-unstart-{name}")
+            self._undoing.add(undo)
+            undo.add_done_callback(self._undoing.discard)
+            undos.append(undo)
+        await asyncio.gather(*undos, return_exceptions=True)
+
+    async def _undo_start(self, name: str, node: str, task: asyncio.Task[str]) -> None:
+        try:
+            try:
+                cid = await task
+            except BackendError:
+                return  # it did not start
+            lk = self.links.get(node)
+            if lk is not None:
+                try:
+                    await lk.backend.stop(cid)
+                    await lk.backend.destroy(cid)
+                    self.note(f"{name}: started on {node} as {cid} while its place was committed, which "
+                              f"failed: destroyed")
+                except BackendError as e:  # reconciliation stops it later (ours, with no record)
+                    self.note(f"{name}: started on {node} as {cid}, but its place was not committed, and "
+                              f"stopping it failed ({e}); reconciliation will")
+        finally:
+            self._release({name})
+
     async def _start(self, name: str) -> str | None:
-        """Run one placement on its node; the node's refusal, if it refused."""
-        p = self.state.cluster.placements.get(name)
-        r = self.state.records.get(name)
-        lk = self.links.get(p.node) if p is not None and p.node is not None else None
-        if p is None or r is None or p.node is None or lk is None or r.want != "run":
-            return None
-        node = p.node
+        """Run one placement on its node (or take the start already under way, see _start_early);
+        the node's refusal, if it refused."""
+        early = self._early.pop(name, None)
+        started: Awaitable[str]
+        if early is not None:
+            node, started = early
+        else:
+            p = self.state.cluster.placements.get(name)
+            r = self.state.records.get(name)
+            lk = self.links.get(p.node) if p is not None and p.node is not None else None
+            if p is None or r is None or p.node is None or lk is None or r.want != "run":
+                return None
+            node, started = p.node, lk.backend.run(self._spec(name, p.request))
         refused = None
         try:
-            cid = await lk.backend.run(self._spec(name, p.request))
+            cid = await started
         except NodeRefused as e:
             refused = why = str(e)
             await self._observe(lambda st, g: plans.plan_refused(st, name, node, why, self.clock()))

@@ -467,3 +467,45 @@ def test_fault3_a_stalling_policy_never_stops_the_server(tmp_path: Path) -> None
         sched.stop()
         for n in nodes:
             n.stop()
+
+
+def test_a_place_whose_commit_fails_leaves_no_container(tmp_path: Path) -> None:
+    """A new placement's container is started while its commit is under way (the fsync and the node's
+    start overlap); when the commit fails, what was started is destroyed before the refusal is
+    answered: no node holds it, in any state, and the name is free once the store is back."""
+    nodes = three_nodes(tmp_path)
+    db = tmp_path / "sched" / "sched.db"
+    flag = Path(f"{db}.fail")
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--store", f"faulty:{db}"],
+                      module="tests.store.faulty")
+    try:
+        sched.start()
+
+        async def names_on_nodes() -> list[str]:
+            out = []
+            for n in nodes:
+                for text in (await read(n.addr, "cluster/self/containers")).split("\n\n"):
+                    kv = dict(line.partition(" ")[::2] for line in text.splitlines())
+                    if "name" in kv:
+                        out.append(kv["name"])
+            return sorted(out)
+
+        async def go() -> None:
+            await discovered(sched)
+            assert (await ctl(sched.addr, "place hello name=kept")).startswith("kept node=")
+            flag.write_text("database or disk is full")
+            with pytest.raises(P9Error, match="nothing changed: cannot write the store .*disk is full"):
+                await ctl(sched.addr, "place hello name=gone replicas=3")
+            assert await names_on_nodes() == ["kept"]  # at the moment of the answer
+            log = await read(sched.addr, "cluster/scheduler/log")
+            assert log.count("while its place was committed, which failed: destroyed") == 3, log
+            flag.unlink()
+            await eventually(lambda: _mode_is(sched, "normal"), 5, interval=0.05)
+            assert (await ctl(sched.addr, "place hello name=gone replicas=3")).count("status=running") == 3
+            assert await names_on_nodes() == ["gone-1", "gone-2", "gone-3", "kept"]
+
+        run(go(), timeout=90)
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
