@@ -464,13 +464,21 @@ local function why_not(ctx)
   local counts = { down = 0, cordoned = 0, filtered = 0, full = 0, avoid = 0, excluded = 0 }
   local nodes = ctx.nodes
   if #nodes == 0 then return "no nodes" end
+  local need = req.constraints
+  if need ~= nil and need ~= "" then need = " " .. need else need = "" end
   local most_cpus, most_mem = 0, 0
+  for i = 1, #nodes do
+    local raw = node_raw(nodes[i], "why_not")
+    if raw.cpus > most_cpus then most_cpus = raw.cpus end
+    if raw.mem > most_mem then most_mem = raw.mem end
+  end
+  local r = request_facts(req)
+  if r.cpus > most_cpus + 1e-9 or r.mem > most_mem then -- too big for every node, whatever its state
+    return "no node fits" .. need .. ": " .. #nodes .. " too small (it asks for more than any node offers)"
+  end
   for i = 1, #nodes do
     local node = nodes[i]
     local why
-    local raw = node_raw(node, "why_not")
-    if raw.cpus > most_cpus then most_cpus = raw.cpus end
-    if raw.mem > most_mem then most_mem = raw.mem end
     if exclude[node.name] then
       why = "excluded"
     else
@@ -484,16 +492,6 @@ local function why_not(ctx)
   for _, k in ipairs(WHY) do
     if counts[k] > 0 then parts[#parts + 1] = counts[k] .. " " .. k end
   end
-  local r = request_facts(req)
-  if counts.full > 0 and (r.cpus > most_cpus + 1e-9 or r.mem > most_mem) then
-    for i = 1, #parts do
-      if parts[i] == counts.full .. " full" then
-        parts[i] = counts.full .. " too small (it asks for more than any node offers)"
-      end
-    end
-  end
-  local need = req.constraints
-  if need ~= nil and need ~= "" then need = " " .. need else need = "" end
   return "no node fits" .. need .. ": " .. concat(parts, ", ")
 end
 

@@ -502,6 +502,15 @@ class Cluster:
         """
         if not self.nodes:
             return "no nodes"
+        need = req.constraints()
+        if self._largest is None:
+            self._largest = (max(n.facts.cpus for n in self.nodes.values()),
+                             max(n.facts.mem for n in self.nodes.values()))
+        if req.cpus > self._largest[0] + EPSILON or req.mem > self._largest[1]:
+            # Too big for every node, whatever its liveness or cordon: it waits for a bigger node
+            # (unschedulable), not for room, and says so the same way while nodes come and go.
+            return (f"no node fits{' ' + need if need else ''}: {len(self.nodes)} too small "
+                    f"(it asks for more than any node offers)")
         counts = {"down": 0, "cordoned": 0, "filtered": 0, "full": 0, "avoid": 0, "excluded": 0}
 
         def classify(n: NodeState) -> str:
@@ -555,15 +564,6 @@ class Cluster:
             for n in self.nodes.values():
                 counts[classify(n)] += 1
         parts = [f"{v} {k}" for k, v in counts.items() if v]
-        if counts["full"]:
-            if self._largest is None:
-                self._largest = (max(n.facts.cpus for n in self.nodes.values()),
-                                 max(n.facts.mem for n in self.nodes.values()))
-            cpus, mem = self._largest
-            if req.cpus > cpus + EPSILON or req.mem > mem:
-                i = list(k for k, v in counts.items() if v).index("full")
-                parts[i] = f"{counts['full']} too small (it asks for more than any node offers)"
-        need = req.constraints()
         return f"no node fits{' ' + need if need else ''}: " + ", ".join(parts)
 
     def place(self, name: str, req: Request) -> Decision:

@@ -78,17 +78,16 @@ def test_rebalance_is_bounded_and_converges() -> None:
 
 
 def plain_why_not(c: Cluster, req: Request, skip: frozenset[str] = frozenset()) -> str:
+    need = req.constraints()
+    cpus, mem = max(n.facts.cpus for n in c.nodes.values()), max(n.facts.mem for n in c.nodes.values())
+    if req.cpus > cpus + 1e-9 or req.mem > mem:  # too big for any node, down, cordoned or not
+        return f"no node fits{' ' + need if need else ''}: {len(c.nodes)} too small (it asks for more than any node offers)"
     counts = {"down": 0, "cordoned": 0, "filtered": 0, "full": 0, "avoid": 0, "excluded": 0}
     for n in c.nodes.values():
         why = ("excluded" if n.name in skip else "down" if n.status != "online" else "cordoned" if n.cordoned else
                "filtered" if not req.allows(n.facts) else "full" if not n.room_for(req) else "avoid")
         counts[why] += 1
     parts = [f"{v} {k}" for k, v in counts.items() if v]
-    cpus, mem = max(n.facts.cpus for n in c.nodes.values()), max(n.facts.mem for n in c.nodes.values())
-    if counts["full"] and (req.cpus > cpus + 1e-9 or req.mem > mem):
-        parts = [p if not p.endswith(" full") else f"{counts['full']} too small (it asks for more than any node "
-                 "offers)" for p in parts]
-    need = req.constraints()
     return f"no node fits{' ' + need if need else ''}: " + ", ".join(parts)
 
 
