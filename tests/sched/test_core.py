@@ -81,7 +81,8 @@ def plain_why_not(c: Cluster, req: Request, skip: frozenset[str] = frozenset()) 
     need = req.constraints()
     cpus, mem = max(n.facts.cpus for n in c.nodes.values()), max(n.facts.mem for n in c.nodes.values())
     if req.cpus > cpus + 1e-9 or req.mem > mem:  # too big for any node, down, cordoned or not
-        return f"no node fits{' ' + need if need else ''}: {len(c.nodes)} too small (it asks for more than any node offers)"
+        return (f"no node fits{' ' + need if need else ''}: {len(c.nodes)} too small "
+                "(it asks for more than any node offers)")
     counts = {"down": 0, "cordoned": 0, "filtered": 0, "full": 0, "avoid": 0, "excluded": 0}
     for n in c.nodes.values():
         why = ("excluded" if n.name in skip else "down" if n.status != "online" else "cordoned" if n.cordoned else

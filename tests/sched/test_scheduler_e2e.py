@@ -339,9 +339,13 @@ def test_concurrent_places_start_each_container_once(cluster: tuple[SchedProc, l
 
         await eventually(once, timeout=10)
         assert (await placement(sched.addr, "w0x0"))["cid"] == p["cid"]
-        log = await read(sched.addr, "cluster/scheduler/log")
-        assert f"w0x0 runs twice on {node.name} (containers {p['cid']} and " in log
-        assert f"w0x0 on {node.name} was not placed by this scheduler; left alone" in log
+        # (the two runs may land in different rounds: the stop in one, the foreign one seen in the next)
+        async def both_logged() -> bool:
+            log = await read(sched.addr, "cluster/scheduler/log")
+            return f"w0x0 runs twice on {node.name} (containers {p['cid']} and " in log and \
+                f"w0x0 on {node.name} was not placed by this scheduler; left alone" in log
+
+        await eventually(both_logged, timeout=10)
         await rounds_pass(sched, node.name, 3)  # a few more rounds: the hand-started one is still there
         assert (await instances())["w0x0"] == 2
 
