@@ -241,9 +241,9 @@ def test_statuses_say_what_happened(tmp_path: Path) -> None:
                 return (await status_of("fill-1"))["status"] == "running"
 
             await eventually(back, timeout=15)
-            # (with a node down, it might be that one it waits for: pending, saying so)
-            assert (await status_of("huge"))["status"] == "pending"
-            assert "1 down" in (await read(sched.addr, "cluster/scheduler/placements/huge"))
+            # (a node down is still known to be too small: it stays unschedulable, saying so the same way)
+            assert (await status_of("huge"))["status"] == "unschedulable"
+            assert "3 too small (it asks for more" in (await read(sched.addr, "cluster/scheduler/placements/huge"))
 
         asyncio.run(go())
     finally:
