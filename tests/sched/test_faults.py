@@ -17,8 +17,8 @@ from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 
 from ..helpers import eventually, free_port, run
+from ..node.cluster import NodeProc, read, three_nodes
 from ..node.cluster import ctl as node_ctl
-from ..node.cluster import read, three_nodes
 from .harness import SchedProc, ctl, discovered, ls, placement, running_on
 
 
@@ -59,14 +59,19 @@ def test_fault7_an_empty_store_file_is_refused_unless_fresh(tmp_path: Path) -> N
     assert [p.name for p in state.iterdir() if ".replaced-" in p.name]
 
 
+def over_a_faulty_store(tmp_path: Path) -> tuple[list[NodeProc], SchedProc, Path]:
+    """Three real nodes, and a scheduler (not started) whose store fails while the flag file exists."""
+    nodes = three_nodes(tmp_path)
+    db = tmp_path / "sched" / "sched.db"
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--store", f"faulty:{db}"],
+                      module="tests.store.faulty")
+    return nodes, sched, Path(f"{db}.fail")
+
+
 def test_fault1_a_store_that_fails_changes_nothing(tmp_path: Path) -> None:
     """With every commit failing, each command answers "nothing changed" with the store's reason,
     and memory, the store and the nodes are exactly as before; once the store is back, all is as it was."""
-    nodes = three_nodes(tmp_path)
-    db = tmp_path / "sched" / "sched.db"
-    flag = Path(f"{db}.fail")
-    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--store", f"faulty:{db}"],
-                      module="tests.store.faulty")
+    nodes, sched, flag = over_a_faulty_store(tmp_path)
     try:
         sched.start()
 
@@ -477,11 +482,7 @@ def test_a_place_whose_commit_fails_leaves_no_container(tmp_path: Path) -> None:
     """A new placement's container is started while its commit is under way (the fsync and the node's
     start overlap); when the commit fails, what was started is destroyed before the refusal is
     answered: no node holds it, in any state, and the name is free once the store is back."""
-    nodes = three_nodes(tmp_path)
-    db = tmp_path / "sched" / "sched.db"
-    flag = Path(f"{db}.fail")
-    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--store", f"faulty:{db}"],
-                      module="tests.store.faulty")
+    nodes, sched, flag = over_a_faulty_store(tmp_path)
     try:
         sched.start()
 
