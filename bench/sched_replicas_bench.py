@@ -188,6 +188,7 @@ async def w_memory(role: str, spec: str, nodes: int, placements: int, advertise:
     import resource
 
     from bench.sched_memory_bench import REPLICAS, make_connect, node_name
+    from fornax_sched.sched.plans import CommandError
     from fornax_sched.sched.replicas import Replica
     from fornax_sched.sched.service import Scheduler
     from fornax_sched.sched.store import open_store
@@ -208,11 +209,21 @@ async def w_memory(role: str, spec: str, nodes: int, placements: int, advertise:
         print("leading", flush=True)
         while sum(n.status == "online" for n in sched.state.cluster.nodes.values()) < nodes:
             await asyncio.sleep(0.05)
+        refused = 0
         for i in range(placements // REPLICAS):
             extra = " disk=ssd" if i % 4 == 0 else ""
-            reply = await sched.command(f"place hello name=g{i} replicas={REPLICAS} cpu=0.25 mem=64M{extra}")
+            while True:  # (this measures memory: a place refused while the store looked away is tried again)
+                try:
+                    reply = await sched.command(f"place hello name=g{i} replicas={REPLICAS} cpu=0.25 mem=64M{extra}")
+                    break
+                except CommandError as e:
+                    if "changes are refused until the store is back" not in str(e) or refused >= 100:
+                        raise
+                    refused += 1
+                    await asyncio.sleep(0.5)
             if "status=running" not in reply:
                 raise RuntimeError(f"place g{i}: {reply[:200]}")
+        world["refused_while_degraded"] = refused
         await sched.decider.barrier()
         # Wait for the follower's word that it holds them all (a file beside the store's spec).
         done = Path(os.environ["FORNAX_BENCH_DONE"])
@@ -234,7 +245,8 @@ async def w_memory(role: str, spec: str, nodes: int, placements: int, advertise:
     await store.close()
     return {"role": role, "rss_before_mb": round(base, 1), "rss_after_mb": round(after, 1),
             "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "seconds": round(took, 1), "sizes": sizes}
+            "seconds": round(took, 1), "sizes": sizes,
+            "places_refused_while_degraded": world.get("refused_while_degraded", 0)}
 
 
 def bench_memory(tmp: Path, nodes: int, placements: int) -> dict[str, Any]:
