@@ -113,12 +113,21 @@ def test_a_place_made_on_the_page_appears_in_the_9p_placements(cluster: dict[str
     assert {"from-page-1", "from-page-2"} <= set(placements(cluster))
     text = nine(read(cluster["sched"].addr, "cluster/scheduler/placements/from-page-1"))
     assert text.startswith("node=fornax-") and "image=hello" in text
-    expect(page.locator('#placements tr[data-name="from-page-1"]')).to_have_count(1, timeout=WAIT)
-    expect(page.locator('#placements tr[data-name="from-page-2"] td').nth(3)).to_have_text("running", timeout=WAIT)
-    # And an action on a row: stop, through the same command path as a ctl write.
-    page.click('#placements tr[data-name="from-page-2"] button[data-do=stop]')
+    expect(page.locator('#prows .prow[data-name="from-page-1"]')).to_have_count(1, timeout=WAIT)
+    expect(page.locator('#prows .prow[data-name="from-page-2"] span').nth(3)).to_have_text("running", timeout=WAIT)
+    # And an action on a row: select it, stop it, through the same command path as a ctl write.
+    page.click('#prows .prow[data-name="from-page-2"] span >> nth=1')
+    expect(page.locator("#sel-name")).to_have_text("from-page-2")
+    page.click("#row-stop")
     expect(page.locator("#answer-text")).to_contain_text("stop from-page-2", timeout=WAIT)
     assert "(by " in nine(read(cluster["sched"].addr, "cluster/scheduler/log")).split("stop from-page-2 on")[-1]
+    expect(page.locator("#row-start")).to_be_visible(timeout=WAIT)  # stopped now: it can be started
+    page.select_option("#f-status", "running")
+    expect(page.locator("#prows .prow")).to_have_count(1)  # the filters: by status
+    page.select_option("#f-status", "")
+    page.fill("#f-name", "*-2")
+    expect(page.locator("#prows .prow")).to_have_count(1)  # by name (a glob)
+    page.fill("#f-name", "")
     shot(cluster, page, "web-dashboard.png")
 
 

@@ -77,6 +77,7 @@ const age = (s) => s >= 172800 ? `${Math.floor(s / 86400)}d` : s >= 7200 ? `${Ma
   : s >= 120 ? `${Math.floor(s / 60)}m` : `${Math.floor(s)}s`;
 
 let state = null;
+let selected = "";  // the placement the row actions act on (one click on its row)
 
 function renderCards(st) {
   const count = (rows, key) => rows.reduce((m, r) => { const k = r[key].split(" ")[0]; m[k] = (m[k] || 0) + 1; return m; }, {});
@@ -131,14 +132,14 @@ function renderPlacements(st) {
   for (let i = 0; i < rows.length; i++) {
     const p = rows[i], n = esc(p.name);
     const want = p.want === "run" ? "" : ` (${esc(p.want)})`;
-    html[i] = `<tr class="${esc(p.status)}" data-name="${n}"><td><a href="#" data-show="${n}">${n}</a></td>` +
-      `<td>${esc(p.image)}</td><td>${esc(p.node)}</td><td>${esc(p.status)}${want}</td><td>${age(p.age_s)}</td>` +
-      `<td class="why">${esc(p.why || "")}</td><td>` +
-      (p.want === "run" ? `<button data-do="stop" data-arg="${n}">stop</button> ` : `<button data-do="start" data-arg="${n}">start</button> `) +
-      `<button data-do="remove" data-arg="${n}">remove</button> <button data-fill="migrate" data-arg="${n}" data-from="${esc(p.node)}">migrate&hellip;</button> ` +
-      `<button data-fill="scale" data-arg="${esc(p.group)}">scale&hellip;</button></td></tr>`;
+    const why = esc(p.why || "");
+    html[i] = `<div role="row" class="prow ${esc(p.status)}${p.name === selected ? " sel" : ""}" data-name="${n}" data-want="${esc(p.want)}" ` +
+      `data-node="${esc(p.node)}" data-group="${esc(p.group)}"><span><a href="#" data-show="${n}">${n}</a></span>` +
+      `<span${i ? "" : ' elementtiming="placements"'}>${esc(p.image)}</span><span>${esc(p.node)}</span><span>${esc(p.status)}${want}</span>` +
+      `<span>${age(p.age_s)}</span><span class="why"${why ? ` title="${why}"` : ""}>${why}</span></div>`;
   }
-  $("#placements tbody").innerHTML = html.join("");
+  $("#prows").innerHTML = html.join("");
+  select(selected ? $(`#prows .prow[data-name="${CSS.escape(selected)}"]`) : null);
   $("#shown").textContent = `${rows.length} shown of ${st.total}` + (st.total > st.placements.length ? ` (the first ${st.placements.length} sent)` : "");
   const statuses = [...new Set(st.placements.map((p) => p.status))].sort();
   const f = $("#f-status"), keep = f.value;
@@ -146,8 +147,10 @@ function renderPlacements(st) {
   f.value = statuses.includes(keep) ? keep : "";
   $("#names").innerHTML = st.groups.map((g) => `<option>${esc(g.group)}</option>`).join("") +
     (st.placements.length <= 2000 ? st.placements.map((p) => `<option>${esc(p.name)}</option>`).join("") : "");
-  if (!document.body.dataset.placementsShown) {
-    document.body.dataset.placementsShown = String(performance.now());  // (the dashboard benchmark reads it)
+  if (!document.body.dataset.placementsShown && !renderPlacements.marking) {
+    // When the first table was painted (the frame after it was laid out): the dashboard benchmark reads it.
+    renderPlacements.marking = true;
+    requestAnimationFrame(() => setTimeout(() => { document.body.dataset.placementsShown = String(performance.now()); }));
   }
 }
 
@@ -190,6 +193,27 @@ async function ctl(command) {
   refresh();
   return r;
 }
+
+// Row actions act on the selected placement: one bar, not four buttons on each of a thousand rows.
+function select(row) {
+  for (const r of $$("#prows .prow.sel")) r.classList.remove("sel");
+  selected = row ? row.dataset.name : "";
+  if (row) row.classList.add("sel");
+  const bar = $("#row-actions");
+  $("#sel-name").textContent = selected || "none: click a row";
+  for (const b of $$("button", bar)) {
+    b.disabled = !row;
+    if (!row) continue;
+    b.dataset.arg = b.dataset.fill === "scale" ? row.dataset.group : selected;
+    if (b.dataset.fill === "migrate") b.dataset.from = row.dataset.node;
+  }
+  $("#row-stop").classList.toggle("hidden", !!row && row.dataset.want !== "run");
+  $("#row-start").classList.toggle("hidden", !row || row.dataset.want === "run");
+}
+$("#prows").addEventListener("click", (e) => {
+  const row = e.target.closest(".prow");
+  if (row && !e.target.closest("a")) select(row);
+});
 
 document.addEventListener("click", async (e) => {
   const b = e.target.closest("[data-do],[data-fill],[data-show]");
