@@ -185,6 +185,8 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
             value = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AuthError(400, f"the body is not JSON: {e}") from None
+        except web.HTTPRequestEntityTooLarge:
+            raise AuthError(413, f"the body is larger than {app._client_max_size >> 10}K") from None
         if not isinstance(value, dict):
             raise AuthError(400, f"the body must be a JSON object with {', '.join(keys)}")
         for k in keys:

@@ -112,6 +112,10 @@ def test_bad_bodies_and_unknown_commands(sched: tuple[SchedProc, str]) -> None:
     assert code == 422 and "cpu" in out["error"], out
     code, out = call(base, "/api/ctl", {"command": "place a\nplace b"}, token=OWN)
     assert code == 400 and "one command" in out["error"], out
+    code, out = call(base, "/api/policy", {"text": "-- " + "x" * (300 << 10)}, token=OWN)
+    assert code == 413 and "larger than 256K" in out["error"], out
+    code, out = call(base, "/api/ctl", {"command": "x" * (2 << 20)}, token=OWN)
+    assert code == 413 and "larger than" in out["error"], out
     code, out = call(base, "/api/nothing/here")
     assert code == 404 and "no such API path" in out["error"], out
     code, out = call(base, "/api/placements/nobody")
