@@ -283,15 +283,22 @@ $("#ctl-form").onsubmit = (e) => { e.preventDefault(); const t = $("#ctl-text").
 
 // the log, live: server-sent events read through fetch (so that the token header can go along)
 const LOG_KEPT = 2000;
-function logLine(text, fresh) {
+// Lines are added a batch at a time (all those one read of the stream brought): one layout for the
+// batch, not one a line, so that the 200 lines a new stream starts with cost no more than one.
+function logLines(texts, fresh) {
+  if (!texts.length) return;
   const box = $("#log"), atEnd = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
-  const d = document.createElement("div");
-  d.textContent = text;
-  if (fresh) d.className = "new";
-  const f = $("#log-filter").value;
-  if (f && !text.includes(f)) d.classList.add("hidden");
-  box.appendChild(d);
-  while (box.childElementCount > LOG_KEPT) box.firstElementChild.remove();
+  const f = $("#log-filter").value, frag = document.createDocumentFragment();
+  for (const text of texts) {
+    const d = document.createElement("div");
+    d.textContent = text;
+    if (fresh) d.className = "new";
+    if (f && !text.includes(f)) d.classList.add("hidden");
+    frag.appendChild(d);
+  }
+  box.appendChild(frag);
+  let extra = box.childElementCount - LOG_KEPT;
+  while (extra-- > 0) box.firstElementChild.remove();
   if (atEnd) box.scrollTop = box.scrollHeight;
 }
 $("#log-filter").addEventListener("input", () => {
@@ -314,16 +321,22 @@ async function followLog() {
         const { value, done } = await reader.read();
         if (done) break;
         buf += dec.decode(value, { stream: true });
-        let cut;
+        let cut, batch = [];
         while ((cut = buf.indexOf("\n\n")) >= 0) {
           const event = buf.slice(0, cut);
           buf = buf.slice(cut + 2);
           for (const line of event.split("\n")) {
             if (line.startsWith("id: ")) last = line.slice(4);
-            else if (line.startsWith("data: ")) { logLine(line.slice(6), !first); if (!first) refreshSoon(); }
+            else if (line.startsWith("data: ")) batch.push(line.slice(6));
           }
-          if (first && last !== null) first = false;
+          if (first && last !== null) {  // the lines kept end here: what follows is new
+            logLines(batch, false);
+            batch = [];
+            first = false;
+          }
         }
+        logLines(batch, !first);
+        if (!first && batch.length) refreshSoon();
       }
     } catch (e) {
       $("#log-state").textContent = `reconnecting (${e.message})`;
@@ -529,9 +542,9 @@ $("#history").addEventListener("click", async (e) => {
 
 let templatesLoaded = false;
 async function loadTemplates() {
-  const r = await api("/api/templates");
-  if (!r.ok) return;
   templatesLoaded = true;
+  const r = await api("/api/templates");
+  if (!r.ok) { templatesLoaded = false; return; }
   const list = r.data.templates;
   $("#templates").innerHTML = list.map((t, i) => `<li><button data-template="${i}">load</button> <b>${esc(t.name)}</b> <span class="muted">${esc(t.kind)}: ${esc(t.about)}</span></li>`).join("");
   $("#templates").onclick = (e) => {
@@ -542,8 +555,14 @@ async function loadTemplates() {
   };
 }
 
+let builderMade = false;
 function builderShown() {
   if (!templatesLoaded) loadTemplates();
+  if (!builderMade) {  // made when first shown: the dashboard does not wait for it
+    builderMade = true;
+    addRule({ name: "web-on-ssd", priority: 100, when: [{ field: "image", op: "glob", value: "web*" }], select: "least-loaded",
+              nodes: [{ field: "labels.", label: "disk", op: "eq", value: "ssd" }] });
+  }
   loadPolicy();
   if (!code.value) formChanged();
 }
@@ -553,6 +572,4 @@ refresh();
 followLog();
 actChanged();
 $("#place-cmd").textContent = placeCommand();
-addRule({ name: "web-on-ssd", priority: 100, when: [{ field: "image", op: "glob", value: "web*" }], select: "least-loaded",
-          nodes: [{ field: "labels.", label: "disk", op: "eq", value: "ssd" }] });
 setInterval(() => { if (!document.hidden) refresh(); }, 2000);
