@@ -156,9 +156,10 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
     """The page at /, its files at /static/, its API at /api/."""
     streams = [0]
 
-    def guarded(handler: Handler, write: str = "") -> Handler:
+    def guarded(handler: Handler, write: str = "", public: bool = False) -> Handler:
         """Host and Origin checked for every request; a change (``write``: what it writes) needs a
-        writer's token; a read from off this machine needs a token too."""
+        writer's token; a read from off this machine needs a token too, unless it is ``public``
+        (the page itself, which holds no data: it must load for its token to be given)."""
         async def run(request: web.Request) -> web.StreamResponse:
             try:
                 if auth is None:
@@ -168,7 +169,7 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
                     request["user"] = auth.writer(request.headers, write)
                 else:
                     user = auth.user_of(request.headers)
-                    if user is None and not loopback(request.remote):
+                    if user is None and not public and not loopback(request.remote):
                         raise AuthError(401, "reads from off this machine need the scheduler's token too "
                                              "(the X-Fornax-Token header)")
                     request["user"] = user
@@ -369,7 +370,7 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
         return _error(404, f"no such API path: {request.method} {request.path} (see docs/web.8.md)")
 
     r = app.router
-    r.add_get("/", guarded(index))
+    r.add_get("/", guarded(index, public=True))
     r.add_get("/api/state", guarded(api(get_state)))
     r.add_get("/api/placements/{name}", guarded(api(get_placement)))
     r.add_get("/api/log", guarded(api(get_log)))
@@ -385,4 +386,4 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
     r.add_get("/api/templates", guarded(api(get_templates)))
     r.add_route("*", "/api/{rest:.*}", guarded(not_found))
     r.add_get("/favicon.ico", lambda request: _nothing())
-    r.add_get("/static/{name}", static)
+    r.add_get("/static/{name}", guarded(static, public=True))

@@ -238,3 +238,37 @@ def test_auth_units() -> None:
         with pytest.raises(AuthError):
             a.check_host(host, origin)
     assert loopback("127.0.0.1") and loopback("::1") and not loopback("10.1.2.3") and not loopback(None)
+
+
+def _outside_address() -> str | None:
+    """One of this machine's addresses that is not loopback (what another machine would reach), if any."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # (no packet is sent: this only picks the outgoing address)
+            addr = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if loopback(addr) or addr == "0.0.0.0" else str(addr)
+
+
+def test_reads_from_off_loopback_need_the_token(tmp_path: Path) -> None:
+    outside = _outside_address()
+    if outside is None:
+        pytest.skip("this machine has no address but loopback")
+    port = free_port()
+    s = SchedProc(tmp_path / "s", [], extra=["--sim-nodes", "1", "--http", f"0.0.0.0:{port}"])
+    s.start()
+    try:
+        token = (tmp_path / "s" / "http.token").read_text().strip()
+        far, near = f"http://{outside}:{port}", f"http://127.0.0.1:{port}"
+        code, out = call(far, "/api/state")
+        assert code == 401 and "reads from off this machine need the scheduler's token" in out["error"], out
+        code, out = call(far, "/api/state", token=token)
+        assert code == 200 and out["you"] == OWNER, out
+        assert call(near, "/api/state")[0] == 200  # on loopback, reading is free
+        with urllib.request.urlopen(f"{far}/", timeout=10) as r:  # the page loads, to be given the token
+            assert b"fornax-sched" in r.read()
+    finally:
+        s.stop()
