@@ -122,6 +122,13 @@ def test_a_place_made_on_the_page_appears_in_the_9p_placements(cluster: dict[str
     expect(page.locator("#answer-text")).to_contain_text("stop from-page-2", timeout=WAIT)
     assert "(by " in nine(read(cluster["sched"].addr, "cluster/scheduler/log")).split("stop from-page-2 on")[-1]
     expect(page.locator("#row-start")).to_be_visible(timeout=WAIT)  # stopped now: it can be started
+    # A command written as text; a placement that waits says why.
+    page.fill("#ctl-text", "place hello name=huge cpu>=64")
+    page.click("#ctl-form button")
+    expect(page.locator("#answer-text")).to_contain_text("huge", timeout=WAIT)
+    why = page.locator('#prows .prow[data-name="huge"] .why')
+    expect(why).to_contain_text("cpu", timeout=WAIT)
+    assert "cpu" in nine(read(cluster["sched"].addr, "cluster/scheduler/placements/huge"))
     page.select_option("#f-status", "running")
     expect(page.locator("#prows .prow")).to_have_count(1)  # the filters: by status
     page.select_option("#f-status", "")
