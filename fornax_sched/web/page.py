@@ -39,6 +39,7 @@ STREAMS = 32  # log streams served at once (each is a loop of cheap looks at the
 STREAM_POLL = 0.2  # seconds between a stream's looks at the log: a new line is sent within this
 TAIL = 200  # log lines a stream starts with
 LIMIT = 5000  # placements /api/state sends unless told otherwise
+BODY_MAX = 1 << 20  # bytes of a request's body (sched_app's client_max_size)
 _LINE = re.compile(r"^line (\d+):")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -153,7 +154,8 @@ def compiled(text: str) -> dict[str, Any]:
 
 
 def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> None:
-    """The page at /, its files at /static/, its API at /api/."""
+    """The page at /, its files at /static/, its API at /api/ (no ``auth``: reads only, on loopback)."""
+    auth = auth or Auth({}, "-", frozenset())
     streams = [0]
 
     def guarded(handler: Handler, write: str = "", public: bool = False) -> Handler:
@@ -162,8 +164,6 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
         (the page itself, which holds no data: it must load for its token to be given)."""
         async def run(request: web.Request) -> web.StreamResponse:
             try:
-                if auth is None:
-                    raise AuthError(403, "this scheduler serves its page read-only (no tokens)")
                 auth.check_host(request.headers.get("Host", ""), request.headers.get("Origin"))
                 if write:
                     request["user"] = auth.writer(request.headers, write)
@@ -187,7 +187,7 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise AuthError(400, f"the body is not JSON: {e}") from None
         except web.HTTPRequestEntityTooLarge:
-            raise AuthError(413, f"the body is larger than {app._client_max_size >> 10}K") from None
+            raise AuthError(413, f"the body is larger than {BODY_MAX >> 10}K") from None
         if not isinstance(value, dict):
             raise AuthError(400, f"the body must be a JSON object with {', '.join(keys)}")
         for k in keys:
@@ -350,9 +350,8 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
         text = policy_body(await body(request, "text"))
         try:
             answer = await shielded(sched.set_policy(text, request["user"]))
-        except CommandError as e:
-            return _error(422, str(e)) if not (pe := policy_error(str(e)))["line"] else \
-                web.json_response(pe, status=422, headers={"Cache-Control": "no-store"})
+        except CommandError as e:  # the error, and the line it names (if it names one)
+            return web.json_response(policy_error(str(e)), status=422, headers={"Cache-Control": "no-store"})
         return _ok({"ok": True, "answer": answer, "version": sched.policies.active.n if sched.policies.active else 0})
 
     async def post_restore(request: web.Request) -> web.StreamResponse:

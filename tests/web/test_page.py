@@ -135,6 +135,7 @@ def test_a_place_made_on_the_page_appears_in_the_9p_placements(cluster: dict[str
     page.fill("#f-name", "*-2")
     expect(page.locator("#prows .prow")).to_have_count(1)  # by name (a glob)
     page.fill("#f-name", "")
+    page.click("#answer-close")
     shot(cluster, page, "web-dashboard.png")
 
 
