@@ -266,7 +266,7 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
             await resp.prepare(request)
             book = sched.book
             last = request.headers.get("Last-Event-ID", "")
-            at = int(last) if last.isdigit() else None
+            at = min(int(last), book.end) if last.isdigit() else None  # (an id from the future: from now)
             if at is None:  # a new reader: the last lines, then where they end (the id it comes back with)
                 at = book.end
                 text = "".join(f"data: {line}\n\n" for line in book.tail(TAIL))

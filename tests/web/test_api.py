@@ -152,6 +152,12 @@ def test_policy_compile_check_simulate_deploy_restore(sched: tuple[SchedProc, st
     code, out = call(base, "/api/policy/simulate", {"text": YAML, "place": "place hello replicas=2"})
     assert code == 200 and "(policy draft yaml api-test): nothing changed" in out["answer"], out
     assert out["answer"].count("(rule pack-all)") == 2, out
+    # A draft of text rules (reindexing the cluster by its affinity) decides the simulation alone:
+    # afterwards the policy in force decides as before.
+    before = call(base, "/api/policy/simulate", {"place": "place hello replicas=3"})[1]["answer"]
+    code, out = call(base, "/api/policy/simulate", {"text": "affinity cpu>=4\npack\n", "place": "place hello"})
+    assert code == 200 and "(policy draft rules): nothing changed" in out["answer"] and "pack" in out["answer"], out
+    assert call(base, "/api/policy/simulate", {"place": "place hello replicas=3"})[1]["answer"] == before
     code, out = call(base, "/api/policy/simulate", {"text": YAML, "place": "place"})
     assert code == 422 and "usage" in out["error"], out
     v0 = int(run(read(s.addr, "cluster/scheduler/policy.status")).split()[1])
