@@ -105,6 +105,7 @@ TOKENS = "http-tokens"  # in up's state: the web page's token, the same across r
 
 def sched_cmd(state: Path, port: int, dead: float, fresh: bool = False, store: str = "", node: int = 0,
               name: str = "scheduler") -> list[str]:
+    web_token(state)  # (made now if need be: the scheduler reads it as it starts)
     return [sys.executable, "-m", "fornax_sched", "serve", "--listen", f"tcp!127.0.0.1!{port}",
             "--state", str(state / name), "--node", f"tcp!127.0.0.1!{node or port + 1}", "--dead", f"{dead:g}",
             "--http-token-file", str(state / TOKENS),
@@ -522,7 +523,7 @@ def _run(u: Up, sched: str, names: list[str], state: Path, restart: float, wait:
 
 def _supervise(u: Up, sched: str, names: list[str], state: Path, restart: float, wait: float) -> int:
     """Start the daemons, print the banner once all nodes are online, restart what exits; until a signal."""
-    token = web_token(state)  # (before the schedulers start: they read it)
+    token = web_token(state)  # (sched_cmd made it, before the schedulers start)
     for d in sorted(u.daemons, key=lambda d: d.role != "store"):  # the store first
         u.start(d)
     deadline = time.monotonic() + wait
