@@ -100,11 +100,53 @@ def node_cmd(i: int, nodes: int, images: Path, state: Path, port: int, gossip: i
             "--peers", peers, "--broadcast", "off"]
 
 
+TOKENS = "http-tokens"  # in up's state: the web page's token, the same across restarts and replicas
+
+
 def sched_cmd(state: Path, port: int, dead: float, fresh: bool = False, store: str = "", node: int = 0,
               name: str = "scheduler") -> list[str]:
+    web_token(state)  # (made now if need be: the scheduler reads it as it starts)
     return [sys.executable, "-m", "fornax_sched", "serve", "--listen", f"tcp!127.0.0.1!{port}",
             "--state", str(state / name), "--node", f"tcp!127.0.0.1!{node or port + 1}", "--dead", f"{dead:g}",
+            "--http-token-file", str(state / TOKENS),
             *(["--store", store] if store else []), *(["--fresh"] if fresh else [])]
+
+
+def web_token(state: Path) -> str:
+    """The web page's token: made once (0600) in up's state, so that a restart keeps the open pages working."""
+    import secrets
+
+    path = state / TOKENS
+    try:
+        for line in path.read_text().splitlines():
+            if line.split("#", 1)[0].strip():
+                return line.split()[0]
+    except (OSError, UnicodeDecodeError):
+        pass
+    token = secrets.token_urlsafe(24)
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{token}\n")
+    return token
+
+
+def web_page(addr: str, token: str, timeout: float = 2.0) -> str:
+    """Where the scheduler serves its page (what its log says), with the token; or why it does not."""
+    from .fs.blocking import BlockingClient
+    from .fs.errors import P9Error
+
+    try:
+        with BlockingClient.connect(addr, version="9P2000.u", timeout=timeout) as c:
+            log = c.read_file("cluster/scheduler/log").decode(errors="replace")
+    except (ConnectionError, TimeoutError, P9Error) as e:
+        return f"unknown (the scheduler's log cannot be read: {e})"
+    for line in reversed(log.splitlines()):
+        if " HTTP on http://" in line:
+            return line.split(" HTTP on ", 1)[1].split(" ", 1)[0] + f"#token={token}"
+        if " HTTP not served: " in line:
+            return "not served: " + line.split(" HTTP not served: ", 1)[1]
+    return "not served (--http off)"
 
 
 def etcd_cmd(state: Path, client: int) -> list[str]:
@@ -481,6 +523,7 @@ def _run(u: Up, sched: str, names: list[str], state: Path, restart: float, wait:
 
 def _supervise(u: Up, sched: str, names: list[str], state: Path, restart: float, wait: float) -> int:
     """Start the daemons, print the banner once all nodes are online, restart what exits; until a signal."""
+    token = web_token(state)  # (sched_cmd made it, before the schedulers start)
     for d in sorted(u.daemons, key=lambda d: d.role != "store"):  # the store first
         u.start(d)
     deadline = time.monotonic() + wait
@@ -502,7 +545,8 @@ def _supervise(u: Up, sched: str, names: list[str], state: Path, restart: float,
         time.sleep(0.2)
     else:
         return X.INTERRUPTED
-    print(banner(u.daemons, state), flush=True)
+    first = next(d for d in u.daemons if d.role == "scheduler")
+    print(banner(u.daemons, state, web_page(f"tcp!127.0.0.1!{first.tcp}", token)), flush=True)
     while not u.stopping:
         if (failed := _failed(u, starting=False)) is not None:
             return failed
@@ -545,7 +589,7 @@ def _status(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"status {code}"
 
 
-def banner(daemons: list[Daemon], state: Path) -> str:
+def banner(daemons: list[Daemon], state: Path, web: str = "") -> str:
     scheds = [d for d in daemons if d.role == "scheduler"]
     nodes = [d for d in daemons if d.role == "node"]
     stores = [d for d in daemons if d.role == "store"]
@@ -560,6 +604,7 @@ fornax-sched is up: {who} and {len(nodes)} fornax-nodes on loopback, all online 
       + "".join(f"  etcd       http://127.0.0.1:{d.tcp}   pid {d.proc.pid if d.proc else '-'}\n" for d in stores)
       + "".join(f"  {d.name}  tcp!127.0.0.1!{d.tcp}   gossip 127.0.0.1:{d.udp}   pid {d.proc.pid if d.proc else '-'}\n"
               for d in nodes) + f"""
+  the web page:       {web or "-"}
   see the nodes:      fornax-sched 9p ls '{addr}' /cluster/nodes
   place a container:  fornax-sched 9p write -r '{addr}' {ctl} place hello
   see placements:     fornax-sched 9p ls '{addr}' /cluster/scheduler/placements

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,17 @@ def test_up_then_the_acceptance_script(tmp_path: Path) -> None:
         pids = {line.split()[0]: int(line.rsplit("pid ", 1)[1]) for line in banner.splitlines()
                 if line.startswith(("  scheduler", "  fornax-0"))}
         assert len(pids) == 4
+        # The web page's address with its token (kept in up's state, 0600); or why it is not served
+        # (another process may hold the default 127.0.0.1:8084 on a shared machine).
+        web = next(line for line in banner.splitlines() if line.startswith("  the web page:")).split(":", 1)[1].strip()
+        token = (state / "http-tokens").read_text().split()[0]
+        assert (state / "http-tokens").stat().st_mode & 0o777 == 0o600
+        if web.startswith("http://"):
+            assert web.endswith(f"/#token={token}"), web
+            with urllib.request.urlopen(web.split("#")[0] + "health", timeout=10) as r:
+                assert json.loads(r.read())["status"] == "ok"
+        else:
+            assert web.startswith("not served: 127.0.0.1:8084: "), web
 
         # A second up on the same state: it says which up holds it, and starts nothing.
         again = subprocess.run([sys.executable, "-m", "fornax_sched", "up", "--port", str(port), "--gossip",

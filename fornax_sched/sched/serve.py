@@ -56,6 +56,7 @@ class SchedConfig:
     lease_ttl: float = 5.0  # seconds the leadership's lease lives (replicas on etcd)
     advertise: str = ""  # the 9P address other replicas reach this one at ("": the listening address)
     http: http.HttpConfig = field(default_factory=lambda: http.HttpConfig(None))  # /health, /metrics, the page
+    http_tokens: dict[str, str] | None = None  # token -> user (--http-token-file); None: one made at start
 
     def store_spec(self) -> str:
         return self.store or str(self.state / "sched.db")
@@ -76,6 +77,7 @@ class SchedDaemon:
         self.bridge = bridge.Bridge(cfg.bridge)
         self.http: http.HttpServer | None = None
         self.http_address: str | None = None
+        self.auth: Any = None  # web.auth.Auth: who may change what over HTTP
 
     async def start(self) -> None:
         store = await open_store(self.cfg.store_spec(), fresh=self.cfg.fresh)
@@ -128,8 +130,13 @@ class SchedDaemon:
         if self.cfg.http.listen is None:
             return
         from ..web import sched_app
+        from ..web.auth import Auth
 
-        server = http.HttpServer(sched_app.build(self.sched))
+        if self.cfg.http_tokens is not None:
+            self.auth = Auth(dict(self.cfg.http_tokens), self.owner, self.writers)
+        else:
+            self.auth = Auth.start(self.owner, self.writers, None, self.cfg.state)
+        server = http.HttpServer(sched_app.build(self.sched, auth=self.auth))
         try:
             self.http_address = await server.start(self.cfg.http.listen)
         except OSError as e:
@@ -141,7 +148,7 @@ class SchedDaemon:
                             f"(give --http HOST:PORT or --http off)")
             return
         self.http = server
-        self.sched.note(f"HTTP on http://{self.http_address}/ (health, metrics)")
+        self.sched.note(f"HTTP on http://{self.http_address}/ (health, metrics, the web page)")
 
     async def stop(self) -> None:
         if self.http is not None:
@@ -162,8 +169,16 @@ async def serve_forever(cfg: SchedConfig) -> None:
     where = daemon.sched.store.where if daemon.sched is not None else cfg.store_spec()
     control = f", AgentControl {daemon.bridge.address}" if daemon.bridge.address else ""
     control += f", HTTP http://{daemon.http_address}/" if daemon.http_address else ""
-    await until_stopped(lambda: print(f"fornax-sched scheduler serving {daemon.addr} (state {where}{control})",
-                                      flush=True))
+
+    def ready() -> None:
+        print(f"fornax-sched scheduler serving {daemon.addr} (state {where}{control})", flush=True)
+        if daemon.http_address and daemon.auth is not None and daemon.auth.made:
+            # The token is printed to whoever started the scheduler (and kept in STATE/http.token, 0600):
+            # never in the log, which every reader of the file tree sees.
+            print(f"fornax-sched web page http://{daemon.http_address}/#token={daemon.auth.made} "
+                  f"(changes need this token; it is also in {cfg.state / 'http.token'})", flush=True)
+
+    await until_stopped(ready)
     await daemon.stop()
 
 
@@ -211,6 +226,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--http", default=None, metavar="HOST:PORT|off",
                    help=f"serve /health, /metrics and the web page here (default {DEFAULT_HTTP}; a taken default "
                         f"is only a warning)")
+    p.add_argument("--http-token-file", type=Path, default=None, metavar="FILE",
+                   help="tokens for changes made over HTTP, 'TOKEN [USER]' a line (no user: the owner; the "
+                        "writers list applies); default: a token made at start, printed and kept in "
+                        "STATE/http.token")
     p.add_argument("--policy-memory", default="64M", metavar="SIZE",
                    help="memory a Lua policy may use per decision (default 64M)")
     bridge.add_arguments(p)
@@ -239,6 +258,11 @@ def run(args: argparse.Namespace) -> int:
         limits = Limits(deadline=args.policy_deadline / 1000, memory=memory, command=args.decide_budget)
         persys = bridge.config_of(args)
         web = http.config_of(args.http, DEFAULT_HTTP)
+        tokens = None
+        if args.http_token_file is not None:
+            from ..web.auth import read_tokens
+
+            tokens = read_tokens(args.http_token_file, getpass.getuser())
     except ValueError as e:
         print(f"fornax-sched serve: {e}", flush=True)
         return 2
@@ -248,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
                       node_timeout=args.node_timeout, max_connections=args.max_connections,
                       idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,
                       sim_nodes=args.sim_nodes, bridge=persys, lease_ttl=args.lease_ttl, advertise=args.advertise,
-                      http=web)
+                      http=web, http_tokens=tokens)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

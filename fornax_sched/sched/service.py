@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..policy import Limits, PolicyError
+from ..policy import Limits, Loaded, PolicyError
 from ..units import format_size, human_size
 from . import drift, lang, plans, reconcile
 from .backends import (
@@ -54,7 +54,7 @@ from .core import simple
 from .decider import Decider
 from .liveness import Liveness, Transition
 from .logbook import LogBook, capped
-from .model import Request
+from .model import Policy, Request
 from .modes import NORMAL, RECOVERY, Mode, Seen, decide
 from .plans import CommandError, Plan, Stop
 from .policies import Policies
@@ -963,6 +963,71 @@ class Scheduler:
         if old is not None:
             old.close()
         return f"policy v{v.n} active: {self.policies.label()}\n"
+
+    async def _checked(self, text: str) -> Loaded:
+        """A policy through the checks of a write (syntax, loading in a sandbox, the dry run against
+        the live cluster), made active nowhere; PolicyError says why not.  The caller closes its program."""
+        prepared = await asyncio.get_running_loop().run_in_executor(self._loader, self.policies.prepare, text)
+        return await self.decider.call(lambda st: self.policies.dry_run(prepared))
+
+    async def check_policy(self, text: str) -> str:
+        """What a policy write would say of ``text``, changing nothing (the web page's validate):
+        CommandError with the same words as a refused write."""
+        try:
+            loaded = await self._checked(text)
+        except PolicyError as e:
+            raise CommandError(f"policy refused: {e}") from None
+        try:
+            what = loaded.kind if loaded.program is None else f"{loaded.kind} defining {loaded.program.defined}"
+            return (f"ok: {what}; dry run on the live cluster ({len(self.state.cluster.nodes)} nodes, "
+                    f"{len(self.state.records)} placements) passed\n")
+        finally:
+            if loaded.program is not None:
+                loaded.program.close()
+
+    async def simulate_policy(self, text: str, place: str) -> str:
+        """What ``place IMAGE [CONSTRAINT ...]`` would decide on the live cluster if ``text`` were the
+        policy: ctl's ``simulate`` with a policy not yet written.  The draft decides on the decider's
+        thread in a draft of its state, the active policy is put back before anything else plans."""
+        try:
+            cmd = lang.parse_command(place if place.lstrip().startswith("simulate") else f"simulate {place}")
+        except lang.LangError as e:
+            raise CommandError(str(e)) from None
+        if cmd.verb != "simulate" or cmd.request is None:
+            raise CommandError("simulate wants: place IMAGE [CONSTRAINT ...]")
+        req, marked = cmd.request, tuple(cmd.marked)
+        try:
+            loaded = await self._checked(text)
+        except PolicyError as e:
+            raise CommandError(f"policy refused: {e}") from None
+        label = f"draft {loaded.kind}" + (f" {loaded.name}" if loaded.name else "")
+
+        def simulate(st: State) -> str:
+            c = st.cluster
+            policy, program = c.policy, c.program
+            with st.draft():
+                try:
+                    if loaded.program is None:
+                        assert loaded.rules is not None
+                        c.set_program(None)
+                        c.set_policy(loaded.rules)
+                    else:
+                        c.set_policy(Policy())
+                        c.set_program(loaded.program)
+                    with (loaded.program.budget(loaded.program.limits.command) if loaded.program is not None
+                          else contextlib.nullcontext()) as b:
+                        answer = plans.plan_simulate(st, req, self.clock(), label, marked)
+                    return answer + (b.line() + "\n" if b is not None and b.line() else "")
+                finally:
+                    if c.policy is not policy:
+                        c.set_policy(policy)
+                    c.set_program(program)
+
+        try:
+            return await self.decider.call(simulate)
+        finally:
+            if loaded.program is not None:
+                loaded.program.close()
 
     async def _cmd_policy(self, cmd: lang.Command) -> str:
         if cmd.targets[0] == "history":

@@ -1,4 +1,4 @@
-"""The scheduler's HTTP routes: ``/health`` and ``/metrics`` (docs/http.8.md)."""
+"""The scheduler's HTTP routes: ``/health`` and ``/metrics`` (docs/http.8.md), the page (docs/web.8.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from aiohttp import web
 from ..sched.metrics import CONTENT_TYPE, SchedMetrics
 from ..sched.modes import NORMAL
 from ..sched.state import stamp
+from . import page
+from .auth import Auth
 
 if TYPE_CHECKING:
     from ..sched.service import Scheduler
@@ -25,7 +27,7 @@ def health(sched: Scheduler) -> dict[str, Any]:
             "leader": sched.leader if sched.replicated else None, "replicated": sched.replicated}
 
 
-def build(sched: Scheduler, metrics: SchedMetrics | None = None) -> web.Application:
+def build(sched: Scheduler, metrics: SchedMetrics | None = None, auth: Auth | None = None) -> web.Application:
     metrics = metrics or SchedMetrics(sched)
     app = web.Application(client_max_size=1 << 20)
 
@@ -39,4 +41,5 @@ def build(sched: Scheduler, metrics: SchedMetrics | None = None) -> web.Applicat
     app.router.add_get("/metrics", get_metrics)
     app["sched"] = sched
     app["metrics"] = metrics
+    page.add_routes(app, sched, auth)  # the web page and its API (docs/web.8.md)
     return app
