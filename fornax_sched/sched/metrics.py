@@ -1,66 +1,180 @@
 """The scheduler's Prometheus metrics (docs/http.8.md lists them).
 
-Gauges of what the state holds are read off the scheduler when Prometheus scrapes (a
-collector), so nothing has to keep them current; counters and histograms of what happens
-are updated where it happens.  Every label has a bounded set of values: no container or
-node names.
+What happens (9P requests, ctl commands, decisions, looks at nodes, reconciliation steps, commits,
+gRPC calls) is counted where it happens, through the hooks the layers offer: ``SchedMetrics`` is
+the scheduler's ``Observer`` (observe.py), the 9P server's ``observe`` and the gRPC ``RpcObserve``
+of AgentControl and of the calls to agents.  What the state holds (mode, leadership, nodes by
+kind and status, placements by status, drift) is read when Prometheus scrapes, from counts the
+state keeps as it changes (core.Cluster.counts, State.statuses): a scrape never walks 100,000
+placements.  Every label has a bounded set of values: no container or node names.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .drift import KINDS as DRIFT_KINDS
 from .modes import DEGRADED, NORMAL, RECOVERY
+from .observe import Observer
 
 if TYPE_CHECKING:
     from .service import Scheduler
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "fornax_sched_"
+# From a tenth of a millisecond (a 9P read from memory) to ten seconds (a slow store or node).
+FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Commands and node calls: a millisecond to a minute.
+SLOW = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _Labelled:
+    """A metric's children by label values, looked up once: ``labels()`` takes a lock and builds a
+    tuple each time, which 10,000 nodes' rounds a second would pay."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
 
 
 class _StateCollector(Collector):
-    """Gauges computed from the scheduler's state at each scrape."""
+    """Gauges of what the scheduler's state holds, made at each scrape from counts kept as it changes."""
 
     def __init__(self, sched: Scheduler) -> None:
         self.sched = sched
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.sched
-        mode = GaugeMetricFamily("fornax_sched_mode", "The operating mode: 1 for the current one.", labels=["mode"])
+        mode = GaugeMetricFamily(PREFIX + "mode", "The operating mode: 1 for the current one.", labels=["mode"])
         for name in (NORMAL, DEGRADED, RECOVERY):
             mode.add_metric([name], 1.0 if s.mode.name == name else 0.0)
         yield mode
-        yield GaugeMetricFamily("fornax_sched_mode_since_seconds",
+        yield GaugeMetricFamily(PREFIX + "mode_since_seconds",
                                 "When the operating mode last changed (Unix time).", value=s.mode.since)
-        yield GaugeMetricFamily("fornax_sched_leader", "1 while this scheduler decides and acts on nodes.",
+        yield GaugeMetricFamily(PREFIX + "leader", "1 while this scheduler decides and acts on nodes.",
                                 value=1.0 if s.leading else 0.0)
-        nodes = GaugeMetricFamily("fornax_sched_nodes", "Nodes known, by kind and status.",
-                                  labels=["kind", "status"])
-        counts: Counter[tuple[str, str]] = Counter()
-        for name, n in s.state.cluster.nodes.items():
-            meta = s.state.nodes.get(name)
-            counts[(meta.kind if meta else "", n.status)] += 1
-        for (kind, status), c in sorted(counts.items()):
+        nodes = GaugeMetricFamily(PREFIX + "nodes", "Nodes known, by kind and status.", labels=["kind", "status"])
+        for (kind, status), c in sorted(s.state.cluster.counts.items()):
             nodes.add_metric([kind, status], float(c))
         yield nodes
-        placements = GaugeMetricFamily("fornax_sched_placements", "Placements, by status.", labels=["status"])
-        for status, c in sorted(Counter(r.status for r in s.state.records.values()).items()):
+        placements = GaugeMetricFamily(PREFIX + "placements", "Placements, by status.", labels=["status"])
+        for status, c in sorted(s.state.statuses.items()):
             placements.add_metric([status], float(c))
         yield placements
+        book = s.drift
+        drift = GaugeMetricFamily(PREFIX + "drift", "Drift findings, by kind, open (not yet resolved) or resolved.",
+                                  labels=["kind", "state"])
+        counts = dict.fromkeys(((k, st) for k in DRIFT_KINDS for st in ("open", "resolved")), 0)
+        for d in book.entries.values():
+            key = (d.kind, "open" if d.resolved is None else "resolved")
+            counts[key] = counts.get(key, 0) + 1
+        for (kind, state), c in counts.items():
+            drift.add_metric([kind, state], float(c))
+        yield drift
+        yield CounterMetricFamily(PREFIX + "drift_passes", "Drift comparisons of a node's listing with the "
+                                  "placements.", value=float(book.passes))
 
 
-class SchedMetrics:
-    """One scheduler's registry (its own, not the process-wide default: tests run several in one process)."""
+class SchedMetrics(Observer):
+    """One scheduler's metrics, in a registry of its own (not the process-wide default: tests run
+    several schedulers in one process).  Made before the scheduler (its hooks go to the servers and
+    backends made with it); ``watch`` adds the gauges of its state."""
 
-    def __init__(self, sched: Scheduler) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+    def __init__(self, store: str = "") -> None:
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        self.store = store  # the store's kind (sqlite, etcd), a label of the commit metrics
+        self._ninep = _Labelled(Counter(PREFIX + "ninep_requests", "9P requests answered, by operation (read, "
+                                        "walk, ...) and result (ok, error, flushed).", ["op", "result"], registry=r))
+        self._ninep_s = _Labelled(Histogram(PREFIX + "ninep_request_duration_seconds", "Time from a 9P request's "
+                                            "arrival to its reply, by operation.", ["op"], buckets=FAST, registry=r))
+        self._ctl = _Labelled(Counter(PREFIX + "ctl_commands", "ctl commands, by verb and result (ok, refused, "
+                                      "store, frozen, error).", ["verb", "result"], registry=r))
+        self._ctl_s = _Labelled(Histogram(PREFIX + "ctl_command_duration_seconds", "Time a ctl command took to "
+                                          "answer (committed and acted on), by verb.", ["verb"], buckets=SLOW,
+                                          registry=r))
+        self._decide_s = _Labelled(Histogram(PREFIX + "decision_duration_seconds", "Time one placement decision "
+                                             "took, by the kind of policy that made it (rules, lua, yaml, platform).",
+                                             ["kind"], buckets=FAST, registry=r))
+        self._fallback = _Labelled(Counter(PREFIX + "policy_fallbacks", "Decisions a programmable policy did not "
+                                           "make, by reason.", ["reason"], registry=r))
+        self._polls = _Labelled(Counter(PREFIX + "node_polls", "Looks at a node (its listing, info and health), by "
+                                        "result (ok, unreachable).", ["result"], registry=r))
+        self._polls_s = Histogram(PREFIX + "node_poll_duration_seconds", "Time one look at a node took.",
+                                  buckets=SLOW, registry=r)
+        self._rounds = _Labelled(Counter(PREFIX + "reconcile_rounds", "Reconciliation rounds (one listing of a node "
+                                         "planned, committed and acted on), by result (acted, unchanged, store, "
+                                         "error).", ["result"], registry=r))
+        self._rounds_s = Histogram(PREFIX + "reconcile_round_duration_seconds", "Time one reconciliation round "
+                                   "took.", buckets=SLOW, registry=r)
+        self._commits = _Labelled(Counter(PREFIX + "store_commits", "Store transactions of the commit path, by "
+                                          "store and result (ok, conflict, not_leader, busy, compacted, cancelled, "
+                                          "error).", ["store", "result"], registry=r))
+        self._commits_s = _Labelled(Histogram(PREFIX + "store_commit_duration_seconds", "Time one store "
+                                              "transaction took, failed ones too.", ["store"], buckets=FAST,
+                                              registry=r))
+        self._grpc_in = _Labelled(Counter(PREFIX + "grpc_server_handled", "gRPC calls served (AgentControl), by "
+                                          "service, method and status code.",
+                                          ["grpc_service", "grpc_method", "grpc_code"], registry=r))
+        self._grpc_in_s = _Labelled(Histogram(PREFIX + "grpc_server_handling_seconds", "Time a gRPC call served "
+                                              "took.", ["grpc_service", "grpc_method"], buckets=SLOW, registry=r))
+        self._grpc_out = _Labelled(Counter(PREFIX + "grpc_client_handled", "gRPC calls made to Persys agents, by "
+                                           "service, method and status code.",
+                                           ["grpc_service", "grpc_method", "grpc_code"], registry=r))
+        self._grpc_out_s = _Labelled(Histogram(PREFIX + "grpc_client_handling_seconds", "Time a gRPC call to an "
+                                               "agent took.", ["grpc_service", "grpc_method"], buckets=SLOW,
+                                               registry=r))
+
+    def watch(self, sched: Scheduler) -> None:
+        """Count what ``sched`` does, and show what its state holds."""
+        self.store = sched.store.kind
+        sched.observed_by(self)
         self.registry.register(_StateCollector(sched))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    # ------------------------------------------------------------ the hooks
+    def ninep(self, op: str, result: str, seconds: float) -> None:
+        self._ninep(op, result).inc()
+        self._ninep_s(op).observe(seconds)
+
+    def grpc_in(self, service: str, method: str, code: str, seconds: float) -> None:
+        self._grpc_in(service, method, code).inc()
+        self._grpc_in_s(service, method).observe(seconds)
+
+    def grpc_out(self, service: str, method: str, code: str, seconds: float) -> None:
+        self._grpc_out(service, method, code).inc()
+        self._grpc_out_s(service, method).observe(seconds)
+
+    def ctl(self, verb: str, result: str, seconds: float) -> None:
+        self._ctl(verb, result).inc()
+        self._ctl_s(verb).observe(seconds)
+
+    def decision(self, kind: str, seconds: float) -> None:
+        self._decide_s(kind).observe(seconds)
+
+    def fallback(self, reason: str) -> None:
+        self._fallback(reason).inc()
+
+    def round(self, result: str, seconds: float) -> None:
+        self._polls(result).inc()
+        self._polls_s.observe(seconds)
+
+    def reconcile(self, result: str, seconds: float) -> None:
+        self._rounds(result).inc()
+        self._rounds_s.observe(seconds)
+
+    def commit(self, result: str, seconds: float) -> None:
+        self._commits(self.store, result).inc()
+        self._commits_s(self.store).observe(seconds)

@@ -18,6 +18,7 @@ from ..signals import until_stopped
 from ..units import parse_size
 from ..web import http
 from . import bridge, tree
+from .metrics import SchedMetrics
 from .service import Scheduler
 from .store import StoreError, open_store
 
@@ -67,12 +68,16 @@ class SchedDaemon:
         self.server: Server | None = None
         self.replica: Any = None  # replicas.Replica, on a store several schedulers share
         self.addr = cfg.listen
-        self.bridge = bridge.Bridge(cfg.bridge)
+        # Counted only when someone can read them (the hooks cost a little on every request).
+        self.metrics = SchedMetrics() if cfg.http.listen is not None else None
+        m = self.metrics
+        self.bridge = bridge.Bridge(cfg.bridge, observe=m.grpc_in if m is not None else None)
         self.http: http.HttpServer | None = None
         self.http_address: str | None = None
 
     async def start(self) -> None:
         store = await open_store(self.cfg.store_spec(), fresh=self.cfg.fresh)
+        m = self.metrics
         replicated = store.kind == "etcd"  # several replicas share it, one leading; SQLite has one scheduler
         try:
             if not replicated:
@@ -88,13 +93,17 @@ class SchedDaemon:
             self.sched = Scheduler(store, seeds=seeds, interval=self.cfg.interval,
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
                                    limits=self.cfg.policy_limits, budget=self.cfg.budget,
-                                   connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout))
+                                   connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout,
+                                                            observe=m.grpc_out if m is not None else None))
+            if m is not None:
+                m.watch(self.sched)
             self.sched.drift_interval = self.cfg.bridge.drift_interval
             await self.sched.start(lead=not replicated)
             await self.bridge.start(self.sched)
             self.server = Server(tree.build(self.sched, self.owner, self.writers),
                                  groups={tree.WRITERS: self.writers}, max_connections=self.cfg.max_connections,
-                                 idle_minimum=self.cfg.idle_evict, handshake_timeout=self.cfg.handshake_timeout)
+                                 idle_minimum=self.cfg.idle_evict, handshake_timeout=self.cfg.handshake_timeout,
+                                 observe=m.ninep if m is not None else None)
             listener = await self.server.listen(self.cfg.listen)
             self.addr = str(listener.address)
             if replicated:
@@ -123,7 +132,7 @@ class SchedDaemon:
             return
         from ..web import sched_app
 
-        server = http.HttpServer(sched_app.build(self.sched))
+        server = http.HttpServer(sched_app.build(self.sched, self.metrics))
         try:
             self.http_address = await server.start(self.cfg.http.listen)
         except OSError as e:

@@ -26,7 +26,9 @@ def health(sched: Scheduler) -> dict[str, Any]:
 
 
 def build(sched: Scheduler, metrics: SchedMetrics | None = None) -> web.Application:
-    metrics = metrics or SchedMetrics(sched)
+    if metrics is None:
+        metrics = SchedMetrics()
+        metrics.watch(sched)
     app = web.Application(client_max_size=1 << 20)
 
     async def get_health(request: web.Request) -> web.Response:
