@@ -1,0 +1,33 @@
+"""A node's HTTP routes: ``/health`` and ``/metrics`` (docs/fornax-node.8.md)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..sched.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from ..node.daemon import NodeDaemon
+    from ..node.metrics import NodeMetrics
+
+
+def health(node: NodeDaemon) -> dict[str, Any]:
+    """From memory: the node's name, id, whether it takes containers, and how many run."""
+    return {"status": "ok", "node": node.name, "id": node.id, "joined": node.joined,
+            "running": len(node.running()), "addr": node.addr}
+
+
+def build(node: NodeDaemon, metrics: NodeMetrics) -> web.Application:
+    app = web.Application(client_max_size=1 << 16)
+
+    async def get_health(request: web.Request) -> web.Response:
+        return web.json_response(health(node), headers={"Cache-Control": "no-store"})
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/metrics", get_metrics)
+    return app
