@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..sched.metrics import FAST, SLOW, _Labelled
+from ..web.process import add_process_collectors
 
 if TYPE_CHECKING:
     from .daemon import NodeDaemon
@@ -49,6 +50,7 @@ class NodeMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=False)
+        add_process_collectors(r, PREFIX)
         self._starts = _Labelled(Counter(PREFIX + "container_starts", "Container starts, by result (running, "
                                          "failed).", ["result"], registry=r))
         self._start_s = Histogram(PREFIX + "container_start_duration_seconds", "Time from a run request to the "

@@ -93,6 +93,9 @@ class SchedMetrics(Observer):
 
     def __init__(self, store: str = "") -> None:
         r = self.registry = CollectorRegistry(auto_describe=False)
+        from ..web.process import add_process_collectors
+
+        add_process_collectors(r, PREFIX)
         self.store = store  # the store's kind (sqlite, etcd), a label of the commit metrics
         self._ninep = _Labelled(Counter(PREFIX + "ninep_requests", "9P requests answered, by operation (read, "
                                         "walk, ...) and result (ok, error, flushed).", ["op", "result"], registry=r))
