@@ -21,7 +21,7 @@ from fornax_sched.sched.plans import CommandError
 from fornax_sched.sched.service import Scheduler
 from fornax_sched.sched.store import open_store
 
-from ..fs.test_session import Peer, tree
+from ..fs.test_session import Peer, drive, tree
 from ..helpers import free_port, run
 
 
@@ -54,8 +54,9 @@ def test_the_session_tells_each_request_its_operation_and_result() -> None:
     p.send(M.Tread(11, 3, 0, 100))
     p.rpc(M.Tflush(12, 11))
     assert seen[-1][:2] == ("read", "flushed")
-    for work in p.work.values():  # (the flushed read's coroutine, which the shell would cancel)
-        work.close()
+    for work in p.work.values():  # (the flushed read's coroutine, run out: its reply is not wanted)
+        drive(work)
+    assert seen[-1][:2] == ("read", "flushed")  # (and not told again)
     assert all(s == 2.0 for op, _, s in seen if op != "read")
 
 
