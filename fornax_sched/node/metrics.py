@@ -8,6 +8,7 @@ runs tens of containers, not thousands).  Labels are bounded: no container names
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -62,6 +63,8 @@ class NodeMetrics:
                                         "(ok, error, flushed).", ["op", "result"], registry=r))
         self._ninep_s = _Labelled(Histogram(PREFIX + "ninep_request_duration_seconds", "Time from a 9P request's "
                                             "arrival to its reply, by operation.", ["op"], buckets=FAST, registry=r))
+        self._render = Histogram(PREFIX + "metrics_render_seconds", "Time the node took to make a /metrics "
+                                 "exposition (this one not yet counted).", buckets=FAST, registry=r)
         self._grpc = _Labelled(Counter(PREFIX + "grpc_server_handled", "gRPC calls served (AgentService, with "
                                        "--persys), by service, method and status code.",
                                        ["grpc_service", "grpc_method", "grpc_code"], registry=r))
@@ -74,7 +77,11 @@ class NodeMetrics:
         self.registry.register(_NodeCollector(node))
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        began = time.perf_counter()
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._render.observe(time.perf_counter() - began)
 
     def start(self, result: str, seconds: float) -> None:
         self._starts(result).inc()

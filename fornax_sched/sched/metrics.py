@@ -11,6 +11,7 @@ placements.  Every label has a bounded set of values: no container or node names
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,8 @@ class SchedMetrics(Observer):
         self._commits_s = _Labelled(Histogram(PREFIX + "store_commit_duration_seconds", "Time one store "
                                               "transaction took, failed ones too.", ["store"], buckets=FAST,
                                               registry=r))
+        self._render = Histogram(PREFIX + "metrics_render_seconds", "Time the scheduler took to make a /metrics "
+                                 "exposition (this one not yet counted).", buckets=FAST, registry=r)
         self._grpc_in = _Labelled(Counter(PREFIX + "grpc_server_handled", "gRPC calls served (AgentControl), by "
                                           "service, method and status code.",
                                           ["grpc_service", "grpc_method", "grpc_code"], registry=r))
@@ -145,7 +148,12 @@ class SchedMetrics(Observer):
         self.registry.register(_StateCollector(sched))
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text exposition; the time it took is in the next one (what a scrape costs the loop)."""
+        began = time.perf_counter()
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._render.observe(time.perf_counter() - began)
 
     # ------------------------------------------------------------ the hooks
     def ninep(self, op: str, result: str, seconds: float) -> None:

@@ -171,3 +171,27 @@ def test_the_counts_the_state_keeps_match_a_count_of_the_records_through_drafts(
     st.apply([("nodes", "n1", None)])
     check()
     assert st.statuses == {"running": 3, "failed": 1} and st.cluster.counts == {}
+
+
+def test_a_failing_lua_policy_tells_its_fallback_and_its_decisions_are_timed_by_kind() -> None:
+    from fornax_sched.policy import LuaProgram, Platform
+
+    from ..policy.conftest import PLAIN, decide_body, small_cluster
+
+    cluster = small_cluster()
+    kinds: list[str] = []
+    cluster.observe_decisions(lambda kind, s: kinds.append(kind), lambda: 0.0)
+    reasons: list[str] = []
+    with Platform() as platform, LuaProgram(decide_body("error('x')"), platform=platform) as p:
+        p.start()
+        p.on_fallback = reasons.append
+        cluster.set_program(p)
+        cluster.policy_kind = "lua"
+        d = cluster.decide("a", PLAIN)
+        assert d.reason.startswith("platform: ")  # the platform policy decided in its place
+        cluster.set_program(None)
+        cluster.decide("b", PLAIN)
+    assert reasons == ["error"] and kinds == ["lua", "rules"]
+    m = SchedMetrics()
+    m.fallback("error")
+    assert sample(m.exposition().decode(), "fornax_sched_policy_fallbacks_total", reason="error") == 1
