@@ -8,17 +8,15 @@ runs tens of containers, not thousands).  Labels are bounded: no container names
 
 from __future__ import annotations
 
-import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..sched.metrics import FAST, SLOW, _Labelled
-from ..web.process import add_process_collectors
+from ..web.metrics import SLOW, DaemonMetrics, Labelled
 
 if TYPE_CHECKING:
     from .daemon import NodeDaemon
@@ -46,42 +44,24 @@ class _NodeCollector(Collector):
                                 value=1.0 if n.joined else 0.0)
 
 
-class NodeMetrics:
-    """One node's registry (its own: tests run several nodes in one process)."""
+class NodeMetrics(DaemonMetrics):
+    """One node's metrics (9P and gRPC in, the process: see web/metrics.py) and its containers'."""
 
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=False)
-        add_process_collectors(r, PREFIX)
-        self._starts = _Labelled(Counter(PREFIX + "container_starts", "Container starts, by result (running, "
-                                         "failed).", ["result"], registry=r))
+        super().__init__(PREFIX, "node")
+        r = self.registry
+        self._starts = Labelled(Counter(PREFIX + "container_starts", "Container starts, by result (running, "
+                                        "failed).", ["result"], registry=r))
         self._start_s = Histogram(PREFIX + "container_start_duration_seconds", "Time from a run request to the "
                                   "container running (or failing to).", buckets=SLOW, registry=r)
-        self._exits = _Labelled(Counter(PREFIX + "container_exits", "Containers that ended while the node ran, by "
-                                        "final state (exited, failed, stopped; a start that failed too).",
-                                        ["state"], registry=r))
-        self._ninep = _Labelled(Counter(PREFIX + "ninep_requests", "9P requests answered, by operation and result "
-                                        "(ok, error, flushed).", ["op", "result"], registry=r))
-        self._ninep_s = _Labelled(Histogram(PREFIX + "ninep_request_duration_seconds", "Time from a 9P request's "
-                                            "arrival to its reply, by operation.", ["op"], buckets=FAST, registry=r))
-        self._render = Histogram(PREFIX + "metrics_render_seconds", "Time the node took to make a /metrics "
-                                 "exposition (this one not yet counted).", buckets=FAST, registry=r)
-        self._grpc = _Labelled(Counter(PREFIX + "grpc_server_handled", "gRPC calls served (AgentService, with "
-                                       "--persys), by service, method and status code.",
-                                       ["grpc_service", "grpc_method", "grpc_code"], registry=r))
-        self._grpc_s = _Labelled(Histogram(PREFIX + "grpc_server_handling_seconds", "Time a gRPC call served took.",
-                                           ["grpc_service", "grpc_method"], buckets=SLOW, registry=r))
+        self._exits = Labelled(Counter(PREFIX + "container_exits", "Containers that ended while the node ran, by "
+                                       "final state (exited, failed, stopped; a start that failed too).",
+                                       ["state"], registry=r))
 
     def watch(self, node: NodeDaemon) -> None:
         node.runtime.on_start = self.start
         node.runtime.on_end = self.end
         self.registry.register(_NodeCollector(node))
-
-    def exposition(self) -> bytes:
-        began = time.perf_counter()
-        try:
-            return generate_latest(self.registry)
-        finally:
-            self._render.observe(time.perf_counter() - began)
 
     def start(self, result: str, seconds: float) -> None:
         self._starts(result).inc()
@@ -89,11 +69,3 @@ class NodeMetrics:
 
     def end(self, state: str) -> None:
         self._exits(state).inc()
-
-    def ninep(self, op: str, result: str, seconds: float) -> None:
-        self._ninep(op, result).inc()
-        self._ninep_s(op).observe(seconds)
-
-    def grpc_in(self, service: str, method: str, code: str, seconds: float) -> None:
-        self._grpc(service, method, code).inc()
-        self._grpc_s(service, method).observe(seconds)

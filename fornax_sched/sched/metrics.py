@@ -11,14 +11,14 @@ placements.  Every label has a bounded set of values: no container or node names
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..web.metrics import CONTENT_TYPE, FAST, SLOW, DaemonMetrics, Labelled
 from .drift import KINDS as DRIFT_KINDS
 from .modes import DEGRADED, NORMAL, RECOVERY
 from .observe import Observer
@@ -26,27 +26,7 @@ from .observe import Observer
 if TYPE_CHECKING:
     from .service import Scheduler
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "fornax_sched_"
-# From a tenth of a millisecond (a 9P read from memory) to ten seconds (a slow store or node).
-FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Commands and node calls: a millisecond to a minute.
-SLOW = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class _Labelled:
-    """A metric's children by label values, looked up once: ``labels()`` takes a lock and builds a
-    tuple each time, which 10,000 nodes' rounds a second would pay."""
-
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-        self.children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self.children.get(values)
-        if child is None:
-            child = self.children[values] = self.metric.labels(*values)
-        return child
 
 
 class _StateCollector(Collector):
@@ -87,57 +67,43 @@ class _StateCollector(Collector):
                                   "placements.", value=float(book.passes))
 
 
-class SchedMetrics(Observer):
-    """One scheduler's metrics, in a registry of its own (not the process-wide default: tests run
-    several schedulers in one process).  Made before the scheduler (its hooks go to the servers and
-    backends made with it); ``watch`` adds the gauges of its state."""
+class SchedMetrics(DaemonMetrics, Observer):
+    """One scheduler's metrics.  Made before the scheduler (its hooks go to the servers and backends
+    made with it); ``watch`` adds the gauges of its state."""
 
     def __init__(self, store: str = "") -> None:
-        r = self.registry = CollectorRegistry(auto_describe=False)
-        from ..web.process import add_process_collectors
-
-        add_process_collectors(r, PREFIX)
+        super().__init__(PREFIX, "scheduler")
+        r = self.registry
         self.store = store  # the store's kind (sqlite, etcd), a label of the commit metrics
-        self._ninep = _Labelled(Counter(PREFIX + "ninep_requests", "9P requests answered, by operation (read, "
-                                        "walk, ...) and result (ok, error, flushed).", ["op", "result"], registry=r))
-        self._ninep_s = _Labelled(Histogram(PREFIX + "ninep_request_duration_seconds", "Time from a 9P request's "
-                                            "arrival to its reply, by operation.", ["op"], buckets=FAST, registry=r))
-        self._ctl = _Labelled(Counter(PREFIX + "ctl_commands", "ctl commands, by verb and result (ok, refused, "
+        self._ctl = Labelled(Counter(PREFIX + "ctl_commands", "ctl commands, by verb and result (ok, refused, "
                                       "store, frozen, error).", ["verb", "result"], registry=r))
-        self._ctl_s = _Labelled(Histogram(PREFIX + "ctl_command_duration_seconds", "Time a ctl command took to "
+        self._ctl_s = Labelled(Histogram(PREFIX + "ctl_command_duration_seconds", "Time a ctl command took to "
                                           "answer (committed and acted on), by verb.", ["verb"], buckets=SLOW,
                                           registry=r))
-        self._decide_s = _Labelled(Histogram(PREFIX + "decision_duration_seconds", "Time one placement decision "
+        self._decide_s = Labelled(Histogram(PREFIX + "decision_duration_seconds", "Time one placement decision "
                                              "took, by the kind of policy that made it (rules, lua, yaml, platform).",
                                              ["kind"], buckets=FAST, registry=r))
-        self._fallback = _Labelled(Counter(PREFIX + "policy_fallbacks", "Decisions a programmable policy did not "
+        self._fallback = Labelled(Counter(PREFIX + "policy_fallbacks", "Decisions a programmable policy did not "
                                            "make, by reason.", ["reason"], registry=r))
-        self._polls = _Labelled(Counter(PREFIX + "node_polls", "Looks at a node (its listing, info and health), by "
+        self._polls = Labelled(Counter(PREFIX + "node_polls", "Looks at a node (its listing, info and health), by "
                                         "result (ok, unreachable).", ["result"], registry=r))
         self._polls_s = Histogram(PREFIX + "node_poll_duration_seconds", "Time one look at a node took.",
                                   buckets=SLOW, registry=r)
-        self._rounds = _Labelled(Counter(PREFIX + "reconcile_rounds", "Reconciliation rounds (one listing of a node "
+        self._rounds = Labelled(Counter(PREFIX + "reconcile_rounds", "Reconciliation rounds (one listing of a node "
                                          "planned, committed and acted on), by result (acted, unchanged, store, "
                                          "error).", ["result"], registry=r))
         self._rounds_s = Histogram(PREFIX + "reconcile_round_duration_seconds", "Time one reconciliation round "
                                    "took.", buckets=SLOW, registry=r)
-        self._commits = _Labelled(Counter(PREFIX + "store_commits", "Store transactions of the commit path, by "
+        self._commits = Labelled(Counter(PREFIX + "store_commits", "Store transactions of the commit path, by "
                                           "store and result (ok, conflict, not_leader, busy, compacted, cancelled, "
                                           "error).", ["store", "result"], registry=r))
-        self._commits_s = _Labelled(Histogram(PREFIX + "store_commit_duration_seconds", "Time one store "
+        self._commits_s = Labelled(Histogram(PREFIX + "store_commit_duration_seconds", "Time one store "
                                               "transaction took, failed ones too.", ["store"], buckets=FAST,
                                               registry=r))
-        self._render = Histogram(PREFIX + "metrics_render_seconds", "Time the scheduler took to make a /metrics "
-                                 "exposition (this one not yet counted).", buckets=FAST, registry=r)
-        self._grpc_in = _Labelled(Counter(PREFIX + "grpc_server_handled", "gRPC calls served (AgentControl), by "
-                                          "service, method and status code.",
-                                          ["grpc_service", "grpc_method", "grpc_code"], registry=r))
-        self._grpc_in_s = _Labelled(Histogram(PREFIX + "grpc_server_handling_seconds", "Time a gRPC call served "
-                                              "took.", ["grpc_service", "grpc_method"], buckets=SLOW, registry=r))
-        self._grpc_out = _Labelled(Counter(PREFIX + "grpc_client_handled", "gRPC calls made to Persys agents, by "
+        self._grpc_out = Labelled(Counter(PREFIX + "grpc_client_handled", "gRPC calls made to Persys agents, by "
                                            "service, method and status code.",
                                            ["grpc_service", "grpc_method", "grpc_code"], registry=r))
-        self._grpc_out_s = _Labelled(Histogram(PREFIX + "grpc_client_handling_seconds", "Time a gRPC call to an "
+        self._grpc_out_s = Labelled(Histogram(PREFIX + "grpc_client_handling_seconds", "Time a gRPC call to an "
                                                "agent took.", ["grpc_service", "grpc_method"], buckets=SLOW,
                                                registry=r))
 
@@ -147,23 +113,7 @@ class SchedMetrics(Observer):
         sched.observed_by(self)
         self.registry.register(_StateCollector(sched))
 
-    def exposition(self) -> bytes:
-        """The text exposition; the time it took is in the next one (what a scrape costs the loop)."""
-        began = time.perf_counter()
-        try:
-            return generate_latest(self.registry)
-        finally:
-            self._render.observe(time.perf_counter() - began)
-
     # ------------------------------------------------------------ the hooks
-    def ninep(self, op: str, result: str, seconds: float) -> None:
-        self._ninep(op, result).inc()
-        self._ninep_s(op).observe(seconds)
-
-    def grpc_in(self, service: str, method: str, code: str, seconds: float) -> None:
-        self._grpc_in(service, method, code).inc()
-        self._grpc_in_s(service, method).observe(seconds)
-
     def grpc_out(self, service: str, method: str, code: str, seconds: float) -> None:
         self._grpc_out(service, method, code).inc()
         self._grpc_out_s(service, method).observe(seconds)
@@ -189,3 +139,6 @@ class SchedMetrics(Observer):
     def commit(self, result: str, seconds: float) -> None:
         self._commits(self.store, result).inc()
         self._commits_s(self.store).observe(seconds)
+
+
+__all__ = ["CONTENT_TYPE", "PREFIX", "SchedMetrics"]

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..sched.metrics import CONTENT_TYPE
+from .http import add_health_and_metrics
 
 if TYPE_CHECKING:
     from ..node.daemon import NodeDaemon
@@ -21,13 +21,5 @@ def health(node: NodeDaemon) -> dict[str, Any]:
 
 def build(node: NodeDaemon, metrics: NodeMetrics) -> web.Application:
     app = web.Application(client_max_size=1 << 16)
-
-    async def get_health(request: web.Request) -> web.Response:
-        return web.json_response(health(node), headers={"Cache-Control": "no-store"})
-
-    async def get_metrics(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
-
-    app.router.add_get("/health", get_health)
-    app.router.add_get("/metrics", get_metrics)
+    add_health_and_metrics(app, lambda: health(node), metrics.exposition)
     return app
