@@ -8,15 +8,15 @@ runs tens of containers, not thousands).  Labels are bounded: no container names
 
 from __future__ import annotations
 
-from collections import Counter as Tally
+from collections import Counter as Count
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..web.metrics import SLOW, DaemonMetrics, Labelled
+from ..web.metrics import SLOW, DaemonMetrics, Labelled, Tally
 
 if TYPE_CHECKING:
     from .daemon import NodeDaemon
@@ -31,7 +31,7 @@ class _NodeCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         n = self.node
-        by = Tally(c.state for c in n.runtime.list())
+        by = Count(c.state for c in n.runtime.list())
         g = GaugeMetricFamily(PREFIX + "containers", "Containers the node keeps, by state.", labels=["state"])
         for state in (*STATES, *sorted(set(by) - set(STATES))):
             g.add_metric([state], float(by.get(state, 0)))
@@ -50,10 +50,9 @@ class NodeMetrics(DaemonMetrics):
     def __init__(self) -> None:
         super().__init__(PREFIX, "node")
         r = self.registry
-        self._starts = Labelled(Counter(PREFIX + "container_starts", "Container starts, by result (running, "
-                                        "failed).", ["result"], registry=r))
-        self._start_s = Histogram(PREFIX + "container_start_duration_seconds", "Time from a run request to the "
-                                  "container running (or failing to).", buckets=SLOW, registry=r)
+        self._starts = Tally(r, PREFIX + "container_starts", "Container starts, by result (running, failed).",
+                             PREFIX + "container_start_duration_seconds", "Time from a run request to the container "
+                             "running (or failing to).", (), ("result",), SLOW)
         self._exits = Labelled(Counter(PREFIX + "container_exits", "Containers that ended while the node ran, by "
                                        "final state (exited, failed, stopped; a start that failed too).",
                                        ["state"], registry=r))
@@ -64,8 +63,7 @@ class NodeMetrics(DaemonMetrics):
         self.registry.register(_NodeCollector(node))
 
     def start(self, result: str, seconds: float) -> None:
-        self._starts(result).inc()
-        self._start_s.observe(seconds)
+        self._starts((), (result,), seconds)
 
     def end(self, state: str) -> None:
         self._exits(state).inc()

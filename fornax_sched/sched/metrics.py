@@ -18,7 +18,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..web.metrics import CONTENT_TYPE, FAST, SLOW, DaemonMetrics, Labelled
+from ..web.metrics import CONTENT_TYPE, FAST, SLOW, DaemonMetrics, Labelled, Tally
 from .drift import KINDS as DRIFT_KINDS
 from .modes import DEGRADED, NORMAL, RECOVERY
 from .observe import Observer
@@ -75,37 +75,30 @@ class SchedMetrics(DaemonMetrics, Observer):
         super().__init__(PREFIX, "scheduler")
         r = self.registry
         self.store = store  # the store's kind (sqlite, etcd), a label of the commit metrics
-        self._ctl = Labelled(Counter(PREFIX + "ctl_commands", "ctl commands, by verb and result (ok, refused, "
-                                      "store, frozen, error).", ["verb", "result"], registry=r))
-        self._ctl_s = Labelled(Histogram(PREFIX + "ctl_command_duration_seconds", "Time a ctl command took to "
-                                          "answer (committed and acted on), by verb.", ["verb"], buckets=SLOW,
-                                          registry=r))
+        # On the event loop alone: plain counts (web.metrics.Tally).
+        self._ctl = Tally(r, PREFIX + "ctl_commands", "ctl commands, by verb and result (ok, refused, store, "
+                          "frozen, error).", PREFIX + "ctl_command_duration_seconds", "Time a ctl command took to "
+                          "answer (committed and acted on), by verb.", ("verb",), ("result",), SLOW)
+        self._polls = Tally(r, PREFIX + "node_polls", "Looks at a node (its listing, info and health), by result "
+                            "(ok, unreachable).", PREFIX + "node_poll_duration_seconds", "Time one look at a node "
+                            "took.", (), ("result",), SLOW)
+        self._rounds = Tally(r, PREFIX + "reconcile_rounds", "Reconciliation rounds (one listing of a node planned, "
+                             "committed and acted on), by result (acted, unchanged, store, error).",
+                             PREFIX + "reconcile_round_duration_seconds", "Time one reconciliation round took.", (),
+                             ("result",), SLOW)
+        self._commits = Tally(r, PREFIX + "store_commits", "Store transactions of the commit path, by store and "
+                              "result (ok, conflict, not_leader, busy, compacted, cancelled, error).",
+                              PREFIX + "store_commit_duration_seconds", "Time one store transaction took, failed "
+                              "ones too.", ("store",), ("result",), FAST)
+        self._grpc_out = Tally(r, PREFIX + "grpc_client_handled", "gRPC calls made to Persys agents, by service, "
+                               "method and status code.", PREFIX + "grpc_client_handling_seconds", "Time a gRPC call "
+                               "to an agent took.", ("grpc_service", "grpc_method"), ("grpc_code",), SLOW)
+        # Also on the decider's thread: prometheus-client's own (locked) metrics.
         self._decide_s = Labelled(Histogram(PREFIX + "decision_duration_seconds", "Time one placement decision "
-                                             "took, by the kind of policy that made it (rules, lua, yaml, platform).",
-                                             ["kind"], buckets=FAST, registry=r))
+                                            "took, by the kind of policy that made it (rules, lua, yaml, platform).",
+                                            ["kind"], buckets=FAST, registry=r))
         self._fallback = Labelled(Counter(PREFIX + "policy_fallbacks", "Decisions a programmable policy did not "
-                                           "make, by reason.", ["reason"], registry=r))
-        self._polls = Labelled(Counter(PREFIX + "node_polls", "Looks at a node (its listing, info and health), by "
-                                        "result (ok, unreachable).", ["result"], registry=r))
-        self._polls_s = Histogram(PREFIX + "node_poll_duration_seconds", "Time one look at a node took.",
-                                  buckets=SLOW, registry=r)
-        self._rounds = Labelled(Counter(PREFIX + "reconcile_rounds", "Reconciliation rounds (one listing of a node "
-                                         "planned, committed and acted on), by result (acted, unchanged, store, "
-                                         "error).", ["result"], registry=r))
-        self._rounds_s = Histogram(PREFIX + "reconcile_round_duration_seconds", "Time one reconciliation round "
-                                   "took.", buckets=SLOW, registry=r)
-        self._commits = Labelled(Counter(PREFIX + "store_commits", "Store transactions of the commit path, by "
-                                          "store and result (ok, conflict, not_leader, busy, compacted, cancelled, "
-                                          "error).", ["store", "result"], registry=r))
-        self._commits_s = Labelled(Histogram(PREFIX + "store_commit_duration_seconds", "Time one store "
-                                              "transaction took, failed ones too.", ["store"], buckets=FAST,
-                                              registry=r))
-        self._grpc_out = Labelled(Counter(PREFIX + "grpc_client_handled", "gRPC calls made to Persys agents, by "
-                                           "service, method and status code.",
-                                           ["grpc_service", "grpc_method", "grpc_code"], registry=r))
-        self._grpc_out_s = Labelled(Histogram(PREFIX + "grpc_client_handling_seconds", "Time a gRPC call to an "
-                                               "agent took.", ["grpc_service", "grpc_method"], buckets=SLOW,
-                                               registry=r))
+                                          "make, by reason.", ["reason"], registry=r))
 
     def watch(self, sched: Scheduler) -> None:
         """Count what ``sched`` does, and show what its state holds."""
@@ -115,12 +108,10 @@ class SchedMetrics(DaemonMetrics, Observer):
 
     # ------------------------------------------------------------ the hooks
     def grpc_out(self, service: str, method: str, code: str, seconds: float) -> None:
-        self._grpc_out(service, method, code).inc()
-        self._grpc_out_s(service, method).observe(seconds)
+        self._grpc_out((service, method), (code,), seconds)
 
     def ctl(self, verb: str, result: str, seconds: float) -> None:
-        self._ctl(verb, result).inc()
-        self._ctl_s(verb).observe(seconds)
+        self._ctl((verb,), (result,), seconds)
 
     def decision(self, kind: str, seconds: float) -> None:
         self._decide_s(kind).observe(seconds)
@@ -129,16 +120,13 @@ class SchedMetrics(DaemonMetrics, Observer):
         self._fallback(reason).inc()
 
     def round(self, result: str, seconds: float) -> None:
-        self._polls(result).inc()
-        self._polls_s.observe(seconds)
+        self._polls((), (result,), seconds)
 
     def reconcile(self, result: str, seconds: float) -> None:
-        self._rounds(result).inc()
-        self._rounds_s.observe(seconds)
+        self._rounds((), (result,), seconds)
 
     def commit(self, result: str, seconds: float) -> None:
-        self._commits(self.store, result).inc()
-        self._commits_s(self.store).observe(seconds)
+        self._commits((self.store,), (result,), seconds)
 
 
 __all__ = ["CONTENT_TYPE", "PREFIX", "SchedMetrics"]
