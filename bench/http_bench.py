@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,7 @@ async def reads(addr: str, path: str, seconds: float) -> list[float]:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # (the scheduler is stopped on the way out)
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=10_000)
     ap.add_argument("--placements", type=int, default=100_000)
