@@ -34,10 +34,10 @@ from typing import Protocol, TypeVar
 from . import proto as P
 from .codec import Message
 from .dial import Address, parse
-from .session import BATCH, Attach, Config, Fid, Output, Session, Users
+from .session import BATCH, Attach, Config, Fid, Observe, Output, Session, Users
 from .tree import Dir
 
-__all__ = ["Config", "Fid", "Listener", "Output", "Server", "Session", "Users", "default_max_connections",
+__all__ = ["Config", "Fid", "Listener", "Observe", "Output", "Server", "Session", "Users", "default_max_connections",
            "evictee", "system_users"]
 
 log = logging.getLogger("fornax_sched.fs.server")
@@ -277,10 +277,14 @@ class Server:
         handshake_timeout: float = 60.0,
         users: Users | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observe: Observe | None = None,
     ) -> None:
+        """``observe`` is told of every request answered (see session.Observe): the hook a
+        program's metrics plug into, knowing nothing of 9P's insides."""
         attach: Attach = (lambda ctx, aname: root) if isinstance(root, Dir) else root
         self.config = Config(attach, msize=msize, dialects=dialects, groups=groups, max_fids=max_fids,
-                             max_inflight=max_inflight, max_held=max_held, users=users or system_users())
+                             max_inflight=max_inflight, max_held=max_held, users=users or system_users(),
+                             observe=observe)
         self.max_connections = max_connections if max_connections is not None else default_max_connections()
         self.idle_minimum = idle_minimum  # a connection this idle may be closed to make room
         self.handshake_timeout = handshake_timeout  # from accept to Rattach

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno as E
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,9 @@ log = logging.getLogger("fornax_sched.fs.session")
 
 Reply = Message | Coroutine[Any, Any, Message]
 Attach = Callable[[Ctx, str], Dir]
+# Told of every request answered (or flushed): the operation ("read", "walk": the T-message's name
+# without its T, in lower case), the result ("ok", "error", "flushed") and the seconds it took.
+Observe = Callable[[str, str, float], None]
 Work = Coroutine[Any, Any, Message | None]
 
 BATCH = 1 << 16  # bytes of replies ``process`` makes before it returns, so the shell can write them
@@ -113,6 +117,8 @@ class Config:
         max_inflight: int = 256,
         max_held: int = 32 << 20,
         users: Users | None = None,
+        observe: Observe | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if msize < P.MIN_MSIZE:
             raise ValueError(f"msize {msize} below {P.MIN_MSIZE}")
@@ -124,6 +130,13 @@ class Config:
         self.max_inflight = max_inflight
         self.max_held = max_held  # bytes one connection may keep: snapshots, entries, writes in flight
         self.users = users or Users()
+        self.observe = observe  # None: nobody counts requests (and no clock is read)
+        self.clock = clock or time.perf_counter  # the seconds ``observe`` is told (any monotonic clock)
+
+
+def _op(kind: type[Message]) -> str:
+    """A request's operation as ``Observe`` names it: Tread is "read"."""
+    return kind.__name__[1:].lower()
 
 
 class Session:
@@ -141,6 +154,7 @@ class Session:
         self.framer = Framer(config.msize)
         self._tags: dict[int, int] = {}  # tag of a request in flight -> its token
         self._work: dict[int, int | None] = {}  # token -> tag (None: work that answers nothing)
+        self._began: dict[int, tuple[str, float]] = {}  # token -> (operation, clock) while observed
         self._next_token = 0
         self.held = 0  # bytes the fids keep between requests (snapshots, directory entries, gathered writes)
         self._writing: dict[int, int] = {}  # token of a write in flight -> bytes it carries
@@ -249,8 +263,23 @@ class Session:
             outcome = self.error(tag, P9Error(P.EIO_MSG, E.EIO))
         elif outcome is None:
             outcome = self.error(tag, P9Error(P.EIO_MSG, E.EIO))
+        began = self._began.pop(token, None)
+        if began is not None:
+            self._told(began[0], outcome, began[1])
         out.send.append(self._frame(outcome))
         return out
+
+    def _told(self, op: str, reply: Message | None, began: float, result: str | None = None) -> None:
+        """Tell ``config.observe`` of one request; a hook that fails is logged, never the client's problem."""
+        observe = self.config.observe
+        if observe is None:
+            return
+        if result is None:
+            result = "error" if isinstance(reply, (M.Rerror, M.Rlerror)) else "ok"
+        try:
+            observe(op, result, self.config.clock() - began)
+        except Exception:
+            log.exception("9P observe hook failed")
 
     def lost(self) -> Output:
         """The connection is gone: cancel the requests in flight and drop every fid.
@@ -277,15 +306,24 @@ class Session:
                 del self._work[token]
                 self._unwrite(token)
                 self._out.cancel.append(token)
+                flushed = self._began.pop(token, None)
+                if flushed is not None:
+                    self._told(flushed[0], None, flushed[1], "flushed")
             return M.Rflush(tag)
         if kind is M.Tversion:
             # version(5): all outstanding I/O is aborted, and no reply to it goes out.
             self._out.cancel.extend(self._tags.values())
             self._forget_in_flight()
+        observed = self.config.observe is not None
+        began = self.config.clock() if observed else 0.0
         reply = self.dispatch(msg)
         if isinstance(reply, Message):
+            if observed:
+                self._told(_op(kind), reply, began)
             return reply
         token = self._tags[tag] = self._start(reply, tag)
+        if observed:
+            self._began[token] = (_op(kind), began)
         if kind is M.Twrite:  # its data is held until the write's callback is done
             self._writing[token] = size
             self.writing += size
@@ -294,6 +332,7 @@ class Session:
     def _forget_in_flight(self) -> None:
         for token in self._tags.values():
             del self._work[token]
+            self._began.pop(token, None)
         self._tags.clear()
         self._writing.clear()
         self.writing = 0

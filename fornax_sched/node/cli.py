@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL at stop (default 5)")
     s.add_argument("--writers", default="", help="users besides the owner who may write ctl files, comma-separated")
     s.add_argument("--advertise", default=None, help="9P address peers should dial, if not --listen")
+    s.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="serve /health and /metrics (Prometheus) there (default: off)")
     s.add_argument("--persys", default=None, metavar="HOST:PORT",
                    help="also serve Persys' AgentService over gRPC there (see persys-agent(8))")
     s.add_argument("--persys-reconcile", type=float, default=10.0, metavar="S",
@@ -107,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         broadcast = None if args.broadcast == "off" else args.broadcast
     state = args.state or Path.home() / ".local/state/fornax-node" / args.name
+    from ..web.http import config_of
+
+    try:
+        http = config_of(args.http, None).listen
+    except ValueError as e:
+        print(f"fornax-node: {e}", file=sys.stderr)
+        return 2
     persys = None
     if args.persys_scheduler and not args.persys:
         print("fornax-node: --persys-scheduler needs --persys HOST:PORT (the AgentService it registers)",
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         labels=args.labels, gossip=args.gossip, peers=args.peers, broadcast=broadcast, interval=args.interval,
         suspect_after=args.suspect, dead_after=args.dead, remove_after=args.remove,
         writers=[w for w in args.writers.split(",") if w], grace=args.grace, advertise=args.advertise,
-        persys=persys,
+        persys=persys, http=http,
     )
     try:
         asyncio.run(serve_forever(cfg))
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # A taken address is its own status (4): fornax-sched up, say, must not start it again and again.
         where = f"{args.listen} (9P), {args.gossip[0]}:{args.gossip[1]} (gossip)" + (
-            f" or {args.persys} (Persys gRPC)" if args.persys else "")
+            f", {args.persys} (Persys gRPC)" if args.persys else "") + (f" or {http} (HTTP)" if http else "")
         if e.errno == errno.EADDRINUSE:
             print(f"fornax-node {args.name}: cannot listen on {where}: {e.strerror}", file=sys.stderr)
             return X.IN_USE

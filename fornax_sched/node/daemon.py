@@ -29,6 +29,8 @@ from .runtime import Container, ContainerError, Runtime, format_size
 
 if TYPE_CHECKING:
     from ..persys.node import PersysSide
+    from ..web.http import HttpServer
+    from .metrics import NodeMetrics
 
 log = logging.getLogger("fornax_sched.node")
 
@@ -53,6 +55,7 @@ class NodeConfig:
     grace: float = 5.0
     advertise: str | None = None  # the 9P address peers should dial, if not the listen one
     persys: Any = None  # a persys.node.PersysConfig: also serve Persys' AgentService
+    http: str | None = None  # HOST:PORT of /health and /metrics (None: off)
 
 
 def machine_memory() -> int:
@@ -83,13 +86,24 @@ class NodeDaemon:
                              interval=cfg.interval, suspect_after=cfg.suspect_after, dead_after=cfg.dead_after,
                              remove_after=cfg.remove_after, on_event=self._on_gossip)
         writers = frozenset({self.owner, *cfg.writers})
-        self.server = Server(tree.build(self), groups={tree.WRITERS: writers})
+        self.metrics: NodeMetrics | None = None  # counted only when served (--http)
+        self.http: HttpServer | None = None
+        self.http_address: str | None = None
+        if cfg.http is not None:
+            from .metrics import NodeMetrics
+
+            self.metrics = NodeMetrics()
+        m = self.metrics
+        self.server = Server(tree.build(self), groups={tree.WRITERS: writers},
+                             observe=m.ninep if m is not None else None)
         self.joined = True
         self.persys: PersysSide | None = None
         if cfg.persys is not None:
             from ..persys.node import PersysSide  # (grpc is imported only by nodes that serve it)
 
-            self.persys = PersysSide(self, cfg.state, cfg.persys)
+            self.persys = PersysSide(self, cfg.state, cfg.persys, observe=m.grpc_in if m is not None else None)
+        if m is not None:
+            m.watch(self)
         self._save_identity()
 
     # ------------------------------------------------------------ life
@@ -102,12 +116,26 @@ class NodeDaemon:
         await self.gossip.start()
         if self.persys is not None:  # after the runtime's fork server: grpc starts threads
             await self.persys.start()
+        if self.metrics is not None and self.cfg.http is not None:
+            from ..web import node_app
+            from ..web.http import HttpServer
+
+            server = HttpServer(node_app.build(self, self.metrics))
+            try:
+                self.http_address = await server.start(self.cfg.http)
+            except OSError as e:  # given on the command line: serve it or fail
+                err = OSError(f"--http {self.cfg.http}: {e.strerror or e}")
+                err.errno = e.errno
+                raise err from None
+            self.http = server
         self._save_identity()
         (self.cfg.state / "pid").write_text(f"{os.getpid()}\n")  # for scripts that play machine failure
         log.info("node %s (%s) serving %s, gossip on port %d", self.name, self.id, self.addr, self.gossip.port)
 
     async def stop(self) -> None:
         """Clean shutdown: say LEAVE, stop every container, close the server."""
+        if self.http is not None:
+            await self.http.close()
         await self.gossip.stop()
         if self.persys is not None:
             await self.persys.stop()
@@ -278,5 +306,6 @@ async def serve_forever(cfg: NodeConfig) -> None:
     node = NodeDaemon(cfg)
     await node.start()
     persys = f", persys {node.persys.address}" if node.persys is not None else ""
+    persys += f", HTTP http://{node.http_address}/" if node.http_address else ""
     await until_stopped(lambda: print(f"fornax-node {node.name} ({node.id}) serving {node.addr}{persys}", flush=True))
     await node.stop()

@@ -214,6 +214,10 @@ class Runtime:
         self.grace = grace
         self.limits_backend = limits_backend
         self.on_change: Callable[[Container], None] | None = None
+        # For metrics: how a start ended (running, failed) and the seconds from run() to that; the
+        # final state of a container that ended while the node ran (exited, failed, stopped).
+        self.on_start: Callable[[str, float], None] | None = None
+        self.on_end: Callable[[str], None] | None = None
         self._containers: dict[str, Container] = {}
         self._watches: dict[str, _Watch] = {}
         self._starting: dict[str, asyncio.Event] = {}  # run() awaiting the monitor's report
@@ -362,6 +366,7 @@ class Runtime:
         Names need not be unique (ids are); env values are passed, not kept.
         """
         b = self._ready()
+        began = time.perf_counter()
         if self._shutting_down:
             raise ContainerError("the node is shutting down")
         labels = check_labels(labels or {})
@@ -401,14 +406,19 @@ class Runtime:
         self._starting[cid] = asyncio.Event()
         # Once the record exists the start is seen through even if the caller goes away
         # (a client whose connection drops mid-run): a container never stays "created".
-        return await asyncio.shield(asyncio.ensure_future(self._start_settled(c, exe, env, cwd, groups)))
+        return await asyncio.shield(asyncio.ensure_future(self._start_settled(c, exe, env, cwd, groups, began)))
 
     async def _start_settled(self, c: Container, exe: str, env: dict[str, str], cwd: Path,
-                             groups: rt_cgroup.Groups) -> Container:
+                             groups: rt_cgroup.Groups, began: float) -> Container:
         try:
             return await self._start(c, exe, env, cwd, groups)
         finally:
             self._starting.pop(c.id).set()
+            if self.on_start is not None:
+                try:
+                    self.on_start("running" if c.state == "running" else "failed", time.perf_counter() - began)
+                except Exception:
+                    log.exception("on_start failed for container %s", c.id)
 
     async def _start(self, c: Container, exe: str, env: dict[str, str], cwd: Path,
                      groups: rt_cgroup.Groups) -> Container:
@@ -638,8 +648,7 @@ class Runtime:
         c.reason = why
         c.finished = c.finished or time.time()
         self._save(c)
-        if notify:
-            self._notify(c)
+        self._ended(c, notify)
 
     def _finish(self, c: Container, info: dict[str, Any], notify: bool = True) -> None:
         """Settle the final state from the monitor's exit file."""
@@ -661,8 +670,7 @@ class Runtime:
         else:
             c.state, c.reason = "failed", f"killed by signal {c.signal}"
         self._save(c)
-        if notify:
-            self._notify(c)
+        self._ended(c, notify)
 
     # ------------------------------------------------------------ files
     def _containers_dir(self) -> Path:
@@ -720,6 +728,16 @@ class Runtime:
             raise ContainerError(f"image {image!r}: config has no command")
         rootfs = d / "rootfs"
         return argv, (rootfs if rootfs.is_dir() else d).resolve()
+
+    def _ended(self, c: Container, notify: bool) -> None:
+        """A container reached its final state: counted (while the node runs), and told."""
+        if notify and self.on_end is not None:
+            try:
+                self.on_end(c.state)
+            except Exception:
+                log.exception("on_end failed for container %s", c.id)
+        if notify:
+            self._notify(c)
 
     def _notify(self, c: Container) -> None:
         if self.on_change is None:

@@ -39,8 +39,9 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 
 class PersysSide:
-    def __init__(self, host: Facts, state: Path, cfg: PersysConfig) -> None:
-        """Checks the options (ValueError naming the one that is wrong); starts nothing."""
+    def __init__(self, host: Facts, state: Path, cfg: PersysConfig, observe: protos.RpcObserve | None = None) -> None:
+        """Checks the options (ValueError naming the one that is wrong); starts nothing.  ``observe`` is
+        told of every AgentService call served (the node's metrics)."""
         listen_host, _ = split_hostport(cfg.listen)
         if cfg.tls is None:
             tls.check_plain(f"--persys {cfg.listen}", listen_host, cfg.insecure)
@@ -60,11 +61,13 @@ class PersysSide:
         self.server: grpc.aio.Server | None = None
         self.registrar: Registrar | None = None
         self.address = cfg.listen  # with the real port once listening
+        self.observe = observe
 
     async def start(self) -> None:
         await self.agent.start()
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((protos.handler(protos.agent().service("AgentService"), self.agent),))
+        server.add_generic_rpc_handlers((protos.handler(protos.agent().service("AgentService"), self.agent,
+                                                        self.observe),))
         host, _ = split_hostport(self.cfg.listen)
         try:
             if self.cfg.tls is not None:

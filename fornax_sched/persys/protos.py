@@ -21,9 +21,12 @@ carry the package path (``persys/agent/v1/agent.proto``), never a bare
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -40,6 +43,13 @@ PROTO_ROOT = Path(__file__).resolve().parent / "proto"
 AGENT_FILE = "persys/agent/v1/agent.proto"
 CONTROL_FILE = "persys/control/v1/control.proto"
 FILES = (AGENT_FILE, CONTROL_FILE)
+
+
+log = logging.getLogger("fornax_sched.persys.protos")
+
+# Told of every unary call served (``handler``) or made (``Stub``): the service's full name, the
+# method, the status code's name ("OK", "NOT_FOUND") and the seconds it took.  Metrics plug in here.
+RpcObserve = Callable[[str, str, str, float], None]
 
 
 class ProtoError(RuntimeError):
@@ -131,10 +141,50 @@ def _classes(m: MethodDescriptor) -> tuple[Any, Any]:
     return message_factory.GetMessageClass(m.input_type), message_factory.GetMessageClass(m.output_type)
 
 
-def handler(service: ServiceDescriptor, impl: object) -> grpc.GenericRpcHandler:
+def _tell(observe: RpcObserve, service: str, method: str, code: str, began: float) -> None:
+    try:
+        observe(service, method, code, time.perf_counter() - began)
+    except Exception:  # a metrics hook must never fail a call
+        log.exception("gRPC observe hook failed")
+
+
+def _code_name(code: Any, default: str) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):  # (grpc.aio's context gives the number on some paths)
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c.name
+    return default
+
+
+def _observed(fn: Callable[..., Any], service: str, method: str, observe: RpcObserve) -> Callable[..., Any]:
+    """A unary handler that tells ``observe`` how it ended: an abort's code, or OK, or UNKNOWN (a bug)."""
+
+    async def serve(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        began = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            reply = await fn(request, context)
+            code = _code_name(context.code(), "OK")
+            return reply
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code_name(context.code(), "UNKNOWN")
+            raise
+        finally:
+            _tell(observe, service, method, code, began)
+
+    return serve
+
+
+def handler(service: ServiceDescriptor, impl: object, observe: RpcObserve | None = None) -> grpc.GenericRpcHandler:
     """Serve ``service`` from ``impl``'s coroutine methods named as the RPCs (``ApplyWorkload(request, context)``).
 
-    A method ``impl`` lacks is left out, so a call of it gets UNIMPLEMENTED.
+    A method ``impl`` lacks is left out, so a call of it gets UNIMPLEMENTED.  ``observe`` is told of
+    every unary call served.
     """
     handlers = {}
     for m in service.methods:
@@ -151,6 +201,8 @@ def handler(service: ServiceDescriptor, impl: object) -> grpc.GenericRpcHandler:
             make = grpc.unary_stream_rpc_method_handler
         else:
             make = grpc.unary_unary_rpc_method_handler
+            if observe is not None:
+                fn = _observed(fn, service.full_name, m.name, observe)
         handlers[m.name] = make(fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
@@ -158,7 +210,9 @@ def handler(service: ServiceDescriptor, impl: object) -> grpc.GenericRpcHandler:
 class Stub:
     """A client of ``service`` on a grpc.aio channel: ``await Stub(ch, svc).ApplyWorkload(req, timeout=10)``."""
 
-    def __init__(self, channel: grpc.aio.Channel, service: ServiceDescriptor) -> None:
+    def __init__(self, channel: grpc.aio.Channel, service: ServiceDescriptor,
+                 observe: RpcObserve | None = None) -> None:
+        """``observe`` is told of every unary call made (its code, OK or the error's)."""
         self.service = service
         for m in service.methods:
             req, resp = _classes(m)
@@ -172,7 +226,28 @@ class Stub:
                 call = channel.unary_stream(path, **kw)
             else:
                 call = channel.unary_unary(path, **kw)
+                if observe is not None:
+                    call = _calling(call, service.full_name, m.name, observe)
             setattr(self, m.name, call)
 
     def __getattr__(self, name: str) -> Any:  # (for mypy: the RPCs are set per instance)
         raise AttributeError(f"{self.service.full_name} has no rpc {name}")
+
+
+def _calling(call: Any, service: str, method: str, observe: RpcObserve) -> Callable[..., Any]:
+    """A unary call that tells ``observe`` its code when it ends."""
+
+    async def rpc(request: Any, **kw: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            reply = await call(request, **kw)
+        except grpc.aio.AioRpcError as e:
+            _tell(observe, service, method, _code_name(e.code(), "UNKNOWN"), began)
+            raise
+        except asyncio.CancelledError:
+            _tell(observe, service, method, "CANCELLED", began)
+            raise
+        _tell(observe, service, method, "OK", began)
+        return reply
+
+    return rpc

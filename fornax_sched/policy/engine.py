@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import select
@@ -69,6 +70,9 @@ PLATFORM_TRIES = 2  # platform failures in one command before the built-in decid
 _ENV_KEPT = ("PATH", "HOME", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE",
              "VIRTUAL_ENV")
 
+# Why a decision was not the policy's own, as on_fallback tells it: the policy failed in one of
+# these ways (the platform decided), the command's budget was spent, the platform failed too.
+FALLBACKS = ("error", "load", "timeout", "memory", "bad", "sandbox", "budget", "builtin")
 COUNTERS = ("decisions", "errors", "timeouts", "memory", "bad_returns", "sandbox", "fallbacks", "handed_over",
             "builtin", "restarts")
 _COUNTER = {"error": "errors", "syntax": "errors", "load": "errors", "timeout": "timeouts", "memory": "memory",
@@ -662,6 +666,8 @@ class LuaProgram:
         self._view = _View()
         self._budget: Budget | None = None
         self._closed = False
+        # Told why the policy did not decide, one of FALLBACKS (the scheduler's metrics set it).
+        self.on_fallback: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------ life
     def start(self) -> None:
@@ -855,6 +861,7 @@ class LuaProgram:
         """The command's budget is spent: the platform decides, and the budget counts it."""
         b.handed_over += 1
         self.counters["handed_over"] += 1
+        self._fell_back("budget")
         return self._platform(cluster, name, req, exclude, None, b.note())
 
     def _platform(self, cluster: Cluster, name: str, req: Request, exclude: frozenset[str], cause: str | None,
@@ -876,6 +883,7 @@ class LuaProgram:
                                  f"{reply.get('fail_why', '')}", note)
         if cause is not None:
             self.counters["fallbacks"] += 1
+            self._fell_back("error" if cause == "syntax" else cause if cause in FALLBACKS else "error")
         node, why = reply.get("node"), reply.get("why")
         if reply.get("how") != "node" or node is None:
             return Decision(name, None, f"{why or 'unschedulable'}" + (f" ({note})" if note else ""), 0)
@@ -890,6 +898,7 @@ class LuaProgram:
                  note: str | None = None) -> Decision:
         """The core's own spread: the platform's process could not answer (why; "" if already told)."""
         self.counters["builtin"] += 1
+        self._fell_back("builtin")
         b = self._budget
         if b is not None:
             if note is not None and note == b.note():
@@ -904,6 +913,13 @@ class LuaProgram:
         d = cluster.decide_builtin(name, req, exclude)
         return Decision(d.name, d.node, f"{d.reason} (built-in: the platform policy could not decide"
                         + (f"; {note}" if note else "") + ")", d.candidates)
+
+    def _fell_back(self, reason: str) -> None:
+        if self.on_fallback is not None:
+            try:
+                self.on_fallback(reason)
+            except Exception:  # a metrics hook must not fail a decision
+                logging.getLogger("fornax_sched.policy").exception("on_fallback failed")
 
     @staticmethod
     def _wrong(cluster: Cluster, node: str, req: Request, exclude: frozenset[str]) -> str | None:

@@ -8,12 +8,15 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..persys import tls
 from ..persys.node import split_hostport
 from .backends import Backend, connect
 from .backends.persys import PREFIX, Options, PersysAgent, parse_address
+
+if TYPE_CHECKING:
+    from ..persys.protos import RpcObserve
 
 log = logging.getLogger("fornax_sched.sched.bridge")
 
@@ -36,10 +39,11 @@ class BridgeConfig:
     tls: tls.TLSFiles | None = None
     insecure: bool = False
 
-    def options(self, rpc_timeout: float) -> Options:
+    def options(self, rpc_timeout: float, observe: RpcObserve | None = None) -> Options:
         return Options(rpc_timeout=rpc_timeout, apply_timeout=self.apply_timeout, delete_timeout=self.delete_timeout,
                        poll=self.poll, grace=self.grace,
-                       credentials=tls.channel_credentials(self.tls) if self.tls is not None else None)
+                       credentials=tls.channel_credentials(self.tls) if self.tls is not None else None,
+                       observe=observe)
 
 
 def agent_address(text: str) -> str:
@@ -107,9 +111,10 @@ def config_of(args: argparse.Namespace) -> BridgeConfig:
     return cfg
 
 
-def connector(cfg: BridgeConfig, rpc_timeout: float) -> Callable[[str], Backend]:
-    """The scheduler's backend factory: agents with the bridge's settings, any other kind as usual."""
-    opts = cfg.options(rpc_timeout)
+def connector(cfg: BridgeConfig, rpc_timeout: float, observe: RpcObserve | None = None) -> Callable[[str], Backend]:
+    """The scheduler's backend factory: agents with the bridge's settings (their calls told to
+    ``observe``), any other kind as usual."""
+    opts = cfg.options(rpc_timeout, observe)
 
     def make(addr: str) -> Backend:
         if addr.startswith(PREFIX):
@@ -124,8 +129,9 @@ def connector(cfg: BridgeConfig, rpc_timeout: float) -> Callable[[str], Backend]
 class Bridge:
     """AgentControl (if wanted) and the drift loop, over a started scheduler."""
 
-    def __init__(self, cfg: BridgeConfig) -> None:
+    def __init__(self, cfg: BridgeConfig, observe: RpcObserve | None = None) -> None:
         self.cfg = cfg
+        self.observe = observe  # told of every AgentControl call served
         self.control: Any = None
         self.service: Any = None
         self.address: str | None = None
@@ -138,7 +144,8 @@ class Bridge:
         self.service = ControlService(sched, heartbeat_interval=self.cfg.heartbeat_interval,
                                       lease_intervals=self.cfg.lease_intervals, plain=self.cfg.tls is None,
                                       insecure=self.cfg.insecure)
-        server = ControlServer(self.service, self.cfg.control, tls_files=self.cfg.tls, insecure=self.cfg.insecure)
+        server = ControlServer(self.service, self.cfg.control, tls_files=self.cfg.tls, insecure=self.cfg.insecure,
+                               observe=self.observe)
         try:
             await server.start()
         except OSError as e:

@@ -381,7 +381,7 @@ class ControlServer:
     """The grpc.aio server of a ControlService, with its lease watcher."""
 
     def __init__(self, service: ControlService, listen: str, *, tls_files: tls.TLSFiles | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, observe: protos.RpcObserve | None = None) -> None:
         host, _ = split_hostport(listen)
         if tls_files is None:
             tls.check_plain(f"--control {listen}", host, insecure)
@@ -389,10 +389,12 @@ class ControlServer:
         self.server: grpc.aio.Server | None = None
         self.address = listen
         self._watch: asyncio.Task[None] | None = None
+        self.observe = observe  # told of every call served
 
     async def start(self) -> None:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a taken port is an error, not shared
-        server.add_generic_rpc_handlers((protos.handler(protos.control().service("AgentControl"), self.service),))
+        server.add_generic_rpc_handlers((protos.handler(protos.control().service("AgentControl"), self.service,
+                                                        self.observe),))
         try:
             port = (server.add_secure_port(self.listen, tls.server_credentials(self.tls)) if self.tls is not None
                     else server.add_insecure_port(self.listen))

@@ -190,6 +190,11 @@ class Cluster:
         self._largest: tuple[float, int] | None = None  # the most cpus and memory any node has (None: work it out)
         self._labelled: dict[tuple[str, str], _Index] = {}  # the nodes with each label, to decide among
         self._journal: list[Callable[[], object]] | None = None  # undo steps while a draft is open
+        self.policy_kind = "rules"  # what the program is (lua, yaml, platform), for whoever counts decisions
+        self._observe: Callable[[str, float], None] | None = None  # see observe_decisions
+        self._timer: Callable[[], float] = lambda: 0.0
+        # Nodes by (kind, status), kept as they change: a count that 10,000 nodes need not be walked for.
+        self.counts: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------ drafts
     @contextmanager
@@ -316,17 +321,28 @@ class Cluster:
         self._largest = None
         if old is not None:
             self._unindex(old)
+            self._count(old, -1)
             old.facts = facts
             old.status = status
             old.klass = self._klass(facts)
             self._insert(old)
+            self._count(old, 1)
             self._changed(old.name)
             return old
         n = NodeState(facts, status, klass=self._klass(facts))
         self.nodes[facts.name] = n
         self._insert(n)
+        self._count(n, 1)
         self._changed(n.name)
         return n
+
+    def _count(self, n: NodeState, sign: int) -> None:
+        key = (n.facts.kind, n.status)
+        left = self.counts.get(key, 0) + sign
+        if left:
+            self.counts[key] = left
+        else:
+            self.counts.pop(key, None)
 
     def _tally(self, n: NodeState, sign: int) -> None:
         """Count a node's status in every index it is in (around a change of status or cordon)."""
@@ -341,8 +357,10 @@ class Cluster:
         was = n.status
         self._undo(lambda: self.set_status(name, was))
         self._tally(n, -1)
+        self._count(n, -1)
         n.status = status
         self._tally(n, 1)
+        self._count(n, 1)
         self._changed(name)
 
     def cordon(self, name: str, on: bool = True) -> None:
@@ -363,6 +381,7 @@ class Cluster:
         for p in moved:
             self.unassign(p, reason=f"node {name} removed")
         self._unindex(n)
+        self._count(n, -1)
         del self.nodes[name]
         self._largest = None
         self._changed(name)
@@ -456,11 +475,28 @@ class Cluster:
     def feasible(self, n: NodeState, req: Request) -> bool:
         return n.usable and n.room_for(req) and req.allows(n.facts) and not (req.avoid and n.runs_any(req.avoid))
 
+    def observe_decisions(self, observe: Callable[[str, float], None] | None, timer: Callable[[], float]) -> None:
+        """Tell ``observe`` of every decision: the policy's kind (``policy_kind``, or rules when the
+        built-in decides) and the seconds of ``timer`` it took."""
+        self._observe, self._timer = observe, timer
+
     def decide(self, name: str, req: Request, exclude: Iterable[str] = ()) -> Decision:
         """Where ``name`` should run now, without changing anything."""
+        observe = self._observe
+        if observe is None:
+            if self.program is not None:
+                return self.program.decide(self, name, req, frozenset(exclude))
+            return self.decide_builtin(name, req, exclude)
+        began = self._timer()
         if self.program is not None:
-            return self.program.decide(self, name, req, frozenset(exclude))
-        return self.decide_builtin(name, req, exclude)
+            try:
+                return self.program.decide(self, name, req, frozenset(exclude))
+            finally:
+                observe(self.policy_kind, self._timer() - began)
+        try:
+            return self.decide_builtin(name, req, exclude)
+        finally:
+            observe("rules", self._timer() - began)
 
     def decide_builtin(self, name: str, req: Request, exclude: Iterable[str] = ()) -> Decision:
         """The built-in policy's decision (spread or pack, refined by the rules)."""

@@ -76,6 +76,7 @@ class Policies:
         self.lua = ""  # the Lua that runs ("" for text rules)
         self.program: LuaProgram | None = None
         self.load_error = ""  # why the stored policy did not start (the platform policy decides)
+        self.on_fallback: Callable[[str], None] | None = None  # told why a program did not decide (metrics)
 
     # ------------------------------------------------------------ what is active
     def label(self) -> str:
@@ -175,9 +176,16 @@ class Policies:
             assert loaded.rules is not None
             self.cluster.set_program(None)
             self.cluster.set_policy(loaded.rules)
+            self.cluster.policy_kind = "rules"
         else:
+            loaded.program.on_fallback = self._fallback
             self.cluster.set_policy(Policy())
             self.cluster.set_program(loaded.program)
+            self.cluster.policy_kind = v.kind
+
+    def _fallback(self, reason: str) -> None:
+        if self.on_fallback is not None:
+            self.on_fallback(reason)
 
     def source_of(self, n: int) -> str:
         v = self.versions.get(n)
@@ -234,10 +242,13 @@ class Policies:
             self.note(f"the platform policy did not start either: {e}; the built-in spread decides")
             self.program = None
             self.cluster.set_program(None)
+            self.cluster.policy_kind = "rules"
             return
+        program.on_fallback = self._fallback
         self.program = program
         self.cluster.set_policy(Policy())
         self.cluster.set_program(program)
+        self.cluster.policy_kind = "platform"
 
     def close(self) -> None:
         if self.program is not None:

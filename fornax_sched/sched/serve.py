@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import getpass
 import os
 from dataclasses import dataclass, field
@@ -18,11 +19,18 @@ from ..signals import until_stopped
 from ..units import parse_size
 from ..web import http
 from . import bridge, tree
+from .metrics import SchedMetrics
 from .service import Scheduler
 from .store import StoreError, open_store
 
 DEFAULT_LISTEN = "tcp!127.0.0.1!5640"
 DEFAULT_HTTP = "127.0.0.1:8084"  # the Persys scheduler's metrics and health port
+# Python's collector with its defaults (700, 10, 10) walked every object of a 10,000-node
+# scheduler about every second (101 full collections, 38 s of the loop in 94 s: the store's
+# probe timed out, and the scheduler went degraded again and again).  A collection every 50,000
+# allocations, and a full one after 20 x 100 of those, made that none, and less memory held
+# (bench/README.md: http_bench; fornax_sched_gc_pause_seconds shows them).
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def store_shared(cfg: SchedConfig) -> bool:
@@ -74,13 +82,17 @@ class SchedDaemon:
         self.server: Server | None = None
         self.replica: Any = None  # replicas.Replica, on a store several schedulers share
         self.addr = cfg.listen
-        self.bridge = bridge.Bridge(cfg.bridge)
+        # Counted only when someone can read them (the hooks cost a little on every request).
+        self.metrics = SchedMetrics() if cfg.http.listen is not None else None
+        m = self.metrics
+        self.bridge = bridge.Bridge(cfg.bridge, observe=m.grpc_in if m is not None else None)
         self.http: http.HttpServer | None = None
         self.http_address: str | None = None
         self.auth: Any = None  # web.auth.Auth: who may change what over HTTP
 
     async def start(self) -> None:
         store = await open_store(self.cfg.store_spec(), fresh=self.cfg.fresh)
+        m = self.metrics
         replicated = store.kind == "etcd"  # several replicas share it, one leading; SQLite has one scheduler
         try:
             if not replicated:
@@ -96,13 +108,17 @@ class SchedDaemon:
             self.sched = Scheduler(store, seeds=seeds, interval=self.cfg.interval,
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
                                    limits=self.cfg.policy_limits, budget=self.cfg.budget,
-                                   connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout))
+                                   connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout,
+                                                            observe=m.grpc_out if m is not None else None))
+            if m is not None:
+                m.watch(self.sched)
             self.sched.drift_interval = self.cfg.bridge.drift_interval
             await self.sched.start(lead=not replicated)
             await self.bridge.start(self.sched)
             self.server = Server(tree.build(self.sched, self.owner, self.writers),
                                  groups={tree.WRITERS: self.writers}, max_connections=self.cfg.max_connections,
-                                 idle_minimum=self.cfg.idle_evict, handshake_timeout=self.cfg.handshake_timeout)
+                                 idle_minimum=self.cfg.idle_evict, handshake_timeout=self.cfg.handshake_timeout,
+                                 observe=m.ninep if m is not None else None)
             listener = await self.server.listen(self.cfg.listen)
             self.addr = str(listener.address)
             if replicated:
@@ -136,7 +152,7 @@ class SchedDaemon:
             self.auth = Auth(dict(self.cfg.http_tokens), self.owner, self.writers)
         else:
             self.auth = Auth.start(self.owner, self.writers, None, self.cfg.state)
-        server = http.HttpServer(sched_app.build(self.sched, auth=self.auth))
+        server = http.HttpServer(sched_app.build(self.sched, self.metrics, auth=self.auth))
         try:
             self.http_address = await server.start(self.cfg.http.listen)
         except OSError as e:
@@ -273,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
                       idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,
                       sim_nodes=args.sim_nodes, bridge=persys, lease_ttl=args.lease_ttl, advertise=args.advertise,
                       http=web, http_tokens=tokens)
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:

@@ -56,6 +56,7 @@ from .liveness import Liveness, Transition
 from .logbook import LogBook, capped
 from .model import Policy, Request
 from .modes import NORMAL, RECOVERY, Mode, Seen, decide
+from .observe import NOBODY, Observer
 from .plans import CommandError, Plan, Stop
 from .policies import Policies
 from .state import WAITING, State, replica_order, stamp
@@ -180,6 +181,15 @@ class Scheduler:
         self.relead: Callable[[], Awaitable[None]] | None = None  # a replica's: lead again before recover
         self._early: dict[str, tuple[str, asyncio.Task[str]]] = {}  # starts under way before their commit
         self._undoing: set[asyncio.Task[None]] = set()  # stopping starts whose commit failed
+        self.observer: Observer = NOBODY  # told what happens (metrics.py); see observed_by
+
+    def observed_by(self, observer: Observer) -> None:
+        """Tell ``observer`` what happens from now on: commands, looks at nodes, commits, and the
+        decisions of both copies of the state (the decider's, on its thread, and this one's)."""
+        self.observer = observer
+        for cluster in (self.state.cluster, self.decider.state.cluster):
+            cluster.observe_decisions(observer.decision, time.perf_counter)
+        self.policies.on_fallback = observer.fallback
 
     # ================================================================ life
     async def start(self, lead: bool = True) -> None:
@@ -509,13 +519,16 @@ class Scheduler:
                     batch.put(table, key, value)
             saved, self._unsaved = self._unsaved, []  # (lines noted while this commits wait for the next)
             batch.log = saved + lines
+            began = time.perf_counter()
             try:
                 await self.store.apply(batch)
             except BaseException as e:
+                self.observer.commit(_commit_result(e), time.perf_counter() - began)
                 self._unsaved = saved + self._unsaved
                 if isinstance(e, StoreError) and not isinstance(e, (Conflict, Compacted, NotLeader, StoreBusy)):
                     self._store_suspect(str(e))
                 raise
+            self.observer.commit("ok", time.perf_counter() - began)
             self._store_error = ""
         rows = plan.rows()
         self.state.apply(rows)
@@ -782,25 +795,51 @@ class Scheduler:
         9P2000.L client sees only the errno, and the log is where its user
         finds the words.
         """
-        if self.forward is not None:
-            return await self.forward("ctl", text, user)
-        await self._settle()
+        began, verb, result = time.perf_counter(), self._verb_of(text), "error"
         try:
+            if self.forward is not None:
+                answer = await self.forward("ctl", text, user)
+                result = "ok"
+                return answer
+            await self._settle()
             try:
-                cmd = lang.parse_command(text)
-            except lang.LangError as e:
-                raise CommandError(str(e)) from None
-            cmd.user = user
-            handler = getattr(self, f"_cmd_{cmd.verb}")
-            try:
-                return str(await handler(cmd))
-            except StoreError as e:
-                raise CommandError(f"nothing changed: {e}") from None
-        except CommandError as e:
-            quoted = text.strip()
-            quoted = quoted if len(quoted) <= QUOTE else quoted[:QUOTE] + f"... ({len(quoted)} characters)"
-            self.note(f"refused {quoted!r}: {str(e).splitlines()[0] if str(e) else ''}")
+                try:
+                    cmd = lang.parse_command(text)
+                except lang.LangError as e:
+                    result = "refused"
+                    raise CommandError(str(e)) from None
+                cmd.user = user
+                handler = getattr(self, f"_cmd_{cmd.verb}")
+                try:
+                    answer = str(await handler(cmd))
+                    result = "ok"
+                    return answer
+                except Frozen as e:
+                    result = "frozen"
+                    raise CommandError(f"nothing changed: {e}") from None
+                except StoreError as e:
+                    result = "store"
+                    raise CommandError(f"nothing changed: {e}") from None
+                except CommandError:
+                    result = "refused"
+                    raise
+            except CommandError as e:
+                quoted = text.strip()
+                quoted = quoted if len(quoted) <= QUOTE else quoted[:QUOTE] + f"... ({len(quoted)} characters)"
+                self.note(f"refused {quoted!r}: {str(e).splitlines()[0] if str(e) else ''}")
+                raise
+        except CommandError:
+            if result == "error":
+                result = "refused"
             raise
+        finally:
+            self.observer.ctl(verb, result, time.perf_counter() - began)
+
+    def _verb_of(self, text: str) -> str:
+        """The command's verb as metrics label it: one of the known verbs, or "invalid" (bounded)."""
+        words = text[:32].split(None, 1)
+        verb = words[0] if words else ""
+        return verb if verb.isidentifier() and hasattr(self, f"_cmd_{verb}") else "invalid"
 
     def _label(self) -> str:
         return self.policies.label()
@@ -1120,7 +1159,7 @@ class Scheduler:
                 lk.reconciler.cancel()
 
     async def _round(self, name: str, lk: Link) -> None:
-        listed = self.monotonic()
+        listed = began = self.monotonic()
         try:
             if lk.rounds % 10 == 0 or self.liveness.status(name) != "online":
                 info = await lk.backend.info()
@@ -1135,10 +1174,12 @@ class Scheduler:
             if lk.rounds % 5 == 0 and isinstance(lk.backend, Discovery):
                 await self._learn_peers(lk.backend)
         except BackendError as e:
+            self.observer.round("unreachable", self.monotonic() - began)
             await self._transitions(self.liveness.failed(name, self.monotonic(), str(e)))
             return
         finally:
             lk.rounds += 1
+        self.observer.round("ok", self.monotonic() - began)
         await self._transitions(self.liveness.ok(name, self.monotonic()))
         lk.listing = (found, listed)  # a listing still waiting to be planned is replaced by this newer one
         if self.mode.name != NORMAL:
@@ -1153,12 +1194,20 @@ class Scheduler:
             (found, listed), lk.listing = lk.listing, None
 
             async def step(found: list[ContainerInfo] = found, listed: float = listed) -> None:
-                await self._drift_step(name, found, listed)
-                plan = await self._submit(lambda st, g: reconcile.plan_node(
-                    st, name, found, cluster=cluster, now=self.clock(), listed_at=listed, busy=g.busy,
-                    acted=g.acted))
-                if plan.stops or plan.starts:
-                    await self._act(plan)
+                began, result = time.perf_counter(), "error"
+                try:
+                    await self._drift_step(name, found, listed)
+                    plan = await self._submit(lambda st, g: reconcile.plan_node(
+                        st, name, found, cluster=cluster, now=self.clock(), listed_at=listed, busy=g.busy,
+                        acted=g.acted))
+                    result = "acted" if plan.stops or plan.starts else "unchanged"
+                    if plan.stops or plan.starts:
+                        await self._act(plan)
+                except StoreError:
+                    result = "store"
+                    raise
+                finally:
+                    self.observer.reconcile(result, time.perf_counter() - began)
 
             await self._step(f"reconciling node {name}", step())
 
@@ -1443,6 +1492,15 @@ def observes_only(state: State, plan: Plan) -> bool:
         if any(row[f] != now[f] for f in INTENT):
             return False
     return True
+
+
+def _commit_result(e: BaseException) -> str:
+    """How a failed commit is counted (the store's kinds of refusal, a bounded set)."""
+    for kind, name in ((Conflict, "conflict"), (NotLeader, "not_leader"), (StoreBusy, "busy"),
+                       (Compacted, "compacted")):
+        if isinstance(e, kind):
+            return name
+    return "cancelled" if isinstance(e, asyncio.CancelledError) else "error"
 
 
 def _plan_all(state: State, jobs: list[_Job], group: Group) -> list[Plan | Exception]:

@@ -75,6 +75,8 @@ class State:
     # node -> (liveness, since) as the leading replica last recorded it (meta liveness/NODE): what a
     # follower shows, since only the leader watches the nodes; never used to decide
     reported: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # Placements by status, kept as they change (a scrape must not walk 100,000 records to count them).
+    statuses: dict[str, int] = field(default_factory=dict)
     _requests: dict[Request, Request] = field(default_factory=dict)  # one copy of each request
     _text: dict[str, str] = field(default_factory=dict)  # one copy of each repeated string
     _known: tuple[set[str] | None, set[str]] | None = field(default=None, repr=False)  # see _facts
@@ -106,6 +108,8 @@ class State:
             pending = key in self.pending
 
             def placement() -> None:
+                now = self.records.get(key)
+                self._count(now.status if now is not None else None, was.status if was is not None else None)
                 if was is None:
                     self.records.pop(key, None)
                 else:
@@ -182,7 +186,9 @@ class State:
         if d is None:
             if name in c.placements:
                 c.forget(name)
-            self.records.pop(name, None)
+            gone = self.records.pop(name, None)
+            if gone is not None:
+                self._count(gone.status, None)
             self.pending.pop(name, None)
             return
         req = request_from_json(d["request"])
@@ -204,11 +210,15 @@ class State:
         status = "succeeded" if status == "exited" else status  # (a store from before the name)
         want = d.get("want") or _want_of(status)
         r = self.records.get(name)
+        was: str | None = None
         if r is None:
             r = self.records[name] = Record(self._one(str(d.get("group", name))))
+        else:
+            was = r.status
         r.group = self._one(str(d.get("group", name)))
         r.want = want if want in WANTS else "run"
         r.status = self._one("pending" if node and node not in c.nodes else status)
+        self._count(was, r.status)
         r.cid = str(d.get("cid", ""))
         r.since = float(d.get("since", 0.0))
         r.detail = self._one(str(d.get("detail", "")))
@@ -234,6 +244,20 @@ class State:
         elif key == "seq" and isinstance(value, dict):  # stores from before one row a stem
             for stem, n in value.items():
                 self.seq.setdefault(stem, int(n))
+
+    def _count(self, was: str | None, now: str | None) -> None:
+        """A placement's status went from ``was`` to ``now`` (None: absent) in ``statuses``."""
+        if was == now:
+            return
+        st = self.statuses
+        if was is not None:
+            left = st.get(was, 0) - 1
+            if left > 0:
+                st[was] = left
+            else:
+                st.pop(was, None)
+        if now is not None:
+            st[now] = st.get(now, 0) + 1
 
     def _one(self, s: str) -> str:
         return self._text.setdefault(s, s)

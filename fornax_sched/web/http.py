@@ -8,7 +8,9 @@ HTTP, as with AgentControl's default); an address the user gave must be served o
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -33,6 +35,22 @@ def config_of(value: str | None, default: str | None) -> HttpConfig:
     except ValueError as e:
         raise ValueError(f"--http: {e} or off") from None
     return HttpConfig(text, value is not None)
+
+
+def add_health_and_metrics(app: web.Application, health: Callable[[], dict[str, Any]],
+                           exposition: Callable[[], bytes]) -> None:
+    """``GET /health`` (JSON, never cached) and ``GET /metrics`` (Prometheus' text format), as
+    every daemon serves them."""
+    from .metrics import CONTENT_TYPE
+
+    async def get_health(request: web.Request) -> web.Response:
+        return web.json_response(health(), headers={"Cache-Control": "no-store"})
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get("/health", get_health)
+    app.router.add_get("/metrics", get_metrics)
 
 
 class HttpServer:

@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..sched.metrics import CONTENT_TYPE, SchedMetrics
+from ..sched.metrics import SchedMetrics
 from ..sched.modes import NORMAL
 from ..sched.state import stamp
 from . import page
 from .auth import Auth
+from .http import add_health_and_metrics
 
 if TYPE_CHECKING:
     from ..sched.service import Scheduler
@@ -28,17 +29,11 @@ def health(sched: Scheduler) -> dict[str, Any]:
 
 
 def build(sched: Scheduler, metrics: SchedMetrics | None = None, auth: Auth | None = None) -> web.Application:
-    metrics = metrics or SchedMetrics(sched)
+    if metrics is None:
+        metrics = SchedMetrics()
+        metrics.watch(sched)
     app = web.Application(client_max_size=1 << 20)
-
-    async def get_health(request: web.Request) -> web.Response:
-        return web.json_response(health(sched), headers={"Cache-Control": "no-store"})
-
-    async def get_metrics(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
-
-    app.router.add_get("/health", get_health)
-    app.router.add_get("/metrics", get_metrics)
+    add_health_and_metrics(app, lambda: health(sched), metrics.exposition)
     app["sched"] = sched
     app["metrics"] = metrics
     page.add_routes(app, sched, auth)  # the web page and its API (docs/web.8.md)

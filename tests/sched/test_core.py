@@ -174,6 +174,14 @@ class Machine(RuleBasedStateMachine):
             assert n.cordoned and not n.containers
 
     @invariant()
+    def node_counts_match_nodes(self) -> None:
+        """What /metrics shows of nodes by kind and status is kept as they change: it matches a count."""
+        want: dict[tuple[str, str], int] = {}
+        for n in self.c.nodes.values():
+            want[(n.facts.kind, n.status)] = want.get((n.facts.kind, n.status), 0) + 1
+        assert self.c.counts == want
+
+    @invariant()
     def index_matches_nodes(self) -> None:
         c = self.c
         for key, ix in [(None, c._index), *c._labelled.items()]:

@@ -174,6 +174,14 @@ class Planners(RuleBasedStateMachine):
             assert row == self.w.state.placement_row(name)
 
     @invariant()
+    def status_counts_match_the_records(self) -> None:
+        """What /metrics shows of placements by status is kept as plans apply (and drafts undo)."""
+        want: dict[str, int] = {}
+        for r in self.w.state.records.values():
+            want[r.status] = want.get(r.status, 0) + 1
+        assert self.w.state.statuses == want
+
+    @invariant()
     def nothing_foreign_is_touched(self) -> None:
         # (the world also fails the test if the scheduler ever stops or destroys one: World._stop)
         assert all(cid in self.w.nodes[n].containers for n, cid in self.w.foreign)

@@ -78,6 +78,7 @@ class Options:
     backoff_cap: float = 5.0
     grace: float = 15.0  # how long a workload missing on the agent is left to the agent's reconcile
     credentials: grpc.ChannelCredentials | None = None  # mTLS; None: plain
+    observe: Callable[[str, str, str, float], None] | None = None  # told of every call (protos.RpcObserve)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class PersysAgent:
                 self._channel = grpc.aio.secure_channel(self.endpoint, self.opts.credentials, options=CHANNEL_OPTIONS)
             else:
                 self._channel = grpc.aio.insecure_channel(self.endpoint, options=CHANNEL_OPTIONS)
-            self._stub = protos.Stub(self._channel, protos.agent().service("AgentService"))
+            self._stub = protos.Stub(self._channel, protos.agent().service("AgentService"), self.opts.observe)
         return self._stub
 
     # ------------------------------------------------------------ calls

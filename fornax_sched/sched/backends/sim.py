@@ -8,6 +8,12 @@ real node does that matters to the scheduler is reproduced: unknown images
 and containers are refused with the node's words, a node that is ``down``
 cannot be reached, a ``hung`` one answers nothing until the caller's
 timeout, and ``shutdown`` stops every container the way a node's SIGTERM does.
+
+A node's peers are a gossip view, not the whole cluster: in a cluster of more than ``FULL_VIEW``
+nodes each one names those 1, 2, 4, 8, ... places after and before it (in the order they were
+added), so every node is found in a few hops from one seed, and the scheduler's look at peers
+costs O(log N) a node instead of O(N) (10,000 nodes each naming 10,000 peers every few
+seconds held a scheduler's loop for good and took gigabytes).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from .base import ContainerInfo, Health, NodeInfo, NodeRefused, NodeUnreachable, NoSuchContainer, PeerInfo, Spec
 
 PREFIX = "sim!"
+FULL_VIEW = 64  # clusters up to this size: every node names every other as its peer
 
 
 @dataclass
@@ -80,6 +87,8 @@ class SimCluster:
 
     def __init__(self) -> None:
         self.nodes: dict[str, SimState] = {}
+        self._order: list[str] = []  # the names in the order added (see view)
+        self._place: dict[str, int] = {}
 
     def add(self, name: str, **kw: object) -> SimState:
         st = SimState(name, **kw)  # type: ignore[arg-type]
@@ -88,6 +97,24 @@ class SimCluster:
 
     def clear(self) -> None:
         self.nodes.clear()
+
+    def view(self, name: str) -> builtins.list[SimState]:
+        """The peers ``name`` knows of: all nodes in a small cluster, else a logarithmic ring view."""
+        nodes = self.nodes
+        if len(nodes) <= FULL_VIEW:
+            return list(nodes.values())
+        if len(self._order) != len(nodes) or name not in self._place:
+            self._order = list(nodes)
+            self._place = {n: i for i, n in enumerate(self._order)}
+        i, n = self._place.get(name, 0), len(self._order)
+        out, step = [nodes[name]] if name in nodes else [], 1
+        while step < n:
+            for j in ((i + step) % n, (i - step) % n):
+                st = nodes.get(self._order[j])
+                if st is not None and st not in out:
+                    out.append(st)
+            step *= 2
+        return out
 
 
 CLUSTER = SimCluster()
@@ -151,7 +178,7 @@ class SimNode:
     async def peers(self) -> builtins.list[PeerInfo]:
         await self._node()
         return [PeerInfo(n.id, n.name, PREFIX + n.name, "dead" if n.down else "online")
-                for n in self.cluster.nodes.values()]
+                for n in self.cluster.view(self.name)]
 
     async def close(self) -> None:
         return None
