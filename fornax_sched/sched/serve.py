@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import gc
 import getpass
 import os
 from dataclasses import dataclass, field
@@ -25,12 +24,6 @@ from .store import StoreError, open_store
 
 DEFAULT_LISTEN = "tcp!127.0.0.1!5640"
 DEFAULT_HTTP = "127.0.0.1:8084"  # the Persys scheduler's metrics and health port
-# Python's collector with its defaults (700, 10, 10) walked every object of a 10,000-node
-# scheduler about every second (101 full collections, 38 s of the loop in 94 s: the store's
-# probe timed out, and the scheduler went degraded again and again).  A collection every 50,000
-# allocations, and a full one after 20 x 100 of those, made that none, and less memory held
-# (bench/README.md: http_bench; fornax_sched_gc_pause_seconds shows them).
-GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def store_shared(cfg: SchedConfig) -> bool:
@@ -289,7 +282,6 @@ def run(args: argparse.Namespace) -> int:
                       idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,
                       sim_nodes=args.sim_nodes, bridge=persys, lease_ttl=args.lease_ttl, advertise=args.advertise,
                       http=web, http_tokens=tokens)
-    gc.set_threshold(*GC_THRESHOLDS)
     try:
         asyncio.run(serve_forever(cfg))
     except StoreError as e:
