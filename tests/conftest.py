@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from .etcd_cluster import EtcdCluster
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("FORNAX_CACHE", ROOT / ".cache"))
 
@@ -89,3 +91,14 @@ def ramfs() -> Iterator[ServerProc]:
             os.kill(server.proc.pid, signal.SIGCONT)
         stop(server)
     assert server.proc.returncode in (0, -15), f"ramfs exited with {server.proc.returncode}"
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A real etcd of one member on loopback, for the test (tests/etcd_cluster.py)."""
+    cluster = EtcdCluster(tmp_path / "etcd", members=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

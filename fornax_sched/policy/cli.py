@@ -82,12 +82,9 @@ def run(args: argparse.Namespace) -> int:
 def check(text: str, cluster: Cluster, where: str, name: str) -> int:
     loaded = load_policy(text, cluster)
     try:
-        what = loaded.kind if loaded.program is None else f"{loaded.kind} policy defining {loaded.program.defined}"
-        print(f"{name}: ok: {what}; dry run on {where} ({len(cluster.nodes)} nodes, "
-              f"{len(cluster.placements)} placements) passed")
+        print(f"{name}: {loaded.passed(where, len(cluster.nodes), len(cluster.placements))}")
     finally:
-        if loaded.program is not None:
-            loaded.program.close()
+        loaded.close()
     return 0
 
 

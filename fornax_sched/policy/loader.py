@@ -59,6 +59,15 @@ class Loaded(Compiled):
 
     program: LuaProgram | None = None
 
+    def passed(self, where: str, nodes: int, placements: int) -> str:
+        """What a check of this policy says (``fornax-sched policy check``, the web page's validate)."""
+        what = self.kind if self.program is None else f"{self.kind} policy defining {self.program.defined}"
+        return f"ok: {what}; dry run on {where} ({nodes} nodes, {placements} placements) passed"
+
+    def close(self) -> None:
+        if self.program is not None:
+            self.program.close()
+
 
 def detect_kind(text: str) -> str:
     """rules, yaml or lua, from the first line that is not blank or a comment."""

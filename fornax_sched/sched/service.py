@@ -1017,12 +1017,9 @@ class Scheduler:
         except PolicyError as e:
             raise CommandError(f"policy refused: {e}") from None
         try:
-            what = loaded.kind if loaded.program is None else f"{loaded.kind} defining {loaded.program.defined}"
-            return (f"ok: {what}; dry run on the live cluster ({len(self.state.cluster.nodes)} nodes, "
-                    f"{len(self.state.records)} placements) passed\n")
+            return loaded.passed("the live cluster", len(self.state.cluster.nodes), len(self.state.records)) + "\n"
         finally:
-            if loaded.program is not None:
-                loaded.program.close()
+            loaded.close()
 
     async def simulate_policy(self, text: str, place: str) -> str:
         """What ``place IMAGE [CONSTRAINT ...]`` would decide on the live cluster if ``text`` were the

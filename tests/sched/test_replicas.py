@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,6 @@ from ..node.cluster import read, three_nodes
 from .harness import SchedProc, ctl, running_on
 
 TTL = 3.0  # the leadership's lease in these tests (short, with room for a loaded machine)
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "etcd", members=1)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
 
 
 def replicas(tmp_path: Path, spec: str, n: int = 2, nodes: list[str] | None = None) -> list[SchedProc]:

@@ -4,6 +4,7 @@ bad request is refused with a JSON error that changes nothing (docs/web.8.md).""
 from __future__ import annotations
 
 import getpass
+import os
 import re
 import subprocess
 import sys
@@ -262,6 +263,8 @@ def _outside_address() -> str | None:
 def test_reads_from_off_loopback_need_the_token(tmp_path: Path) -> None:
     outside = _outside_address()
     if outside is None:
+        if os.environ.get("CI") == "true":  # in CI a missing part fails, never skips
+            raise RuntimeError("this machine has no address but loopback: the off-loopback rules cannot be tried")
         pytest.skip("this machine has no address but loopback")
     port = free_port()
     s = SchedProc(tmp_path / "s", [], extra=["--sim-nodes", "1", "--http", f"0.0.0.0:{port}"])

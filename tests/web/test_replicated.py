@@ -4,10 +4,7 @@ the leader as a 9P write to the follower does, and the follower's state names th
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ..etcd_cluster import EtcdCluster
 from ..helpers import free_port, run, wait_until
@@ -17,16 +14,6 @@ from ..sched.test_replicas import TTL, leader_of, stop_all
 from .webapi import call
 
 TOKEN = "replica-token-0123456789abcdef"
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(tmp_path / "etcd", members=1)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
 
 
 def test_a_change_on_a_followers_page_is_the_leaders(etcd: EtcdCluster, tmp_path: Path) -> None:
