@@ -167,7 +167,8 @@ class Scheduler:
         self.mode = Mode(NORMAL, "", self.started)  # see modes.py
         self._seen = Seen(identity=store.cluster, expected=store.cluster, where=store.where)
         self.probe_every = min(interval, 0.25)  # seconds between looks at the store
-        self.probe_timeout = probe_timeout  # seconds a look may take before the store counts as unreachable
+        self.probe_timeout = probe_timeout  # seconds a look may take (twice in a row: the store is away)
+        self.store_slow_looks = 0  # looks that got no answer in time (and were asked again)
         self._probing: asyncio.Task[None] | None = None  # a look at the store after a failed commit
         self._held: set[str] = set()  # nodes whose liveness moved while the mode froze change
         self._led_at = 0.0  # when this scheduler began leading (see _settle)
@@ -358,23 +359,33 @@ class Scheduler:
             self._probing = asyncio.get_running_loop().create_task(self._probe(write=True, cause=cause),
                                                                    name="sched-store-probe")
 
+    async def _look(self, ask: Callable[[], Awaitable[str]], what: str) -> str:
+        """One look at the store, bounded by ``probe_timeout``.  A refusal counts at once; one late
+        answer may be this process's own doing (its loop busy, a collection), so the look is asked
+        again at once, and only a second silence in a row counts as the store being away."""
+        try:
+            return await asyncio.wait_for(ask(), self.probe_timeout)
+        except TimeoutError:
+            self.store_slow_looks += 1
+        try:
+            return await asyncio.wait_for(ask(), self.probe_timeout)
+        except TimeoutError:
+            raise StoreError(f"cannot {what} the store {self.store.where}: no answer within "
+                             f"{self.probe_timeout:g}s, twice in a row") from None
+
     async def _probe(self, write: bool, cause: str = "") -> None:
         seen = self._seen
         try:
-            ident = await asyncio.wait_for(self.store.probe(), self.probe_timeout)
-        except (StoreError, TimeoutError) as e:
-            why = str(e) if isinstance(e, StoreError) else (f"cannot read the store {self.store.where}: "
-                                                            f"no answer within {self.probe_timeout:g}s")
-            self._saw(dataclasses.replace(seen, read_error=why))
+            ident = await self._look(self.store.probe, "read")
+        except StoreError as e:
+            self._saw(dataclasses.replace(seen, read_error=str(e)))
             return
         seen = dataclasses.replace(seen, read_error="", identity=ident)
         if write and ident == seen.expected and self.mode.name != RECOVERY:
             try:
-                await asyncio.wait_for(self.store.probe(write=True), self.probe_timeout)
-            except (StoreError, TimeoutError) as e:
-                why = str(e) if isinstance(e, StoreError) else (f"cannot write the store {self.store.where}: "
-                                                                f"no answer within {self.probe_timeout:g}s")
-                seen = dataclasses.replace(seen, write_error=cause or why)
+                await self._look(lambda: self.store.probe(write=True), "write")
+            except StoreError as e:
+                seen = dataclasses.replace(seen, write_error=cause or str(e))
             else:
                 seen = dataclasses.replace(seen, write_error="")
         self._saw(seen)

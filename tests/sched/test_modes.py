@@ -4,6 +4,7 @@ schedulers on a failing SQLite and on a real etcd stopped, cut down to two membe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
@@ -15,6 +16,8 @@ import pytest
 from fornax_sched.fs.client import Client
 from fornax_sched.fs.errors import P9Error
 from fornax_sched.sched.modes import DEGRADED, NORMAL, RECOVERY, Mode, Seen, decide
+from fornax_sched.sched.plans import CommandError
+from fornax_sched.sched.service import Scheduler
 from fornax_sched.sched.store import open_store
 
 from ..etcd_cluster import EtcdCluster
@@ -45,6 +48,50 @@ def test_decide_is_a_function_of_what_was_seen_and_the_time() -> None:
     assert decide(empty, ok, 17.0).name == NORMAL  # the state is back (recover, an import)
     assert "changes are refused until the store is back" in down.refusal("T")
     assert "ctl: recover" in empty.refusal("T")
+
+
+def test_one_late_look_is_asked_again_and_two_in_a_row_are_degraded(tmp_path: Path) -> None:
+    """A look at the store that gets no answer in time may be the scheduler's own fault (its loop
+    busy, a collection): it is asked again at once, and only a second silence makes it degraded."""
+    async def main() -> None:
+        store = await open_store(str(tmp_path / "sched.db"))
+        sched = Scheduler(store, interval=0.2, probe_timeout=0.3)
+        real, slow = store.probe, [0]
+
+        async def probe(write: bool = False) -> str | None:
+            if slow[0]:
+                slow[0] -= 1
+                await asyncio.sleep(1.0)
+            return await real(write)
+
+        store.probe = probe  # type: ignore[method-assign]
+        await sched.start()
+        try:
+            slow[0] = 1
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+            assert sched.store_slow_looks == 1 and sched.mode.name == NORMAL
+            await sched.command("place hello name=once")  # (and changes are taken)
+            slow[0] = 10 ** 6
+            for _ in range(100):
+                if sched.mode.name == DEGRADED:
+                    break
+                await asyncio.sleep(0.05)
+            assert sched.mode.name == DEGRADED and "no answer within 0.3s, twice in a row" in sched.mode.reason
+            with pytest.raises(CommandError, match="refused"):
+                await sched.command("place hello name=twice")
+            slow[0] = 0
+            for _ in range(100):
+                if sched.mode.name == NORMAL:
+                    break
+                await asyncio.sleep(0.05)
+            assert sched.mode.name == NORMAL
+            assert "once" in sched.state.cluster.placements and "twice" not in sched.state.cluster.placements
+        finally:
+            await sched.close()
+            await store.close()
+
+    run(main())
 
 
 # ---------------------------------------------------------------- through a real scheduler
