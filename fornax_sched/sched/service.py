@@ -69,6 +69,7 @@ LOG_LINES = 10_000  # log lines kept in memory for the log file (the store keeps
 SMALL = 16  # decisions a command may make on the event loop under the built-in policy (see _run_group)
 GROUP = 64  # plans planned and committed together at most
 QUOTE = 120  # characters of a refused command quoted in the log
+_TICK = 0.05  # seconds between the ticks that see whether the loop stood still during a look at the store
 
 __all__ = ["CommandError", "Frozen", "Scheduler"]
 
@@ -167,8 +168,8 @@ class Scheduler:
         self.mode = Mode(NORMAL, "", self.started)  # see modes.py
         self._seen = Seen(identity=store.cluster, expected=store.cluster, where=store.where)
         self.probe_every = min(interval, 0.25)  # seconds between looks at the store
-        self.probe_timeout = probe_timeout  # seconds a look may take (twice in a row: the store is away)
-        self.store_slow_looks = 0  # looks that got no answer in time (and were asked again)
+        self.probe_timeout = probe_timeout  # seconds a look may take before the store counts as away (_look)
+        self.store_slow_looks = 0  # looks late while the loop stood still (asked again at once)
         self._probing: asyncio.Task[None] | None = None  # a look at the store after a failed commit
         self._held: set[str] = set()  # nodes whose liveness moved while the mode froze change
         self._led_at = 0.0  # when this scheduler began leading (see _settle)
@@ -359,19 +360,37 @@ class Scheduler:
             self._probing = asyncio.get_running_loop().create_task(self._probe(write=True, cause=cause),
                                                                    name="sched-store-probe")
 
-    async def _look(self, ask: Callable[[], Awaitable[str]], what: str) -> str:
-        """One look at the store, bounded by ``probe_timeout``.  A refusal counts at once; one late
-        answer may be this process's own doing (its loop busy, a collection), so the look is asked
-        again at once, and only a second silence in a row counts as the store being away."""
-        try:
-            return await asyncio.wait_for(ask(), self.probe_timeout)
-        except TimeoutError:
-            self.store_slow_looks += 1
-        try:
-            return await asyncio.wait_for(ask(), self.probe_timeout)
-        except TimeoutError:
-            raise StoreError(f"cannot {what} the store {self.store.where}: no answer within "
-                             f"{self.probe_timeout:g}s, twice in a row") from None
+    async def _look(self, ask: Callable[[], Awaitable[str | None]], what: str) -> str | None:
+        """One look at the store, bounded by ``probe_timeout``.  A refusal counts at once, and so
+        does a silence while this scheduler's loop was free.  But when the loop itself stood still
+        for a quarter of the timeout or more meanwhile (a long step, a garbage collection), the late
+        answer may be the scheduler's own doing: the look is asked again at once, and only a second
+        silence in a row counts."""
+        loop = asyncio.get_running_loop()
+        clock = [0.0, 0.0]  # the last tick, and how long the loop stood still since the look began
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(_TICK)
+                now = loop.time()
+                clock[1] += max(0.0, now - clock[0] - _TICK)
+                clock[0] = now
+
+        again = False
+        while True:
+            clock[:] = [loop.time(), 0.0]
+            ticker = loop.create_task(tick(), name="sched-store-look-tick")
+            try:
+                return await asyncio.wait_for(ask(), self.probe_timeout)
+            except TimeoutError:
+                stood = clock[1] + max(0.0, loop.time() - clock[0] - _TICK)
+                if again or stood < self.probe_timeout / 4:
+                    raise StoreError(f"cannot {what} the store {self.store.where}: no answer within "
+                                     f"{self.probe_timeout:g}s" + (", twice in a row" if again else "")) from None
+                self.store_slow_looks += 1
+                again = True
+            finally:
+                ticker.cancel()
 
     async def _probe(self, write: bool, cause: str = "") -> None:
         seen = self._seen
