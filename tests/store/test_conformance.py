@@ -430,3 +430,28 @@ def test_a_writer_killed_mid_batch_leaves_all_or_nothing(opener: Opener, kind: s
         run(check())
     if KINDS[kind].get("max_ops"):
         assert left_midway > 0, "no kill landed inside a staged batch: the test proved nothing"
+
+
+def test_reads_cut_short_at_any_point_leave_the_store_readable(opener: Opener) -> None:
+    """A look at the store bounded by a timeout (the scheduler's probe) is cancelled wherever it
+    happens to be, a snapshot's start included: the next read must work, and see what is there."""
+    async def go() -> None:
+        s = await opener()
+        try:
+            await s.apply(Batch().put("placements", "a", {"n": 1}))
+            ident = await s.probe()
+            cut = 0
+            for i in range(60):
+                try:
+                    await asyncio.wait_for(s.probe() if i % 2 else s.get("placements", "a"), 0.0001 * (1 + i % 12))
+                except TimeoutError:
+                    cut += 1
+                assert await s.probe() == ident, i  # (each look right after one cut short)
+            assert cut > 0  # (the bounds did cut reads short)
+            await s.apply(Batch().put("placements", "a", {"n": 2}))
+            a = await s.get("placements", "a")
+            assert a is not None and a.value == {"n": 2}
+        finally:
+            await s.close()
+
+    run(go())

@@ -346,6 +346,8 @@ class SqliteKV:
             def begin() -> int:
                 db = self._reader_db()
                 try:
+                    if db.in_transaction:  # a snapshot cut short as it began (a read's timeout): its end never ran
+                        db.execute("ROLLBACK")
                     db.execute("BEGIN")
                     return int(db.execute("SELECT value FROM info WHERE name='revision'").fetchone()[0])
                 except sqlite3.Error as e:
