@@ -43,8 +43,8 @@ class _StateCollector(Collector):
         yield mode
         yield GaugeMetricFamily(PREFIX + "mode_since_seconds",
                                 "When the operating mode last changed (Unix time).", value=s.mode.since)
-        yield CounterMetricFamily(PREFIX + "store_slow_looks", "Looks at the store late while the scheduler's own "
-                                  "loop stood still, asked again at once (a second silence: degraded).",
+        yield CounterMetricFamily(PREFIX + "store_slow_looks", "Tries of a look at the store late while the "
+                                  "scheduler's own loop stood still, asked again at once (after 4: degraded).",
                                   value=float(s.store_slow_looks))
         yield GaugeMetricFamily(PREFIX + "leader", "1 while this scheduler decides and acts on nodes.",
                                 value=1.0 if s.leading else 0.0)

@@ -70,6 +70,7 @@ SMALL = 16  # decisions a command may make on the event loop under the built-in 
 GROUP = 64  # plans planned and committed together at most
 QUOTE = 120  # characters of a refused command quoted in the log
 _TICK = 0.05  # seconds between the ticks that see whether the loop stood still during a look at the store
+LOOK_TRIES = 4  # tries of one look at the store, while the scheduler's own loop made each one late (_look)
 
 __all__ = ["CommandError", "Frozen", "Scheduler"]
 
@@ -361,13 +362,14 @@ class Scheduler:
                                                                    name="sched-store-probe")
 
     async def _look(self, ask: Callable[[], Awaitable[str | None]], what: str) -> str | None:
-        """One look at the store, bounded by ``probe_timeout``.  A refusal counts at once, and so
-        does a silence while this scheduler's loop was free.  But when the loop itself stood still
-        for a quarter of the timeout or more meanwhile (a long step, a garbage collection), the late
-        answer may be the scheduler's own doing: the look is asked again at once, and only a second
-        silence in a row counts."""
+        """One look at the store, each try bounded by ``probe_timeout``.  A refusal counts at once,
+        and so does a silence while this scheduler's loop was free to hear the answer.  But when the
+        loop itself stood still for a quarter of the timeout or more meanwhile (long steps, a garbage
+        collection: a scheduler of 10,000 nodes), the late answer may be the scheduler's own doing:
+        the look is asked again at once, for up to ``LOOK_TRIES`` tries in all, after which the
+        silence counts whatever the loop did."""
         loop = asyncio.get_running_loop()
-        clock = [0.0, 0.0]  # the last tick, and how long the loop stood still since the look began
+        clock = [0.0, 0.0]  # the last tick, and how long the loop stood still since the try began
 
         async def tick() -> None:
             while True:
@@ -376,19 +378,21 @@ class Scheduler:
                 clock[1] += max(0.0, now - clock[0] - _TICK)
                 clock[0] = now
 
-        again = False
+        tries = 0
         while True:
+            tries += 1
             clock[:] = [loop.time(), 0.0]
             ticker = loop.create_task(tick(), name="sched-store-look-tick")
             try:
                 return await asyncio.wait_for(ask(), self.probe_timeout)
             except TimeoutError:
                 stood = clock[1] + max(0.0, loop.time() - clock[0] - _TICK)
-                if again or stood < self.probe_timeout / 4:
+                if tries >= LOOK_TRIES or stood < self.probe_timeout / 4:
                     raise StoreError(f"cannot {what} the store {self.store.where}: no answer within "
-                                     f"{self.probe_timeout:g}s" + (", twice in a row" if again else "")) from None
+                                     f"{self.probe_timeout:g}s" + (f", {tries} times in a row while the "
+                                                                  f"scheduler was busy" if tries > 1 else "")
+                                     ) from None
                 self.store_slow_looks += 1
-                again = True
             finally:
                 ticker.cancel()
 
