@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sched_place_bench import Phase, clean, ms, node_containers, nodes_online, ours  # noqa: E402
+from sched_place_bench import Phase, clean, median_ratio, ms, node_containers, nodes_online, ours  # noqa: E402
 
 from fornax_sched.fs.client import Client  # noqa: E402
 from fornax_sched.fs.errors import P9Error  # noqa: E402
@@ -171,10 +171,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             n.stop()
     out["rounds"] = rounds
     for w in (1, args.writers):
-        xs = [r[f"persys_{w}w"]["places_per_s"] / r[f"9p_{w}w"]["places_per_s"]
-              for r in rounds if r[f"9p_{w}w"]["places_per_s"]]
-        out[f"ratios_{w}w_by_round"] = [round(x, 2) for x in xs]
-        out[f"ratio_{w}w"] = round(statistics.median(xs), 2) if xs else None
+        out[f"ratios_{w}w_by_round"], out[f"ratio_{w}w"] = median_ratio(rounds, f"persys_{w}w", f"9p_{w}w")
         for how in ("persys", "9p"):
             out[f"{how}_{w}w_places_per_s_median"] = statistics.median(r[f"{how}_{w}w"]["places_per_s"]
                                                                        for r in rounds)

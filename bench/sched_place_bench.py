@@ -279,8 +279,11 @@ async def run_all(sched: SchedProc, nodes: list[NodeProc], args: argparse.Namesp
     return out
 
 
-def ratio(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-    return round(a["places_per_s"] / b["places_per_s"], 2) if b["places_per_s"] else None
+def median_ratio(rounds: list[dict[str, Any]], ours: str, peer: str) -> tuple[list[float], float]:
+    """Ours over the peer's places/s in each round (phases seconds apart), and their median: the figure."""
+    xs = [round(r[ours]["places_per_s"] / r[peer]["places_per_s"], 2) if r[peer]["places_per_s"] else 0.0
+          for r in rounds]
+    return xs, round(statistics.median(xs), 2)
 
 
 def main() -> None:
@@ -321,15 +324,15 @@ def main() -> None:
             for n in nodes:
                 if n.proc is not None:
                     n.stop()
-    rounds = results.pop("rounds")
-    ratios = {label: [ratio(r[f"ours_{label}"], r[f"direct_to_nodes_{label}"]) or 0.0 for r in rounds]
-              for label in ("sequential", "concurrent")}
-    mid = {label: round(statistics.median(xs), 2) for label, xs in ratios.items()}
+    rounds = results["rounds"]
+    ratios, mid = {}, {}
+    for label in ("sequential", "concurrent"):
+        ratios[label], mid[label] = median_ratio(rounds, f"ours_{label}", f"direct_to_nodes_{label}")
     phases = [v for r in rounds for v in r.values()]
     print(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "image": args.image, "scheduler_interval_s": float(args.interval), "scheduler_store_sync": args.sync,
-        **results, "rounds": rounds,
+        **results,
         "ratios_ours_over_direct_by_round": ratios,
         "ratio_ours_over_direct_sequential": mid["sequential"],
         "ratio_ours_over_direct_concurrent": mid["concurrent"],
