@@ -14,11 +14,28 @@ declares it suspect, then dead, from the clock alone.
   never reached), or never reached since the start while its peers say it
   is dead; or declared dead from outside (``expire``: a Persys agent's
   lease ran out), until ``release``.  Its containers are placed again elsewhere.
+
+Looks are paced by the cluster's size, the way Nomad scales its heartbeat
+TTLs: ``look_every`` gives the seconds between looks at each node so that
+the scheduler makes at most ``max_looks`` a second in all, never more
+often than the configured interval; the table's times then scale by the
+same factor (``pace``), so a node gets as many looks to answer as at the
+configured interval, however large the cluster.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+
+def look_every(interval: float, nodes: int, max_looks: float) -> float:
+    """Seconds between looks at each of ``nodes`` so that all of them take at most ``max_looks`` a
+    second: ``interval`` while that holds, else the next whole multiple of ``interval`` that keeps
+    it (whole steps, so the pace changes a few times as a cluster grows, not with every node)."""
+    if max_looks <= 0 or nodes <= max_looks * interval:
+        return interval
+    return interval * math.ceil(nodes / (max_looks * interval) - 1e-9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +60,20 @@ class Liveness:
     def __init__(self, *, suspect_after: float, dead_after: float) -> None:
         if not 0 < suspect_after <= dead_after:
             raise ValueError("want 0 < suspect_after <= dead_after")
-        self.suspect_after = suspect_after
-        self.dead_after = dead_after
+        self.suspect_after = self.base_suspect = suspect_after
+        self.dead_after = self.base_dead = dead_after
+        self.factor = 1.0
         self._nodes: dict[str, _Seen] = {}
+
+    def pace(self, factor: float) -> bool:
+        """Scale the suspect and dead times by ``factor`` (>= 1: looks came further apart); whether
+        they changed."""
+        factor = max(factor, 1.0)
+        if factor == self.factor:
+            return False
+        self.factor = factor
+        self.suspect_after, self.dead_after = self.base_suspect * factor, self.base_dead * factor
+        return True
 
     def add(self, node: str, now: float) -> None:
         self._nodes.setdefault(node, _Seen(added=now))

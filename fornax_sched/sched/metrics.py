@@ -46,6 +46,10 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(PREFIX + "store_slow_looks", "Tries of a look at the store late while the "
                                   "scheduler's own loop stood still, asked again at once (after 4: degraded).",
                                   value=float(s.store_slow_looks))
+        yield GaugeMetricFamily(PREFIX + "node_look_interval_seconds", "Seconds between looks at each node, paced "
+                                "by the cluster's size (at most --max-looks a second in all).", value=s.look_every)
+        yield GaugeMetricFamily(PREFIX + "node_dead_after_seconds", "Seconds without an answer before a node "
+                                "is dead, scaled with the look interval.", value=s.liveness.dead_after)
         yield GaugeMetricFamily(PREFIX + "leader", "1 while this scheduler decides and acts on nodes.",
                                 value=1.0 if s.leading else 0.0)
         nodes = GaugeMetricFamily(PREFIX + "nodes", "Nodes known, by kind and status.", labels=["kind", "status"])

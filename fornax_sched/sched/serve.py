@@ -19,7 +19,7 @@ from ..units import parse_size
 from ..web import http
 from . import bridge, tree
 from .metrics import SchedMetrics
-from .service import Scheduler
+from .service import MAX_LOOKS, Scheduler
 from .store import StoreError, open_store
 
 DEFAULT_LISTEN = "tcp!127.0.0.1!5640"
@@ -44,6 +44,7 @@ class SchedConfig:
     sim_nodes: int = 0  # simulated nodes to make in this process (benchmarks, trying it out)
     writers: list[str] = field(default_factory=list)
     interval: float = 1.0
+    max_looks: float = MAX_LOOKS  # looks at nodes a second, all together (0: no cap)
     dead: float = 10.0
     node_timeout: float = 5.0
     policy_limits: Limits = field(default_factory=Limits)
@@ -98,7 +99,7 @@ class SchedDaemon:
                 for i in range(self.cfg.sim_nodes):
                     SIMULATED.add(f"sim-{i + 1:04d}")
                 seeds.append("sim!sim-0001")  # the rest are found as its peers
-            self.sched = Scheduler(store, seeds=seeds, interval=self.cfg.interval,
+            self.sched = Scheduler(store, seeds=seeds, interval=self.cfg.interval, max_looks=self.cfg.max_looks,
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
                                    limits=self.cfg.policy_limits, budget=self.cfg.budget,
                                    connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout,
@@ -211,8 +212,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--writers", default="",
                    help="users besides the owner who may write ctl and policy, comma-separated")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at each node (default 1)")
+    p.add_argument("--max-looks", type=float, default=MAX_LOOKS, metavar="N",
+                   help=f"looks at nodes a second, all nodes together (default {MAX_LOOKS:g}; 0: no cap): past "
+                        f"N x interval nodes each is looked at less often, and --dead and the suspect time "
+                        f"scale by as much")
     p.add_argument("--dead", type=float, default=10.0,
-                   help="seconds a node may be unreachable before its containers are placed again (default 10)")
+                   help="seconds a node may be unreachable before its containers are placed again (default 10; "
+                        "more when looks are paced: see --max-looks)")
     p.add_argument("--policy-deadline", type=float, default=50.0, metavar="MS",
                    help="milliseconds a Lua policy may take per decision (default 50)")
     p.add_argument("--max-connections", type=int, default=None, metavar="N",
@@ -253,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--max-connections: want at least 1")
         if not 0 <= args.idle_evict <= 86400 or not 0.1 <= args.handshake_timeout <= 86400:
             raise ValueError("--idle-evict: want 0 to 86400 seconds; --handshake-timeout: 0.1 to 86400")
+        if not 0 <= args.max_looks <= 1_000_000:
+            raise ValueError("--max-looks: want 0 to 1000000 a second (0: no cap)")
         if not 0.05 <= args.node_timeout <= 600:
             raise ValueError("--node-timeout: want 0.05 to 600 seconds")
         if not 0.01 <= args.decide_budget <= 600:
@@ -277,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = SchedConfig(listen=args.listen, state=args.state or default_state(), nodes=args.node,
                       writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead,
+                      max_looks=args.max_looks,
                       policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget,
                       node_timeout=args.node_timeout, max_connections=args.max_connections,
                       idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,

@@ -52,7 +52,7 @@ from .backends import (
 )
 from .core import simple
 from .decider import Decider
-from .liveness import Liveness, Transition
+from .liveness import Liveness, Transition, look_every
 from .logbook import LogBook, capped
 from .model import Policy, Request
 from .modes import NORMAL, RECOVERY, Mode, Seen, decide
@@ -70,6 +70,11 @@ SMALL = 16  # decisions a command may make on the event loop under the built-in 
 GROUP = 64  # plans planned and committed together at most
 QUOTE = 120  # characters of a refused command quoted in the log
 _TICK = 0.05  # seconds between the ticks that see whether the loop stood still during a look at the store
+# Looks at nodes a second at most, all nodes together: 500 nodes are looked at every interval, 10,000
+# every 20 (Nomad's 50 heartbeats a second give 10,000 nodes a TTL of 200 s).  A look costs the
+# scheduler about 0.1 ms of its loop (a listing, a plan when it changed): 500 a second leave the
+# loop free for commands.
+MAX_LOOKS = 500.0
 LOOK_TRIES = 4  # tries of one look at the store, while the scheduler's own loop made each one late (_look)
 
 __all__ = ["CommandError", "Frozen", "Scheduler"]
@@ -126,7 +131,7 @@ class Scheduler:
                  dead_after: float = 10.0, node_timeout: float = 5.0,
                  connect: Callable[[str], Backend] | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, limits: Limits | None = None,
-                 budget: float = 1.0, probe_timeout: float = 1.2) -> None:
+                 budget: float = 1.0, probe_timeout: float = 1.2, max_looks: float = MAX_LOOKS) -> None:
         self.store = store
         self.state = State()  # committed: what the file tree reads
         # The decider's copy shares the one copy of each request and repeated string with it.
@@ -139,6 +144,8 @@ class Scheduler:
         self.links: dict[str, Link] = {}  # by node name
         self.seeds = list(seeds)
         self.interval = interval
+        self.max_looks = max_looks  # looks at nodes a second, all nodes together (0: no cap): see _pace
+        self.look_every = interval  # seconds between looks at each node, as paced now
         self.node_timeout = node_timeout
         self.connect = connect or (lambda addr: _connect(addr, node_timeout))
         self.clock = clock
@@ -1165,7 +1172,20 @@ class Scheduler:
         lk = Link(backend, addr)
         self.links[name] = lk
         lk.task = asyncio.create_task(self._follow(name, lk), name=f"sched-node-{name}")
+        self._pace()
         return lk
+
+    def _pace(self) -> None:
+        """Look at each node less often as the cluster grows, at most ``max_looks`` a second in all,
+        and give nodes as many looks to answer before they are suspect or dead (liveness.py)."""
+        every = look_every(self.interval, len(self.links), self.max_looks)
+        if every == self.look_every:
+            return
+        self.look_every = every
+        self.liveness.pace(every / self.interval)
+        self.note(f"{len(self.links)} nodes: looking at each every {every:g}s (at most {self.max_looks:g} looks a "
+                  f"second); suspect after {self.liveness.suspect_after:g}s, dead after "
+                  f"{self.liveness.dead_after:g}s")
 
     async def _node_info(self, name: str, info: NodeInfo, lk: Link) -> None:
         """Record what a node says of itself, if it changed."""
@@ -1184,7 +1204,7 @@ class Scheduler:
         try:
             while not self._closing:
                 await self._step(f"following node {name}", self._round(name, lk))
-                await asyncio.sleep(self.interval)
+                await asyncio.sleep(self.look_every)
         finally:
             if lk.reconciler is not None:
                 lk.reconciler.cancel()

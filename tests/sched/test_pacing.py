@@ -1,0 +1,123 @@
+"""Looks at nodes paced by the cluster's size: at most ``max_looks`` a second in all, and a node gets
+as many looks to answer before it is dead as at the configured interval (liveness.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fornax_sched.sched.backends import SimCluster, SimNode
+from fornax_sched.sched.liveness import Liveness, look_every
+from fornax_sched.sched.observe import Observer
+from fornax_sched.sched.service import Scheduler
+from fornax_sched.sched.store import open_store
+
+from ..helpers import run
+
+
+@given(interval=st.sampled_from([0.05, 0.1, 0.25, 1.0, 2.0]), nodes=st.integers(0, 200_000),
+       max_looks=st.sampled_from([0.0, 1.0, 50.0, 500.0, 10_000.0]))
+def test_the_pace_keeps_to_the_cap_and_never_looks_more_often_than_the_interval(
+        interval: float, nodes: int, max_looks: float) -> None:
+    every = look_every(interval, nodes, max_looks)
+    assert every >= interval
+    if max_looks == 0:
+        assert every == interval
+        return
+    assert nodes / every <= max_looks * (1 + 1e-9)  # the cap holds
+    if every > interval:  # the tightest step: one fewer would break the cap
+        assert nodes / (every - interval) > max_looks * (1 - 1e-9)
+    steps = every / interval
+    assert abs(steps - round(steps)) < 1e-6  # whole multiples of the interval
+
+
+def test_the_cap_in_numbers() -> None:
+    assert look_every(1.0, 500, 500) == 1.0
+    assert look_every(1.0, 501, 500) == 2.0
+    assert look_every(1.0, 10_000, 500) == 20.0
+    assert look_every(0.2, 10_000, 1000) == 10.0
+
+
+def test_paced_liveness_scales_its_times_and_keeps_its_judgements() -> None:
+    t = Liveness(suspect_after=3, dead_after=10)
+    t.add("a", 0.0)
+    t.ok("a", 0.0)
+    assert t.pace(4.0) and not t.pace(4.0)
+    assert (t.suspect_after, t.dead_after) == (12, 40)
+    assert t.tick(11.0) == [] and t.status("a") == "online"
+    assert [m.now for m in t.tick(12.0)] == ["suspect"]
+    assert t.tick(39.0) == []
+    assert [m.now for m in t.tick(40.0)] == ["dead"]
+    t.pace(0.5)  # never faster than configured
+    assert (t.suspect_after, t.dead_after) == (3, 10)
+
+
+class Rounds(Observer):
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def round(self, result: str, seconds: float) -> None:
+        self.at.append(time.monotonic())
+
+
+def test_a_big_cluster_is_looked_at_less_often_and_its_dead_node_waits_as_long(tmp_path: Path) -> None:
+    """40 simulated nodes, an interval of 0.1 s, at most 100 looks a second: each node is looked at
+    every 0.4 s, and a node that goes away is dead after 4 x 0.8 s, not after 0.8 s; what ran there
+    runs elsewhere."""
+    nodes = SimCluster()
+    names = [f"pace-{i:02d}" for i in range(40)]
+    for n in names:
+        nodes.add(n)
+
+    async def main() -> None:
+        store = await open_store(str(tmp_path / "sched.db"))
+        sched = Scheduler(store, seeds=[f"sim!{n}" for n in names], interval=0.1, dead_after=0.8,
+                          node_timeout=0.2, max_looks=100,
+                          connect=lambda addr: SimNode(addr, timeout=0.2, cluster=nodes))
+        rounds = Rounds()
+        sched.observer = rounds
+        await sched.start()
+        try:
+            for _ in range(200):
+                if len(sched.links) == 40 and sched.state.cluster.counts.get(("sim", "online")) == 40:
+                    break
+                await asyncio.sleep(0.05)
+            assert sched.look_every == 0.4
+            assert (sched.liveness.suspect_after, sched.liveness.dead_after) == pytest.approx((1.2, 3.2))
+            assert any("31 nodes: looking at each every 0.4s (at most 100 looks a second); suspect after 1.2s, "
+                       "dead after 3.2s" in line for line in sched.book.read(0, 1 << 20).decode().splitlines())
+            await sched.command("place hello name=w replicas=40")
+            await asyncio.sleep(1.0)
+            window, began = 2.0, time.monotonic()
+            await asyncio.sleep(window)
+            looks = sum(1 for at in rounds.at if at >= began)
+            assert 40 * window / 0.4 * 0.6 <= looks <= 100 * window * 1.1, looks  # about 200: the cap, kept
+
+            victim = sched.state.cluster.placements["w-1"].node
+            gone = time.monotonic()
+            nodes.nodes[victim].down = True
+            dead_at = None
+            for _ in range(400):
+                if sched.liveness.status(victim) == "dead":
+                    dead_at = time.monotonic()
+                    break
+                await asyncio.sleep(0.025)
+            assert dead_at is not None, sched.liveness.status(victim)
+            # its last answer came at most one look before it went away
+            assert dead_at - gone >= 3.2 - 0.4 - 0.05, dead_at - gone
+            for _ in range(200):
+                p = sched.state.cluster.placements["w-1"]
+                if p.node != victim and sched.state.records["w-1"].status == "running":
+                    break
+                await asyncio.sleep(0.05)
+            assert sched.state.cluster.placements["w-1"].node != victim
+        finally:
+            await sched.close()
+            await store.close()
+
+    run(main())
