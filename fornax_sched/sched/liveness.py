@@ -135,8 +135,10 @@ class Liveness:
     def tick(self, now: float, only: str | None = None) -> list[Transition]:
         """What the passing of time means: nodes that fell silent become suspect, then dead."""
         out: list[Transition] = []
+        # (items() as it is: _move changes a node's record, never the table, and a list of 10,000
+        # pairs made every second outlived young collections and brought on full ones)
         items = [(only, self._nodes[only])] if only is not None and only in self._nodes else self._nodes.items()
-        for node, s in list(items):
+        for node, s in items:
             if s.status == "dead":
                 continue
             since = s.last_ok if s.last_ok is not None else s.added

@@ -90,7 +90,7 @@ class SchedMetrics(DaemonMetrics, Observer):
                             "(ok, unreachable).", PREFIX + "node_poll_duration_seconds", "Time one look at a node "
                             "took.", (), ("result",), SLOW)
         self._rounds = Tally(r, PREFIX + "reconcile_rounds", "Reconciliation rounds (one listing of a node planned, "
-                             "committed and acted on), by result (acted, unchanged, store, error).",
+                             "committed and acted on), by result (acted, unchanged, skipped, store, error).",
                              PREFIX + "reconcile_round_duration_seconds", "Time one reconciliation round took.", (),
                              ("result",), SLOW)
         self._commits = Tally(r, PREFIX + "store_commits", "Store transactions of the commit path, by store and "
@@ -130,7 +130,10 @@ class SchedMetrics(DaemonMetrics, Observer):
         self._polls((), (result,), seconds)
 
     def reconcile(self, result: str, seconds: float) -> None:
-        self._rounds((), (result,), seconds)
+        if result == "skipped":  # (no round took place: no duration to count)
+            self._rounds.count((), (result,))
+        else:
+            self._rounds((), (result,), seconds)
 
     def commit(self, result: str, seconds: float) -> None:
         self._commits((self.store,), (result,), seconds)

@@ -29,8 +29,9 @@ class Observer:
         """One look at a node (info, health, listing): ok, or unreachable."""
 
     def reconcile(self, result: str, seconds: float) -> None:
-        """One reconciliation step of a node's listing: acted (stops or starts), unchanged, store
-        (the commit failed), error."""
+        """One reconciliation step of a node's listing: acted (stops or starts), unchanged, skipped
+        (not planned: the listing and what it is compared with were as when last planned to no
+        change; seconds is 0), store (the commit failed), error."""
 
     def commit(self, result: str, seconds: float) -> None:
         """One store transaction of the commit path: ok, conflict, not_leader, busy, compacted, error."""

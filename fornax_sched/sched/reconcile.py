@@ -25,6 +25,7 @@ repeat, so a lost round costs nothing):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 from .backends import CLUSTER_LABEL, ContainerInfo
@@ -193,3 +194,32 @@ def plan_node(state: State, node: str, listing: Sequence[ContainerInfo], *, clus
             plan.edit(state, name, status="starting", cid="", detail="" if why == "not started yet" else why)
             plan.starts.append(name)
     return plan
+
+
+def listing_key(listing: Sequence[ContainerInfo]) -> int:
+    """A number for what a listing says (every field of every container, in order): two listings
+    with the same number say the same (to one chance in 2**64).  Kept instead of the listing
+    itself, it costs a node no objects between looks."""
+    return hash(tuple((c.id, c.name, c.image, c.state, c.exit_code, c.reason, tuple(sorted(c.labels.items())))
+                      for c in listing))
+
+
+def steady(state: State, node: str, listing: Sequence[ContainerInfo], *, listed_at: float,
+           busy: frozenset[str] | set[str], acted: Mapping[str, float]) -> bool:
+    """Whether a plan of this listing that changed nothing would change nothing again, for as long
+    as the listing and what the node's listing is compared with stay as they are: no name was
+    passed over (acted on, or acted on since the listing began), and no placement here waits for
+    its restart's backoff (which the clock alone ends)."""
+    placed_here = state.cluster.nodes[node].containers if node in state.cluster.nodes else {}
+    for name in itertools.chain(placed_here, (c.name for c in listing)):
+        if name in busy or acted.get(name, -1.0) >= listed_at:
+            return False
+    for name in placed_here:
+        r = state.records.get(name)
+        p = state.cluster.placements.get(name)
+        if r is None or p is None:
+            return False
+        if r.want == "run" and r.status in ("succeeded", "exited", "failed") and restart_wanted(p.request.restart,
+                                                                                                r.status):
+            return False
+    return True

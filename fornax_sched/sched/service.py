@@ -71,10 +71,12 @@ GROUP = 64  # plans planned and committed together at most
 QUOTE = 120  # characters of a refused command quoted in the log
 _TICK = 0.05  # seconds between the ticks that see whether the loop stood still during a look at the store
 # Looks at nodes a second at most, all nodes together: 500 nodes are looked at every interval, 10,000
-# every 20 (Nomad's 50 heartbeats a second give 10,000 nodes a TTL of 200 s).  A look costs the
-# scheduler about 0.1 ms of its loop (a listing, a plan when it changed): 500 a second leave the
-# loop free for commands.
+# every 20 (Nomad's 50 heartbeats a second give 10,000 nodes a TTL of 200 s).  At 10,000 simulated
+# nodes holding 100,000 placements, 500 looks a second took 7-9 % of a core (most of them quiet:
+# see _quiet); 10,000 a second (every node every second) saturated the loop.
 MAX_LOOKS = 500.0
+WRITE_EVERY = 2.0  # seconds without a commit after which a look at the store writes too (an idle disk may be full)
+QUIET_LOOKS = 10  # a node's looks in a row left unplanned when nothing changed; the next is planned anyway
 LOOK_TRIES = 4  # tries of one look at the store, while the scheduler's own loop made each one late (_look)
 
 __all__ = ["CommandError", "Frozen", "Scheduler"]
@@ -92,7 +94,10 @@ class Link:
     addr: str
     task: asyncio.Task[None] | None = None
     rounds: int = 0
-    listing: tuple[list[ContainerInfo], float] | None = None  # the newest listing not yet reconciled
+    # the newest listing not yet reconciled: (containers, when listed, its listing_key, the node's version)
+    listing: tuple[list[ContainerInfo], float, int, int] | None = None
+    quiet: tuple[int, int] | None = None  # (listing_key, version) last planned to no change (see _quiet)
+    skipped: int = 0  # looks in a row not planned because nothing had changed
     reconciler: asyncio.Task[None] | None = None  # planning and acting on the listings, one at a time
     health: Health | None = None  # what the node last said of its load and memory (every few rounds)
 
@@ -178,6 +183,7 @@ class Scheduler:
         self.probe_every = min(interval, 0.25)  # seconds between looks at the store
         self.probe_timeout = probe_timeout  # seconds a look may take before the store counts as away (_look)
         self.store_slow_looks = 0  # looks late while the loop stood still (asked again at once)
+        self._wrote_at = monotonic()  # when the store last took a write (a commit, a look that wrote)
         self._probing: asyncio.Task[None] | None = None  # a look at the store after a failed commit
         self._held: set[str] = set()  # nodes whose liveness moved while the mode froze change
         self._led_at = 0.0  # when this scheduler began leading (see _settle)
@@ -360,7 +366,10 @@ class Scheduler:
         and (while a write failed) writable again.  Each look is bounded by ``probe_timeout``."""
         while not self._closing:
             await asyncio.sleep(self.probe_every)
-            await self._step("looking at the store", self._probe(write=bool(self._seen.write_error)))
+            # A scheduler with nothing to commit (a quiet cluster) would not learn that its disk
+            # filled up until a user's command failed: it writes a little itself now and then.
+            idle = (self.leading or not self.replicated) and self.monotonic() - self._wrote_at >= WRITE_EVERY
+            await self._step("looking at the store", self._probe(write=bool(self._seen.write_error) or idle))
 
     def _store_suspect(self, cause: str) -> None:
         """A commit failed: look at the store at once (apart), writing too; if that fails, degraded."""
@@ -418,6 +427,7 @@ class Scheduler:
                 seen = dataclasses.replace(seen, write_error=cause or str(e))
             else:
                 seen = dataclasses.replace(seen, write_error="")
+                self._wrote_at = self.monotonic()
         self._saw(seen)
 
     def _saw(self, seen: Seen) -> None:
@@ -571,6 +581,7 @@ class Scheduler:
                 raise
             self.observer.commit("ok", time.perf_counter() - began)
             self._store_error = ""
+            self._wrote_at = self.monotonic()
         rows = plan.rows()
         self.state.apply(rows)
         for node, status in plan.statuses:
@@ -1219,7 +1230,9 @@ class Scheduler:
                 if self.mode.name == NORMAL:
                     await self._node_info(name, info, lk)
             if lk.rounds % 5 == 0:
-                lk.health = await lk.backend.health()
+                health = await lk.backend.health()
+                if health != lk.health:  # (kept only when it changed: the same answer dies young)
+                    lk.health = health
             listed = self.monotonic()
             found = await lk.backend.list()
             if lk.rounds % 5 == 0 and isinstance(lk.backend, Discovery):
@@ -1232,26 +1245,62 @@ class Scheduler:
             lk.rounds += 1
         self.observer.round("ok", self.monotonic() - began)
         await self._transitions(self.liveness.ok(name, self.monotonic()))
-        lk.listing = (found, listed)  # a listing still waiting to be planned is replaced by this newer one
+        key = reconcile.listing_key(found)
+        if self.mode.name == NORMAL and self._quiet(name, lk, key):
+            return
+        # (a listing still waiting to be planned is replaced by this newer one)
+        lk.listing = (found, listed, key, self.state.versions.get(name, 0))
         if self.mode.name != NORMAL:
             return  # reconciliation is paused (the newest listing waits: see _resume)
         if lk.reconciler is None or lk.reconciler.done():
             lk.reconciler = asyncio.create_task(self._reconcile(name, lk), name=f"sched-reconcile-{name}")
 
+    def _quiet(self, name: str, lk: Link, key: int) -> bool:
+        """Whether a look needs no plan: its listing says what the last one planned said, that plan
+        changed nothing (nor did the drift comparison), and nothing the listing is compared with
+        has changed since (the node's version in the state).  The plans would be empty again; the
+        drift comparison due now is counted, its findings being as they were.  Every QUIET_LOOKS-th
+        such look is planned all the same."""
+        if lk.quiet is None or lk.quiet != (key, self.state.versions.get(name, 0)) or name in self._drift_now \
+                or lk.listing is not None or (lk.reconciler is not None and not lk.reconciler.done()):
+            return False
+        lk.skipped += 1
+        if lk.skipped >= QUIET_LOOKS:
+            lk.skipped = 0
+            return False
+        now = self.monotonic()
+        if self.drift_interval > 0 and now - self._drift_at.get(name, -1e18) >= self.drift_interval:
+            self._drift_at[name] = now
+            self.drift.passes += 1
+            self.drift.last = self.clock()
+        self.observer.reconcile("skipped", 0.0)
+        return True
+
     async def _reconcile(self, name: str, lk: Link) -> None:
         """Plan what the newest listing of a node means, commit it and act, until none is left."""
         cluster = self.store.cluster
         while lk.listing is not None and not self._closing and self.mode.name == NORMAL:
-            (found, listed), lk.listing = lk.listing, None
+            (found, listed, key, version), lk.listing = lk.listing, None
+            lk.quiet = None
 
-            async def step(found: list[ContainerInfo] = found, listed: float = listed) -> None:
+            async def step(found: list[ContainerInfo] = found, listed: float = listed, key: int = key,
+                           version: int = version) -> None:
                 began, result = time.perf_counter(), "error"
+                steady = [False]
+
+                def planner(st: State, g: Group) -> Plan:
+                    plan = reconcile.plan_node(st, name, found, cluster=cluster, now=self.clock(), listed_at=listed,
+                                               busy=g.busy, acted=g.acted)
+                    steady[0] = not plan and reconcile.steady(st, name, found, listed_at=listed, busy=g.busy,
+                                                              acted=g.acted)
+                    return plan
+
                 try:
-                    await self._drift_step(name, found, listed)
-                    plan = await self._submit(lambda st, g: reconcile.plan_node(
-                        st, name, found, cluster=cluster, now=self.clock(), listed_at=listed, busy=g.busy,
-                        acted=g.acted))
+                    same = await self._drift_step(name, found, listed)
+                    plan = await self._submit(planner)
                     result = "acted" if plan.stops or plan.starts else "unchanged"
+                    if same and steady[0] and lk.listing is None:
+                        lk.quiet = (key, version)
                     if plan.stops or plan.starts:
                         await self._act(plan)
                 except StoreError:
@@ -1262,11 +1311,12 @@ class Scheduler:
 
             await self._step(f"reconciling node {name}", step())
 
-    async def _drift_step(self, name: str, found: list[ContainerInfo], listed: float) -> None:
+    async def _drift_step(self, name: str, found: list[ContainerInfo], listed: float) -> bool:
         """Compare a listing with the placements (drift.py): recorded when the findings change, and
-        counted as a pass every ``drift_interval`` (and at the first listing after the node returns)."""
+        counted as a pass every ``drift_interval`` (and at the first listing after the node returns).
+        Whether it changed nothing."""
         if self.drift_interval <= 0:
-            return
+            return True
         now = self.monotonic()
         due = name in self._drift_now or now - self._drift_at.get(name, -1e18) >= self.drift_interval
         cluster, known = self.store.cluster, dict(self.drift.entries)
@@ -1278,7 +1328,7 @@ class Scheduler:
                                     revision=lambda n: self._revision(st, n))[0]
 
         if not due and not planner(self.state):
-            return
+            return True
         plan = await self._submit(planner)
         self.drift.apply(plan)
         if due:
@@ -1288,6 +1338,7 @@ class Scheduler:
             self.drift.last = self.clock()
         if plan.stops or plan.starts:
             await self._act(plan)
+        return not plan
 
     def _revision(self, st: State, name: str) -> str:
         req = st.cluster.placements[name].request

@@ -77,6 +77,11 @@ class State:
     reported: dict[str, tuple[str, float]] = field(default_factory=dict)
     # Placements by status, kept as they change (a scrape must not walk 100,000 records to count them).
     statuses: dict[str, int] = field(default_factory=dict)
+    # node -> a number that grows whenever anything a node's listing is compared with changes: its
+    # row, a placement meant for it (or moved off it), what it runs that we did not place.  A node
+    # whose number and listing are both as they were needs no new plan (service._quiet).
+    versions: dict[str, int] = field(default_factory=dict)
+    _version: int = 0
     _requests: dict[Request, Request] = field(default_factory=dict)  # one copy of each request
     _text: dict[str, str] = field(default_factory=dict)  # one copy of each repeated string
     _known: tuple[set[str] | None, set[str]] | None = field(default=None, repr=False)  # see _facts
@@ -162,9 +167,15 @@ class State:
                 else:
                     self.policies[key] = value
 
+    def touch(self, node: str | None) -> None:
+        if node:
+            self._version += 1
+            self.versions[node] = self._version
+
     def _node(self, name: str, d: dict[str, Any] | None) -> None:
         c = self.cluster
         self._known = None
+        self.touch(name)
         if d is None:
             if name in c.nodes:
                 c.remove_node(name)
@@ -183,6 +194,10 @@ class State:
 
     def _placement(self, name: str, d: dict[str, Any] | None) -> None:
         c = self.cluster
+        was_on = c.placements[name].node if name in c.placements else None
+        self.touch(was_on)
+        if d is not None and d.get("node") != was_on:
+            self.touch(d.get("node"))
         if d is None:
             if name in c.placements:
                 c.forget(name)
@@ -272,6 +287,7 @@ class State:
             self.cluster.set_status(node, status)
 
     def observe_foreign(self, node: str, names: set[str]) -> None:
+        self.touch(node)
         if self.cluster.drafting:
             self.cluster.remember(_put_back(self.foreign, node))
         if names:

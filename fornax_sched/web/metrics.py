@@ -115,9 +115,13 @@ class Tally(Collector):
         self._les = (*(repr(float(b)) for b in buckets), "+Inf")
         registry.register(self)
 
-    def __call__(self, key: tuple[str, ...], extra: tuple[str, ...], seconds: float) -> None:
+    def count(self, key: tuple[str, ...], extra: tuple[str, ...]) -> None:
+        """An event counted without a duration (one that took no time of its own)."""
         counted = key + extra
         self.counts[counted] = self.counts.get(counted, 0) + 1
+
+    def __call__(self, key: tuple[str, ...], extra: tuple[str, ...], seconds: float) -> None:
+        self.count(key, extra)
         h = self.hists.get(key)
         if h is None:
             h = self.hists[key] = [0.0] * (len(self.buckets) + 2)

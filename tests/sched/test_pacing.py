@@ -121,3 +121,93 @@ def test_a_big_cluster_is_looked_at_less_often_and_its_dead_node_waits_as_long(t
             await store.close()
 
     run(main())
+
+
+class Reconciles(Observer):
+    def __init__(self) -> None:
+        self.results: list[str] = []
+
+    def reconcile(self, result: str, seconds: float) -> None:
+        self.results.append(result)
+
+
+def test_a_listing_that_says_what_the_last_one_said_needs_no_plan_until_something_changes(tmp_path: Path) -> None:
+    """Nine looks in ten at a quiet node are not planned; a container stopped behind the scheduler's
+    back (the listing changes) or a command (the node's placements change) is planned at once."""
+    nodes = SimCluster()
+    names = ["quiet-a", "quiet-b"]
+    for n in names:
+        nodes.add(n)
+
+    async def main() -> None:
+        store = await open_store(str(tmp_path / "sched.db"))
+        sched = Scheduler(store, seeds=[f"sim!{n}" for n in names], interval=0.05,
+                          connect=lambda addr: SimNode(addr, timeout=1.0, cluster=nodes))
+        seen = Reconciles()
+        sched.observer = seen
+        await sched.start()
+
+        async def until(what: str, ok) -> None:  # noqa: ANN001
+            for _ in range(200):
+                if ok():
+                    return
+                await asyncio.sleep(0.025)
+            raise AssertionError(f"not {what}")
+
+        try:
+            await until("online", lambda: sched.state.cluster.counts.get(("sim", "online")) == 2)
+            await sched.command("place hello name=q replicas=4")
+            await until("running", lambda: sched.state.statuses.get("running") == 4)
+            await asyncio.sleep(0.5)
+            seen.results.clear()
+            await asyncio.sleep(1.5)  # 2 nodes, a look every 0.05 s: about 60 looks
+            counts = {r: seen.results.count(r) for r in set(seen.results)}
+            assert counts.get("skipped", 0) >= 40 and counts.get("unchanged", 0) >= 2, counts
+            assert set(counts) <= {"skipped", "unchanged"}, counts
+
+            r = sched.state.records["q-1"]
+            node, cid = sched.state.cluster.placements["q-1"].node, r.cid
+            nodes.nodes[node].containers[cid].state = "stopped"  # behind the scheduler's back
+            await until("started again", lambda: sched.state.records["q-1"].cid not in ("", cid)
+                        and sched.state.records["q-1"].status == "running")
+
+            await sched.command("stop q-2")
+            await until("stopped", lambda: sched.state.records["q-2"].status == "stopped")
+            node2 = sched.state.cluster.placements["q-2"].node
+            assert not any(c.alive for c in nodes.nodes[node2].containers.values() if c.name == "q-2")
+            v = sched.state.versions[node2]
+            await sched.command("start q-2")  # its record changes: the node's version moves
+            assert sched.state.versions[node2] > v
+            await until("running again", lambda: sched.state.records["q-2"].status == "running")
+        finally:
+            await sched.close()
+            await store.close()
+
+    run(main())
+
+
+def test_a_nodes_version_moves_with_everything_its_listing_is_compared_with() -> None:
+    from fornax_sched.sched.model import Request
+    from fornax_sched.sched.state import State, request_to_json
+
+    s = State()
+    row = {"addr": "sim!a", "kind": "sim", "cpus": 8, "mem": 1 << 34, "labels": {}, "cordoned": False, "images": None}
+    s.apply([("nodes", "a", row), ("nodes", "b", {**row, "addr": "sim!b"})])
+    place = {"request": request_to_json(Request("hello")), "node": "a", "reason": "r", "group": "w", "want": "run",
+             "status": "starting", "cid": "", "since": 1.0, "detail": "", "created": 1.0, "restarts": 0,
+             "restarted": 0.0}
+
+    def moved(change: tuple[str, str, object] | None = None, foreign: tuple[str, set[str]] | None = None) -> set[str]:
+        was = dict(s.versions)
+        if change is not None:
+            s.apply([change])
+        if foreign is not None:
+            s.observe_foreign(*foreign)
+        return {n for n in s.versions if s.versions[n] != was.get(n)}
+
+    assert moved(("placements", "w-1", place)) == {"a"}
+    assert moved(("placements", "w-1", {**place, "status": "running", "cid": "7"})) == {"a"}
+    assert moved(("placements", "w-1", {**place, "node": "b"})) == {"a", "b"}  # moved: both
+    assert moved(("placements", "w-1", None)) == {"b"}
+    assert moved(foreign=("a", {"hand-made"})) == {"a"}
+    assert moved(("nodes", "b", {**row, "cordoned": True})) == {"b"}

@@ -108,10 +108,13 @@ class SimCluster:
             self._place = {n: i for i, n in enumerate(self._order)}
         i, n = self._place.get(name, 0), len(self._order)
         out, step = [nodes[name]] if name in nodes else [], 1
+        seen = {name}  # (by name: comparing SimStates compares every container they hold)
         while step < n:
             for j in ((i + step) % n, (i - step) % n):
-                st = nodes.get(self._order[j])
-                if st is not None and st not in out:
+                peer = self._order[j]
+                st = nodes.get(peer)
+                if st is not None and peer not in seen:
+                    seen.add(peer)
                     out.append(st)
             step *= 2
         return out
