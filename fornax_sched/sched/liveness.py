@@ -143,13 +143,12 @@ class Liveness:
                 continue
             since = s.last_ok if s.last_ok is not None else s.added
             silent = now - since
-            why = s.last_error or f"no answer for {silent:.1f}s"
             if silent >= self.dead_after:
-                out += self._move(node, s, "dead", f"unreachable for {silent:.1f}s: {why}")
+                out += self._move(node, s, "dead", f"unreachable for {silent:.1f}s: {_why(s, silent)}")
             elif s.last_ok is None and s.peers_dead:
-                out += self._move(node, s, "dead", f"never reached, and its peers say it is dead: {why}")
+                out += self._move(node, s, "dead", f"never reached, and its peers say it is dead: {_why(s, silent)}")
             elif s.status == "online" and silent >= self.suspect_after:
-                out += self._move(node, s, "suspect", why)
+                out += self._move(node, s, "suspect", _why(s, silent))
         return out
 
     @staticmethod
@@ -158,3 +157,8 @@ class Liveness:
             return []
         was, s.status = s.status, status
         return [Transition(node, was, status, why)]
+
+
+def _why(s: _Seen, silent: float) -> str:
+    """(made only for a node that moves: a tick looks at every node, every second)"""
+    return s.last_error or f"no answer for {silent:.1f}s"
