@@ -15,6 +15,7 @@ waiting request fails with ``ConnectionError`` naming it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as E
 import os
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -172,6 +173,22 @@ class Client(ClientCore):
         client's timeout for the Tflush that follows: a peer that answers
         neither is declared dead (see ``_flush``).
         """
+        call = self._issue(msg, timeout)
+        self._send(call.data, call)
+        return await self._answer(call)
+
+    def _send(self, data: bytes, *calls: _Call) -> None:
+        assert self._transport is not None
+        try:
+            self._transport.write(data)
+        except BaseException:  # never sent: nothing to flush
+            for call in calls:
+                self._waiting.pop(call.msg.tag, None)
+                call.timer.cancel()
+            raise
+
+    def _issue(self, msg: Message, timeout: float | None) -> _Call:
+        """Give a request its tag, its future and its timer (not sent yet)."""
         if self._gone is not None or self._transport is None:
             raise self._gone or ConnectionError(f"9P connection to {self.address} is closed")
         versioning = isinstance(msg, M.Tversion)
@@ -187,9 +204,13 @@ class Client(ClientCore):
         self._waiting[tag] = fut
         wait = timeout or self.timeout
         # One timer per request (cheaper than wait_for + shield on the hot path).
-        timer = loop.call_later(wait, _expire, fut)
+        return _Call(msg, data, fut, wait, loop.call_later(wait, _expire, fut))
+
+    async def _answer(self, call: _Call) -> Any:
+        """Wait for a sent request's reply (see ``rpc``)."""
+        msg, fut, wait, tag = call.msg, call.fut, call.wait, call.msg.tag
+        versioning = tag == P.NOTAG
         try:
-            self._transport.write(data)
             reply = await fut
         except TimeoutError:
             late = f"9P {type(msg).__name__} to {self.address} timed out after {wait:g}s"
@@ -203,12 +224,7 @@ class Client(ClientCore):
                 raise TimeoutError(f"{late}; {self._gone}") from None
             raise TimeoutError(late) from None
         except asyncio.CancelledError:
-            if self._waiting.get(tag) is fut:  # still the server's: flush it, in the background
-                del self._waiting[tag]
-                if not versioning:
-                    self._start_flush(tag)
-            elif fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._free(tag)  # answered just before the cancel
+            self._abandon(call)
             raise
         except BaseException:
             self._waiting.pop(tag, None)
@@ -216,8 +232,51 @@ class Client(ClientCore):
         else:
             self._free(tag)
         finally:
-            timer.cancel()
+            call.timer.cancel()
         return check_reply(msg, reply)
+
+    def _abandon(self, call: _Call) -> None:
+        """Nobody will wait for this request's reply: flush it if the server still has it, in the
+        background (its tag is free once the Rflush is back), else free its tag."""
+        call.timer.cancel()
+        tag, fut = call.msg.tag, call.fut
+        if self._waiting.get(tag) is fut:  # still the server's
+            del self._waiting[tag]
+            if tag != P.NOTAG:
+                self._start_flush(tag)
+        elif fut.done() and not fut.cancelled() and fut.exception() is None:
+            self._free(tag)  # answered just before
+
+    async def write_read(self, fid: int, data: bytes, count: int) -> tuple[bytes, bool]:
+        """Write ``data`` at offset 0 of an open fid and read ``count`` bytes back from offset 0,
+        both requests sent at once: a ctl command and its reply in one round trip.
+
+        Returns the bytes read and whether they are the write's reply: this package's server
+        answers a read on a fid only after the writes in flight on it (fs/session.py), but a
+        server that answered the read first has returned what the file held before; then
+        (False) the caller reads again.  The write's error, if it failed, is raised.
+        """
+        w = self._issue(M.Twrite(0, fid, 0, data), None)
+        try:
+            r = self._issue(M.Tread(0, fid, 0, min(count, self.iounit)), None)
+        except BaseException:
+            self._abandon(w)
+            raise
+        order: list[bool] = []  # done callbacks run in the order the replies came: True for the write's
+        w.fut.add_done_callback(lambda f: order.append(True))
+        r.fut.add_done_callback(lambda f: order.append(False))
+        self._send(w.data + r.data, w, r)
+        try:
+            await self._answer(w)
+        except P9Error:  # the write was refused: its read is answered too, then the error
+            with contextlib.suppress(Exception):
+                await self._answer(r)
+            raise
+        except BaseException:
+            self._abandon(r)
+            raise
+        reply = await self._answer(r)
+        return reply.data, bool(order) and order[0]
 
     def _start_flush(self, oldtag: int) -> asyncio.Task[bool]:
         task = asyncio.get_running_loop().create_task(self._flush(oldtag))
@@ -326,6 +385,16 @@ class Client(ClientCore):
 
     async def mkdir(self, path: str, perm: int = 0o755) -> None:
         await self._drive(self._op_mkdir(path, perm))
+
+
+class _Call:
+    """A request with its tag given, its reply's future and its timer."""
+
+    __slots__ = ("msg", "data", "fut", "wait", "timer")
+
+    def __init__(self, msg: Message, data: bytes, fut: asyncio.Future[Message], wait: float,
+                 timer: asyncio.TimerHandle) -> None:
+        self.msg, self.data, self.fut, self.wait, self.timer = msg, data, fut, wait, timer
 
 
 def _expire(fut: asyncio.Future[Message]) -> None:

@@ -89,7 +89,8 @@ _NEED = {P.OREAD: 4, P.OWRITE: 2, P.ORDWR: 6, P.OEXEC: 1}
 
 
 class Fid:
-    __slots__ = ("node", "ctx", "handle", "omode", "dirents", "dirents_size", "dir_index", "dir_offset", "held")
+    __slots__ = ("node", "ctx", "handle", "omode", "dirents", "dirents_size", "dir_index", "dir_offset", "held",
+                 "writes", "after")
 
     def __init__(self, node: Node, ctx: Ctx) -> None:
         self.node = node
@@ -101,6 +102,8 @@ class Fid:
         self.dir_index = 0
         self.dir_offset = 0
         self.held = 0  # bytes counted against the session's bound for this fid
+        self.writes = 0  # writes through it whose callbacks are still running
+        self.after: list[tuple[int, Message, int]] | None = None  # reads waiting for them: (token, Tread, size)
 
 
 class Config:
@@ -159,6 +162,7 @@ class Session:
         self.held = 0  # bytes the fids keep between requests (snapshots, directory entries, gathered writes)
         self._writing: dict[int, int] = {}  # token of a write in flight -> bytes it carries
         self.writing = 0  # their sum
+        self._written: dict[int, Fid] = {}  # token of a write in flight -> its fid (see _park)
         self._out = Output()  # what the entry point now running collects
         self._now = 0.0  # seconds since the epoch, as the shell last said
         h = M.MESSAGES
@@ -253,6 +257,7 @@ class Session:
             return out  # flushed, or cancelled by Tversion or the hang-up
         tag = self._work.pop(token)
         self._unwrite(token)
+        self._out = out  # (reads that waited for this write are answered into it, after its reply)
         if tag is None:  # close work: nothing to answer
             if isinstance(outcome, BaseException):
                 log.error("9P close failed: %r", outcome)
@@ -267,6 +272,7 @@ class Session:
         if began is not None:
             self._told(began[0], outcome, began[1])
         out.send.append(self._frame(outcome))
+        self._wrote(token)
         return out
 
     def _told(self, op: str, reply: Message | None, began: float, result: str | None = None) -> None:
@@ -309,11 +315,15 @@ class Session:
                 flushed = self._began.pop(token, None)
                 if flushed is not None:
                     self._told(flushed[0], None, flushed[1], "flushed")
+                self._wrote(token)
             return M.Rflush(tag)
         if kind is M.Tversion:
             # version(5): all outstanding I/O is aborted, and no reply to it goes out.
             self._out.cancel.extend(self._tags.values())
             self._forget_in_flight()
+        if kind is M.Tread and (fid := self.fids.get(msg.fid)) is not None and fid.writes:
+            self._park(fid, msg, size)
+            return None
         observed = self.config.observe is not None
         began = self.config.clock() if observed else 0.0
         reply = self.dispatch(msg)
@@ -327,7 +337,44 @@ class Session:
         if kind is M.Twrite:  # its data is held until the write's callback is done
             self._writing[token] = size
             self.writing += size
+            if (fid := self.fids.get(msg.fid)) is not None:
+                fid.writes += 1
+                self._written[token] = fid
         return None
+
+    def _park(self, fid: Fid, msg: Message, size: int) -> None:
+        """A read on a fid with a write still in flight waits for it (for every write in flight on
+        that fid) and then reads what it left: a ctl file's reply.  So a client may send a command
+        and the read of its reply together, one round trip, as it could to a server that answers
+        in order.  The read is in flight meanwhile (a Tflush forgets it)."""
+        self._next_token += 1
+        token = self._next_token
+        self._work[token] = msg.tag
+        self._tags[msg.tag] = token
+        if fid.after is None:
+            fid.after = []
+        fid.after.append((token, msg, size))
+
+    def _wrote(self, token: int) -> None:
+        """Write ``token`` is done (answered or flushed): once its fid has none in flight, the reads
+        that waited are answered (into ``_out``), in the order they came."""
+        fid = self._written.pop(token, None)
+        if fid is None:
+            return
+        fid.writes -= 1
+        if fid.writes or not fid.after:
+            return
+        waiting, fid.after = fid.after, None
+        for tok, msg, size in waiting:
+            if self._work.pop(tok, None) is None:
+                continue  # flushed while it waited
+            del self._tags[msg.tag]
+            if self.fids.get(getattr(msg, "fid", -1)) is not fid:  # clunked meanwhile (its number maybe reused)
+                self._out.send.append(self._frame(self.error(msg.tag, ebadf())))
+                continue
+            reply = self._request(msg, size)
+            if reply is not None:
+                self._out.send.append(self._frame(reply))
 
     def _forget_in_flight(self) -> None:
         for token in self._tags.values():
@@ -336,6 +383,9 @@ class Session:
         self._tags.clear()
         self._writing.clear()
         self.writing = 0
+        for fid in self._written.values():
+            fid.writes, fid.after = 0, None
+        self._written.clear()
 
     def _unwrite(self, token: int) -> None:
         self.writing -= self._writing.pop(token, 0)

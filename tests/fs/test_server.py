@@ -561,3 +561,65 @@ def test_client_tries_dialects_in_order() -> None:
             with pytest.raises(P9Error, match="does not speak 9P2000.u"):
                 await Client.connect(srv.addr, version=P.VERSION_9PU)
     run(main())
+
+
+class SlowCtl:
+    """A ctl file whose command takes a while, as starting a container does."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    async def ctl(self, ctx: Ctx, data: bytes) -> str:
+        await asyncio.sleep(0.05)
+        cmd = data.decode()
+        if cmd.startswith("bad"):
+            raise P9Error(f"unknown command {cmd!r}", errno.EINVAL)
+        self.commands.append(cmd)
+        return f"{len(self.commands)}\n"
+
+    def tree(self) -> Dir:
+        return Dir("", [File("ctl", read=lambda ctx: "usage\n", write=self.ctl, uid="glenda", mode=0o666)],
+                   uid="glenda")
+
+
+def test_a_command_and_the_read_of_its_reply_sent_together() -> None:
+    async def main() -> None:
+        app = SlowCtl()
+        async with serving(app.tree()) as srv:
+            async with await Client.connect(srv.addr, uname="glenda", version="9P2000.u") as c:
+                fid = await c.walk("ctl")
+                await c.open(fid, P.ORDWR)
+                assert await c.write_read(fid, b"run a", 100) == (b"1\n", True)
+                assert await c.write_read(fid, b"run b", 100) == (b"2\n", True)
+                with pytest.raises(P9Error, match="unknown command 'bad'"):
+                    await c.write_read(fid, b"bad", 100)
+                assert await c.write_read(fid, b"run c", 100) == (b"3\n", True)  # the fid is still good
+                assert c._waiting == {} and app.commands == ["run a", "run b", "run c"]
+    run(main())
+
+
+def test_a_server_that_answers_the_read_first_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that does not hold the read back (one of this package before it did, or
+    another) answers it with what the file held before the write: write_read says so."""
+    from fornax_sched.fs import session
+
+    def at_once(self: session.Session, fid: session.Fid, msg: M.Message, size: int) -> None:
+        held, fid.writes = fid.writes, 0
+        try:
+            reply = self._request(msg, size)
+        finally:
+            fid.writes = held
+        if reply is not None:  # answered at once: sent now, before the write's reply
+            self._out.send.append(self._frame(reply))
+
+    monkeypatch.setattr(session.Session, "_park", at_once)
+
+    async def main() -> None:
+        app = SlowCtl()
+        async with serving(app.tree()) as srv:
+            async with await Client.connect(srv.addr, uname="glenda", version="9P2000.u") as c:
+                fid = await c.walk("ctl")
+                await c.open(fid, P.ORDWR)
+                assert await c.write_read(fid, b"run a", 100) == (b"usage\n", False)
+                assert await c.read(fid, 0, 100) == b"1\n"  # the reply, read after the write
+    run(main())

@@ -38,6 +38,11 @@ async def waits(ctx: Ctx) -> str:
 closed: list[bytes] = []
 
 
+async def command(ctx: Ctx, data: bytes) -> str:
+    """A ctl write whose reply takes a while (a container being started)."""
+    return await Gate(f"did {data.decode()}\n")
+
+
 async def on_close(ctx: Ctx, data: bytes) -> None:
     await Gate("")
     closed.append(data)
@@ -48,6 +53,7 @@ def tree() -> Dir:
         File("wait", read=waits, uid="glenda"),
         File("now", read=lambda ctx: "now\n", uid="glenda"),
         File("doc", write=lambda ctx, data: None, close=on_close, uid="glenda", mode=0o666),
+        File("ctl", read=lambda ctx: "usage\n", write=command, uid="glenda", mode=0o666),
     ], uid="glenda", mode=0o777)
 
 
@@ -288,3 +294,71 @@ def test_lost_cancels_what_is_in_flight() -> None:
     out = p.session.lost()
     assert out.cancel == [token] and p.session.fids == {} and p.session.in_flight == 0
     assert p.finish(token) == []
+
+
+def test_a_read_sent_with_a_write_on_its_fid_is_answered_after_it_with_its_reply() -> None:
+    p = Peer()
+    p.handshake()
+    p.open(1, "ctl", P.ORDWR)
+    p.open(2, "ctl", P.ORDWR)
+    out = p.send(M.Twrite(10, 1, 0, b"run x"), M.Tread(11, 1, 0, 100))
+    (write, _), = out.start  # the read started no work of its own: it waits for the write
+    assert out.send == [] and p.session.in_flight == 2
+    assert p.rpc(M.Tread(12, 2, 0, 100)).data == b"usage\n"  # another fid does not wait
+    replies = p.finish(write)  # one Output: the write's reply, then the read's
+    assert [(type(r), r.tag) for r in replies] == [(M.Rwrite, 10), (M.Rread, 11)]
+    assert replies[1].data == b"did run x\n" and p.session.in_flight == 0
+    # With no write in flight a read is answered at once, as before.
+    assert p.rpc(M.Tread(13, 1, 0, 100)).data == b"did run x\n"
+
+
+def test_a_read_waits_for_every_write_in_flight_on_its_fid() -> None:
+    p = Peer()
+    p.handshake()
+    p.open(1, "ctl", P.ORDWR)
+    out = p.send(M.Twrite(10, 1, 0, b"a"), M.Tread(11, 1, 0, 100), M.Twrite(12, 1, 0, b"b"))
+    first, second = (t for t, _ in out.start)
+    assert [r.tag for r in p.finish(first)] == [10]  # the read still waits for the second write
+    replies = p.finish(second)
+    assert [(type(r), r.tag) for r in replies] == [(M.Rwrite, 12), (M.Rread, 11)]
+    assert replies[1].data == b"did b\n"
+
+
+def test_flushes_of_a_waiting_read_and_of_the_write_it_waits_for() -> None:
+    p = Peer()
+    p.handshake()
+    p.open(1, "ctl", P.ORDWR)
+    # The waiting read flushed: no reply for it ever, the write's still comes.
+    (write, _), = p.send(M.Twrite(10, 1, 0, b"a"), M.Tread(11, 1, 0, 100)).start
+    out = p.send(M.Tflush(12, 11))
+    assert out.start == [] and [(type(r), r.tag) for r in p.replies(out)] == [(M.Rflush, 12)]
+    assert [r.tag for r in p.finish(write)] == [10] and p.session.in_flight == 0
+    # The write flushed: the read waits no longer and reads what the fid holds.
+    (write, _), = p.send(M.Twrite(20, 1, 0, b"b"), M.Tread(21, 1, 0, 100)).start
+    out = p.send(M.Tflush(22, 20))
+    assert out.cancel == [write]
+    assert [(type(r), r.tag) for r in p.replies(out)] == [(M.Rread, 21), (M.Rflush, 22)]
+    assert p.finish(write) == [] and p.session.in_flight == 0
+
+
+def test_a_waiting_read_whose_fid_was_clunked_is_refused() -> None:
+    p = Peer()
+    p.handshake()
+    p.open(1, "ctl", P.ORDWR)
+    (write, _), = p.send(M.Twrite(10, 1, 0, b"a"), M.Tread(11, 1, 0, 100)).start
+    assert isinstance(p.rpc(M.Tclunk(12, 1)), M.Rclunk)
+    p.open(1, "now")  # the number again, for another file
+    replies = p.finish(write)
+    assert [(type(r), r.tag) for r in replies] == [(M.Rwrite, 10), (M.Rerror, 11)]
+    assert replies[1].ename == P.EBADF_MSG  # not a read of the file that fid now stands for
+    assert p.session.in_flight == 0
+
+
+def test_tversion_forgets_reads_waiting_for_writes() -> None:
+    p = Peer()
+    p.handshake()
+    p.open(1, "ctl", P.ORDWR)
+    (write, _), = p.send(M.Twrite(10, 1, 0, b"a"), M.Tread(11, 1, 0, 100)).start
+    out = p.send(M.Tversion(P.NOTAG, 8192, P.VERSION_9P))
+    assert write in out.cancel and [type(r) for r in p.replies(out)] == [M.Rversion]
+    assert p.finish(write) == [] and p.session.in_flight == 0
