@@ -57,9 +57,13 @@ class FornaxNode:
         self._connecting = asyncio.Lock()
         self._listing: bool | None = None  # whether the node serves /cluster/self/containers
         # Open fids on the node's cluster/ctl, each used by one command at a time: a command is
-        # then a write and a read (two round trips) instead of a walk, open, write, read and clunk.
+        # then a write and a read sent together (one round trip) instead of a walk, open, write,
+        # read and clunk.
         self._ctl_fids: list[int] = []
         self._ctl_client: Client | None = None
+        # Whether the node answers a read sent with the write only after the write (fs/session.py);
+        # one that answered the read first (an older node) gets the read after the write instead.
+        self._piped = True
 
     def _where(self) -> str:
         return f"node {self.name}" + (f" at {self.addr}" if self.name != self.addr else "")
@@ -119,13 +123,18 @@ class FornaxNode:
                     await c.clunk(fid)
                     raise
             try:
-                await c.write(fid, 0, data)
-                chunks, off = [], 0
-                while chunk := await c.read(fid, off, c.iounit):
+                if self._piped:
+                    first, fresh = await c.write_read(fid, data, c.iounit)
+                    if not fresh:
+                        self._piped = False
+                        first = await c.read(fid, 0, c.iounit)
+                else:
+                    await c.write(fid, 0, data)
+                    first = await c.read(fid, 0, c.iounit)
+                chunks, off = [first], len(first)
+                while len(chunks[-1]) == c.iounit and (chunk := await c.read(fid, off, c.iounit)):
                     chunks.append(chunk)
                     off += len(chunk)
-                    if len(chunk) < c.iounit:
-                        break
             except P9Error:  # the node refused the command: the fid is still good
                 self._keep(c, fid)
                 raise
