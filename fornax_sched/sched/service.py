@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..policy import Limits, Loaded, PolicyError
 from ..units import format_size, human_size
@@ -64,6 +64,7 @@ from .store import Batch, Compacted, Conflict, NotLeader, Store, StoreBusy, Stor
 from .store.api import LogLine
 
 log = logging.getLogger("fornax_sched.sched")
+T = TypeVar("T")
 
 LOG_LINES = 10_000  # log lines kept in memory for the log file (the store keeps more)
 SMALL = 16  # decisions a command may make on the event loop under the built-in policy (see _run_group)
@@ -697,9 +698,9 @@ class Scheduler:
         out = Outcome()
         try:
             if plan.stops:
-                await asyncio.gather(*(self._stop(s) for s in plan.stops))
+                await _each(self._stop(s) for s in plan.stops)
             if plan.starts:
-                results = await asyncio.gather(*(self._start(name) for name in plan.starts))
+                results = await _each(self._start(name) for name in plan.starts)
                 out.refused = {name: err for name, err in zip(plan.starts, results, strict=True) if err}
         finally:
             self._release(_acting(plan))
@@ -1613,8 +1614,9 @@ def _plan_all(state: State, jobs: list[_Job], group: Group) -> list[Plan | Excep
     """Plan a group in order, each on the rows of the plans before it (in a draft of ``state``,
     undone afterwards); a plan refused (CommandError) or failed leaves nothing of itself behind."""
     out: list[Plan | Exception] = []
+    last = len(jobs) - 1
     with state.draft():
-        for job in jobs:
+        for i, job in enumerate(jobs):
             point = state.savepoint()
             try:
                 plan = job.planner(state, group)
@@ -1624,14 +1626,24 @@ def _plan_all(state: State, jobs: list[_Job], group: Group) -> list[Plan | Excep
                     log.exception("planning")
                 out.append(e)
                 continue
+            out.append(plan)
+            if i == last:
+                break  # no plan comes after it to see its rows (the draft is undone at once)
             state.apply(plan.rows())
             for node, status in plan.statuses:
                 state.set_status(node, status)
             for node, names in plan.foreign.items():
                 state.observe_foreign(node, names)
             group.busy.update(_acting(plan))
-            out.append(plan)
     return out
+
+
+async def _each(steps: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all at once (gather); a single one in this task, without a task of its own."""
+    todo = list(steps)
+    if len(todo) == 1:
+        return [await todo[0]]
+    return list(await asyncio.gather(*todo))
 
 
 def _acting(plan: Plan) -> set[str]:
