@@ -122,6 +122,26 @@ def test_a_refusal_is_not_retried_and_a_failure_tells_the_agents_actions() -> No
     run(go(), 30)
 
 
+def test_a_start_refused_while_the_agent_drains_is_tried_again_not_failed() -> None:
+    """An agent learns from its next heartbeat that it is no longer cordoned: a start refused with
+    "node is draining" meanwhile is NodeUnreachable (the placement stays starting, the next look
+    tries again), not a refusal of the spec (which would leave it failed)."""
+    async def go() -> None:
+        s = await Scripted(reply=A.ApplyWorkloadResponse(applied=False, message="node is draining")).start()
+        b = backend(s)
+        try:
+            with pytest.raises(NodeUnreachable, match="node is draining"):
+                await b.run(SPEC)
+            assert len(s.applies) == 1
+            s.reply = None  # the heartbeat came
+            assert await b.run(SPEC) == "w-1"
+        finally:
+            await b.close()
+            await s.server.stop(0)  # type: ignore[union-attr]
+
+    run(go(), 30)
+
+
 def test_a_ready_workload_is_seen_at_once_and_a_slow_one_polled_less_often() -> None:
     async def go() -> None:
         s = await Scripted().start()

@@ -14,7 +14,10 @@ The mapping, as Persys' own scheduler drives its agents:
   look after 5 ms, each wait half as long again, up to ``poll`` (1 s), so an
   agent that converges at once is seen at once.  The container id is the
   workload id.  A reply ``applied=false`` (a spec the agent cannot run) is
-  NodeRefused at once, never retried; a transient failure (UNAVAILABLE,
+  NodeRefused at once, never retried, except one refused because the agent
+  drains (it learns from its next heartbeat that it is cordoned, or no
+  longer): that is NodeUnreachable, so the placement stays starting and the
+  node's next look tries again; a transient failure (UNAVAILABLE,
   DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, a full task queue) is
   retried with the same id and revision, with exponential backoff and
   jitter, at most ``attempts`` times; past that UNAVAILABLE and
@@ -250,6 +253,11 @@ class PersysAgent:
             return r
 
         r = await self._retried(what, once, deadline)
+        if not r.applied and "draining" in r.message:
+            # The agent learns that it is cordoned, or no longer, from its next heartbeat: a start
+            # sent in between is refused for a state the scheduler has left.  Not the spec's fault:
+            # the placement stays starting and the node's next look starts it again.
+            raise NodeUnreachable(f"{self._where()}: {what}: {r.message} (until its next heartbeat)")
         if not r.applied:
             raise NodeRefused(f"{self._where()}: {what}: {r.message or 'not applied'}")
         return r
