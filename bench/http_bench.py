@@ -161,7 +161,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fornax-http-bench-") as tmp:
         sched = SchedProc(Path(tmp) / "sched", [], extra=[
             "--sim-nodes", str(args.nodes), "--http", f"127.0.0.1:{port}",
-            "--interval", f"{args.interval:g}",
+            "--interval", f"{args.interval:g}", "--dead", "10",  # (serve's, not the test harness's 2)
             *(["--max-looks", f"{args.max_looks:g}"] if args.max_looks is not None else [])])
         sched.start()
         try:

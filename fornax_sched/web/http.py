@@ -8,7 +8,7 @@ HTTP, as with AgentControl's default); an address the user gave must be served o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ def config_of(value: str | None, default: str | None) -> HttpConfig:
 
 
 def add_health_and_metrics(app: web.Application, health: Callable[[], dict[str, Any]],
-                           exposition: Callable[[], bytes]) -> None:
+                           exposition: Callable[[], Awaitable[bytes]]) -> None:
     """``GET /health`` (JSON, never cached) and ``GET /metrics`` (Prometheus' text format), as
     every daemon serves them."""
     from .metrics import CONTENT_TYPE
@@ -47,7 +47,7 @@ def add_health_and_metrics(app: web.Application, health: Callable[[], dict[str, 
         return web.json_response(health(), headers={"Cache-Control": "no-store"})
 
     async def get_metrics(request: web.Request) -> web.Response:
-        return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=await exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_get("/health", get_health)
     app.router.add_get("/metrics", get_metrics)

@@ -12,6 +12,7 @@ registry that asks, so several daemons in one process share one count.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import gc
 import threading
@@ -158,6 +159,19 @@ class Labelled:
         return child
 
 
+SLICE = 0.0005  # seconds of rendering between two turns of the event loop (DaemonMetrics.render)
+
+
+class _Families:
+    """One metric family as a registry, for generate_latest."""
+
+    def __init__(self, family: Any) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[Any]:
+        yield self.family
+
+
 class DaemonMetrics:
     """A daemon's registry (names under ``prefix``) with what every daemon counts."""
 
@@ -181,6 +195,24 @@ class DaemonMetrics:
             return generate_latest(self.registry)
         finally:
             self._render.observe(time.perf_counter() - began)
+
+    async def render(self, slice_s: float = SLICE) -> bytes:
+        """The same exposition made a metric family at a time, the event loop let go after every
+        ``slice_s`` of work: a 9P request that comes during a scrape waits for one slice, not for
+        the whole render (3-4 ms at 10,000 nodes).  The families are read one after another, as
+        Prometheus' own clients do; the work time (not the wall time) is in the next one."""
+        parts: list[bytes] = []
+        spent, t = 0.0, time.perf_counter()
+        for family in self.registry.collect():
+            parts.append(generate_latest(_Families(family)))
+            now = time.perf_counter()
+            if now - t >= slice_s:
+                spent += now - t
+                await asyncio.sleep(0)
+                t = time.perf_counter()
+        spent += time.perf_counter() - t
+        self._render.observe(spent)
+        return b"".join(parts)
 
     def ninep(self, op: str, result: str, seconds: float) -> None:
         """The 9P server's hook (fs.session.Observe)."""

@@ -21,5 +21,5 @@ def health(node: NodeDaemon) -> dict[str, Any]:
 
 def build(node: NodeDaemon, metrics: NodeMetrics) -> web.Application:
     app = web.Application(client_max_size=1 << 16)
-    add_health_and_metrics(app, lambda: health(node), metrics.exposition)
+    add_health_and_metrics(app, lambda: health(node), metrics.render)
     return app

@@ -33,7 +33,7 @@ def build(sched: Scheduler, metrics: SchedMetrics | None = None, auth: Auth | No
         metrics = SchedMetrics()
         metrics.watch(sched)
     app = web.Application(client_max_size=1 << 20)
-    add_health_and_metrics(app, lambda: health(sched), metrics.exposition)
+    add_health_and_metrics(app, lambda: health(sched), metrics.render)
     app["sched"] = sched
     app["metrics"] = metrics
     page.add_routes(app, sched, auth)  # the web page and its API (docs/web.8.md)

@@ -195,3 +195,35 @@ def test_a_failing_lua_policy_tells_its_fallback_and_its_decisions_are_timed_by_
     m = SchedMetrics()
     m.fallback("error")
     assert sample(m.exposition().decode(), "fornax_sched_policy_fallbacks_total", reason="error") == 1
+
+
+def test_the_served_exposition_is_made_a_family_at_a_time_letting_the_loop_go_between() -> None:
+    """What GET /metrics serves is the same text as the whole exposition, but the loop runs other
+    work between metric families (a 9P read waits for one slice of a scrape, not all of it)."""
+    import re
+
+    m = SchedMetrics()
+    for i in range(50):
+        m.ninep("read", "ok", 0.001 * i)
+        m.ctl("place", "ok", 0.002 * i)
+
+    async def main() -> tuple[bytes, int]:
+        turns = 0
+
+        async def other() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(other())
+        await asyncio.sleep(0)
+        served = await m.render(slice_s=0.0)
+        t.cancel()
+        return served, turns
+
+    served, turns = run(main())
+    changing = re.compile(rb"^(process_|python_gc|fornax_sched_metrics_render|fornax_sched_gc_pause).*\n?", re.M)
+    assert changing.sub(b"", served) == changing.sub(b"", m.exposition())
+    families = served.count(b"# TYPE ")
+    assert families > 10 and turns >= families - 1, (families, turns)
