@@ -7,13 +7,11 @@ import asyncio
 
 import pytest
 
-from fornax_sched.fs import codec as M
-from fornax_sched.fs import session
 from fornax_sched.fs.tree import Ctx, Dir, File
 from fornax_sched.sched.backends.base import Spec
 from fornax_sched.sched.backends.fornax import FornaxNode
 
-from ..fs.util import serving
+from ..fs.util import reads_answered_at_once, serving
 from ..helpers import run
 
 
@@ -56,16 +54,7 @@ def test_a_run_is_one_round_trip_to_a_node_that_holds_the_read_back() -> None:
 
 
 def test_a_node_that_answers_the_read_first_gets_it_after_the_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    def at_once(self: session.Session, fid: session.Fid, msg: M.Message, size: int) -> None:
-        held, fid.writes = fid.writes, 0  # as a server that answers requests in any order
-        try:
-            reply = self._request(msg, size)
-        finally:
-            fid.writes = held
-        if reply is not None:  # answered at once: sent now, before the write's reply
-            self._out.send.append(self._frame(reply))
-
-    monkeypatch.setattr(session.Session, "_park", at_once)
+    reads_answered_at_once(monkeypatch)  # as a server that answers requests in any order
     cids, piped, node = runs()
     # Never the file's usage text taken for an id; after the first, no more pipelining.
     assert cids == ["1", "2", "3"] and not piped and len(node.commands) == 3

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -16,7 +18,7 @@ from fornax_sched.fs.ramfs import RamFS
 from fornax_sched.fs.tree import Ctx, Dir, DynamicDir, File
 
 from ..helpers import run
-from .util import Raw, eventually, serving
+from .util import Raw, eventually, reads_answered_at_once, serving
 
 
 class Scheduler:
@@ -582,44 +584,36 @@ class SlowCtl:
                    uid="glenda")
 
 
+@asynccontextmanager
+async def slow_ctl() -> AsyncIterator[tuple[SlowCtl, Client, int]]:
+    """A SlowCtl served, and a client with its ctl open for reading and writing."""
+    app = SlowCtl()
+    async with serving(app.tree()) as srv:
+        async with await Client.connect(srv.addr, uname="glenda", version="9P2000.u") as c:
+            fid = await c.walk("ctl")
+            await c.open(fid, P.ORDWR)
+            yield app, c, fid
+
+
 def test_a_command_and_the_read_of_its_reply_sent_together() -> None:
     async def main() -> None:
-        app = SlowCtl()
-        async with serving(app.tree()) as srv:
-            async with await Client.connect(srv.addr, uname="glenda", version="9P2000.u") as c:
-                fid = await c.walk("ctl")
-                await c.open(fid, P.ORDWR)
-                assert await c.write_read(fid, b"run a", 100) == (b"1\n", True)
-                assert await c.write_read(fid, b"run b", 100) == (b"2\n", True)
-                with pytest.raises(P9Error, match="unknown command 'bad'"):
-                    await c.write_read(fid, b"bad", 100)
-                assert await c.write_read(fid, b"run c", 100) == (b"3\n", True)  # the fid is still good
-                assert c._waiting == {} and app.commands == ["run a", "run b", "run c"]
+        async with slow_ctl() as (app, c, fid):
+            assert await c.write_read(fid, b"run a", 100) == (b"1\n", True)
+            assert await c.write_read(fid, b"run b", 100) == (b"2\n", True)
+            with pytest.raises(P9Error, match="unknown command 'bad'"):
+                await c.write_read(fid, b"bad", 100)
+            assert await c.write_read(fid, b"run c", 100) == (b"3\n", True)  # the fid is still good
+            assert c._waiting == {} and app.commands == ["run a", "run b", "run c"]
     run(main())
 
 
 def test_a_server_that_answers_the_read_first_is_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """A server that does not hold the read back (one of this package before it did, or
     another) answers it with what the file held before the write: write_read says so."""
-    from fornax_sched.fs import session
-
-    def at_once(self: session.Session, fid: session.Fid, msg: M.Message, size: int) -> None:
-        held, fid.writes = fid.writes, 0
-        try:
-            reply = self._request(msg, size)
-        finally:
-            fid.writes = held
-        if reply is not None:  # answered at once: sent now, before the write's reply
-            self._out.send.append(self._frame(reply))
-
-    monkeypatch.setattr(session.Session, "_park", at_once)
+    reads_answered_at_once(monkeypatch)
 
     async def main() -> None:
-        app = SlowCtl()
-        async with serving(app.tree()) as srv:
-            async with await Client.connect(srv.addr, uname="glenda", version="9P2000.u") as c:
-                fid = await c.walk("ctl")
-                await c.open(fid, P.ORDWR)
-                assert await c.write_read(fid, b"run a", 100) == (b"usage\n", False)
-                assert await c.read(fid, 0, 100) == b"1\n"  # the reply, read after the write
+        async with slow_ctl() as (_, c, fid):
+            assert await c.write_read(fid, b"run a", 100) == (b"usage\n", False)
+            assert await c.read(fid, 0, 100) == b"1\n"  # the reply, read after the write
     run(main())

@@ -99,3 +99,21 @@ class Raw:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def reads_answered_at_once(monkeypatch: Any) -> None:
+    """Make this package's 9P server answer a read at once even while a write is in flight on its
+    fid, as a server that answers requests in any order would (and this one did before it held such
+    reads back): the read then gets what the file held before the write."""
+    from fornax_sched.fs import session
+
+    def at_once(self: session.Session, fid: session.Fid, msg: Any, size: int) -> None:
+        held, fid.writes = fid.writes, 0
+        try:
+            reply = self._request(msg, size)
+        finally:
+            fid.writes = held
+        if reply is not None:  # answered at once: sent now, before the write's reply
+            self._out.send.append(self._frame(reply))
+
+    monkeypatch.setattr(session.Session, "_park", at_once)
