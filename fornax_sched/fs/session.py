@@ -369,7 +369,7 @@ class Session:
             if self._work.pop(tok, None) is None:
                 continue  # flushed while it waited
             del self._tags[msg.tag]
-            if self.fids.get(getattr(msg, "fid", -1)) is not fid:  # clunked meanwhile (its number maybe reused)
+            if self.fids.get(msg.fid) is not fid:  # clunked meanwhile (its number maybe reused)
                 self._out.send.append(self._frame(self.error(msg.tag, ebadf())))
                 continue
             reply = self._request(msg, size)

@@ -1274,10 +1274,8 @@ class Scheduler:
             lk.skipped = 0
             return False
         now = self.monotonic()
-        if self.drift_interval > 0 and now - self._drift_at.get(name, -1e18) >= self.drift_interval:
-            self._drift_at[name] = now
-            self.drift.passes += 1
-            self.drift.last = self.clock()
+        if self.drift_interval > 0 and self._drift_due(name, now):
+            self._drift_passed(name, now)
         self.observer.reconcile("skipped", 0.0)
         return True
 
@@ -1323,7 +1321,7 @@ class Scheduler:
         if self.drift_interval <= 0:
             return True
         now = self.monotonic()
-        due = name in self._drift_now or now - self._drift_at.get(name, -1e18) >= self.drift_interval
+        due = self._drift_due(name, now)
         cluster, known = self.store.cluster, dict(self.drift.entries)
 
         def planner(st: State, g: Group | None = None) -> Plan:
@@ -1337,13 +1335,20 @@ class Scheduler:
         plan = await self._submit(planner)
         self.drift.apply(plan)
         if due:
-            self._drift_now.discard(name)
-            self._drift_at[name] = now
-            self.drift.passes += 1
-            self.drift.last = self.clock()
+            self._drift_passed(name, now)
         if plan.stops or plan.starts:
             await self._act(plan)
         return not plan
+
+    def _drift_due(self, name: str, now: float) -> bool:
+        """Whether a node's listing is to be counted as a drift pass now (see _drift_step)."""
+        return name in self._drift_now or now - self._drift_at.get(name, -1e18) >= self.drift_interval
+
+    def _drift_passed(self, name: str, now: float) -> None:
+        self._drift_now.discard(name)
+        self._drift_at[name] = now
+        self.drift.passes += 1
+        self.drift.last = self.clock()
 
     def _revision(self, st: State, name: str) -> str:
         req = st.cluster.placements[name].request
