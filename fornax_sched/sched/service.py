@@ -333,7 +333,7 @@ class Scheduler:
                     if name in self.state.records:
                         plan.put("placements", name, self.state.placement_row(name))
                 try:
-                    await self._execute(plan, observed=False)
+                    await self._execute(plan, observed=False, remembered=True)
                 except BaseException:
                     self._dirty |= dirty
                     raise
@@ -549,14 +549,15 @@ class Scheduler:
             old.close()
 
     # ================================================================ the one path of change
-    async def _execute(self, plan: Plan, observed: bool = True) -> None:
+    async def _execute(self, plan: Plan, observed: bool = True, remembered: bool = False) -> None:
         """Commit a plan's rows and log, then make them true in memory.  The caller holds _mutate.
 
         StoreError if the store cannot take it: then nothing changed.  A plan
         that only records what nodes reported (a container running, ended,
         refused; see ``observes_only``) changes no intent: it is made true in
         memory at once and written to the store with the next flush, a fraction
-        of a second later (after a crash the nodes tell it again).
+        of a second later (after a crash the nodes tell it again).  That flush's
+        rows are copied from memory (``remembered``): they are only written.
         """
         # Each line keeps the time it is shown with, in the store too: after a restart the log reads
         # as it did (lines noted outside a plan reach the store with a later commit).
@@ -587,13 +588,14 @@ class Scheduler:
             self.observer.commit("ok", time.perf_counter() - began)
             self._store_error = ""
             self._wrote_at = self.monotonic()
-        rows = plan.rows()
-        self.state.apply(rows)
-        for node, status in plan.statuses:
-            self.state.set_status(node, status)
-        for node, names in plan.foreign.items():
-            self.state.observe_foreign(node, names)
-        self.decider.apply(rows, plan.statuses, plan.foreign)
+        if not remembered:
+            rows = plan.rows()
+            self.state.apply(rows)
+            for node, status in plan.statuses:
+                self.state.set_status(node, status)
+            for node, names in plan.foreign.items():
+                self.state.observe_foreign(node, names)
+            self.decider.apply(rows, plan.statuses, plan.foreign)
         for text in texts:
             self.book.add(f"{stamp(at)} {text}")
             log.info("%s", text)
@@ -667,6 +669,8 @@ class Scheduler:
                 merged.extend(plan)
             early = self._start_early(merged)
             try:
+                if early:  # the starts go out to their nodes first; the commit is made while they run
+                    await asyncio.sleep(0)
                 await self._execute(merged)
             except BaseException as e:
                 if early:  # the refusal says "nothing changed": so it must be, on the nodes too

@@ -211,3 +211,45 @@ def test_a_nodes_version_moves_with_everything_its_listing_is_compared_with() ->
     assert moved(("placements", "w-1", None)) == {"b"}
     assert moved(foreign=("a", {"hand-made"})) == {"a"}
     assert moved(("nodes", "b", {**row, "cordoned": True})) == {"b"}
+
+
+def test_writing_observed_statuses_to_the_store_changes_nothing_in_memory(tmp_path: Path) -> None:
+    """A container's start is observed in memory at once and written to the store a moment later,
+    in a flush whose rows are copied from memory: writing them moves no node's version (so the next
+    quiet look is still skipped) and leaves the placement as it was."""
+    nodes = SimCluster()
+    nodes.add("flush-a")
+
+    async def main() -> None:
+        store = await open_store(str(tmp_path / "sched.db"))
+        sched = Scheduler(store, seeds=["sim!flush-a"], interval=0.05,
+                          connect=lambda addr: SimNode(addr, timeout=1.0, cluster=nodes))
+        await sched.start()
+
+        async def until(what: str, ok) -> None:  # noqa: ANN001
+            for _ in range(200):
+                if await ok():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"not {what}")
+
+        async def in_memory() -> bool:
+            return sched.state.cluster.counts.get(("sim", "online")) == 1
+
+        async def stored_running() -> bool:
+            item = await store.get("placements", "f")
+            return item is not None and item.value["status"] == "running"
+
+        try:
+            await until("online", in_memory)
+            answer = await sched.command("place hello name=f")
+            assert "status=running" in answer, answer
+            version, placed = sched.state.versions["flush-a"], sched.state.cluster.placements["f"]
+            await until("written", stored_running)
+            assert sched.state.versions["flush-a"] == version
+            assert sched.state.cluster.placements["f"] is placed
+        finally:
+            await sched.close()
+            await store.close()
+
+    run(main())
