@@ -100,15 +100,20 @@ def node_cmd(i: int, nodes: int, images: Path, state: Path, port: int, gossip: i
             "--peers", peers, "--broadcast", "off"]
 
 
+FIRST_HTTP = "127.0.0.1:8084"  # serve's default HTTP (sched/serve.py), which replica 1 keeps
+SECOND_HTTP = 8086  # replica 2's HTTP (and, one up, its AgentControl): replica 1 has serve's 8084 and 8085
 TOKENS = "http-tokens"  # in up's state: the web page's token, the same across restarts and replicas
 
 
 def sched_cmd(state: Path, port: int, dead: float, fresh: bool = False, store: str = "", node: int = 0,
-              name: str = "scheduler") -> list[str]:
+              name: str = "scheduler", http: str = "", control: str = "") -> list[str]:
+    """serve's command line; ``http`` and ``control`` (HOST:PORT) replace serve's defaults, which a
+    second replica on the same machine cannot also have."""
     web_token(state)  # (made now if need be: the scheduler reads it as it starts)
     return [sys.executable, "-m", "fornax_sched", "serve", "--listen", f"tcp!127.0.0.1!{port}",
             "--state", str(state / name), "--node", f"tcp!127.0.0.1!{node or port + 1}", "--dead", f"{dead:g}",
             "--http-token-file", str(state / TOKENS),
+            *(["--http", http] if http else []), *(["--control", control] if control else []),
             *(["--store", store] if store else []), *(["--fresh"] if fresh else [])]
 
 
@@ -171,6 +176,7 @@ class Daemon:
     restart_at: float | None = None  # exited: when to start it again
     runs: int = 0
     role: str = "node"  # "scheduler", "node", "store": schedulers stop first, the store last
+    http: str = ""  # a replica's HTTP, as the banner says it (one scheduler: the web page's line says it)
 
     def __post_init__(self) -> None:
         if self.pidfile is None and self.role == "node":
@@ -247,6 +253,12 @@ def port_taken(port: int, kind: int) -> bool:
                 return True
             raise
     return False
+
+
+def _http_of(addr: str) -> str:
+    """What the banner says of a replica's HTTP at ``addr``: its URL, or that it is taken."""
+    port = int(addr.rsplit(":", 1)[1])
+    return f"not served ({addr} is taken)" if port_taken(port, socket.SOCK_STREAM) else f"http://{addr}/"
 
 
 def held_ports(daemons: list[Daemon]) -> list[str]:
@@ -456,10 +468,15 @@ def up(nodes: int = 3, images: Path | None = None, state: Path | None = None, po
             return X.REFUSED
         url = f"etcd://127.0.0.1:{etcd_port}/fornax-up?timeout=10"  # (etcd starts beside the replicas)
         second = port + nodes + 1
+        # Replica 2 cannot have serve's defaults, which replica 1 takes: it gets the two ports after them,
+        # or none if they are taken (a default address that is taken is only a warning, as serve's own).
+        web2, control2 = (f"127.0.0.1:{p}" if not port_taken(p, socket.SOCK_STREAM) else "off"
+                          for p in (SECOND_HTTP, SECOND_HTTP + 1))
         daemons = [Daemon("scheduler replica 1", sched_cmd(state, port, dead, store=url, node=port + 1,
-                                                           name="scheduler-1"), port),
+                                                           name="scheduler-1"), port, http=_http_of(FIRST_HTTP)),
                    Daemon("scheduler replica 2", sched_cmd(state, second, dead, store=url, node=port + 1,
-                                                           name="scheduler-2"), second)]
+                                                           name="scheduler-2", http=web2, control=control2), second,
+                          http=_http_of(f"127.0.0.1:{SECOND_HTTP}"))]
     else:
         daemons = [Daemon("the scheduler", sched_cmd(state, port, dead, fresh), port)]
     daemons += [Daemon(n, node_cmd(i, nodes, images, state, port, gossip), port + i, gossip + i, state / n / "pid")
@@ -600,7 +617,9 @@ def banner(daemons: list[Daemon], state: Path, web: str = "") -> str:
     return (f"""
 fornax-sched is up: {who} and {len(nodes)} fornax-nodes on loopback, all online (state in {state})
 """ + "".join(f"  {'scheduler' if len(scheds) == 1 else f'replica {i}'}  tcp!127.0.0.1!{d.tcp}   "
-              f"pid {d.proc.pid if d.proc else '-'}\n" for i, d in enumerate(scheds, 1))
+              f"pid {d.proc.pid if d.proc else '-'}"
+              + (f"   HTTP {d.http}" if len(scheds) > 1 and d.http else "") + "\n"
+              for i, d in enumerate(scheds, 1))
       + "".join(f"  etcd       http://127.0.0.1:{d.tcp}   pid {d.proc.pid if d.proc else '-'}\n" for d in stores)
       + "".join(f"  {d.name}  tcp!127.0.0.1!{d.tcp}   gossip 127.0.0.1:{d.udp}   pid {d.proc.pid if d.proc else '-'}\n"
               for d in nodes) + f"""

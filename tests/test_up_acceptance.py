@@ -324,6 +324,20 @@ def test_up_on_etcd_starts_etcd_and_two_replicas_one_leading(tmp_path: Path) -> 
         assert f"replica 2  {second}" in out and f"etcd       http://127.0.0.1:{etcd}" in out, out
         texts = [ctl_text(u.addr), ctl_text(second)]
         assert sum("(this replica)" in t for t in texts) == 1, texts  # one leads
+        # Each replica has its own HTTP (replica 2 beside serve's defaults, which replica 1 has), unless
+        # the port was taken, which the banner says.
+        urls = []
+        for line in (ln for ln in out.splitlines() if ln.startswith("  replica ")):
+            http = line.split("   HTTP ", 1)[1]
+            served = ("http://127.0.0.1:8084/", "http://127.0.0.1:8086/")
+            assert http.startswith((*served, "not served (127.0.0.1:808")), line
+            if http.startswith("http://"):
+                urls.append(http)
+        leading = []
+        for url in urls:
+            with urllib.request.urlopen(url + "health", timeout=10) as r:
+                leading.append(json.load(r)["leading"])
+        assert len(urls) < 2 or sorted(leading) == [False, True], (urls, leading)
         assert all(f"store etcd etcd://127.0.0.1:{etcd}/fornax-up" in t for t in texts), texts
         for addr, name in ((u.addr, "one"), (second, "two")):
             with BlockingClient.connect(addr, version="9P2000.u", timeout=10) as c:
