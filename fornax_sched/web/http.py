@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -119,35 +120,100 @@ def add_health_and_metrics(app: web.Application, health: Callable[[], dict[str, 
     return renders
 
 
-class HttpServer:
-    """An application served on one address until ``close``."""
+IDLE = 15.0  # seconds a connection may stay open with no request (aiohttp's default: an hour)
 
-    def __init__(self, app: web.Application) -> None:
+
+def default_max_connections() -> int:
+    """HTTP connections at most: a 64th of the file limit, 16 to 256 (the 9P server keeps an eighth
+    of the limit for the process's other files, fs/server.py; these come out of it)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, min(256, soft // 64))
+
+
+class _Counted(asyncio.Protocol):
+    """One HTTP connection, as the server counts it: aiohttp's handler, with the time it last sent."""
+
+    def __init__(self, server: HttpServer, handler: asyncio.Protocol) -> None:
+        self.server, self.handler = server, handler
+        self.transport: asyncio.BaseTransport | None = None
+        self.active = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.server._opened(self)
+        self.handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._conns.pop(self, None)
+        self.handler.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.active = time.monotonic()
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+
+class HttpServer:
+    """An application served on one address until ``close``, with at most ``max_connections`` open:
+    a connection past them closes the one that sent nothing for longest (so that whoever holds
+    many idle connections cannot keep others out, nor take the files the 9P server needs), and a
+    connection with no request for ``IDLE`` seconds is closed."""
+
+    def __init__(self, app: web.Application, max_connections: int | None = None) -> None:
         self.app = app
         self.runner: web.AppRunner | None = None
         self.address: str | None = None  # HOST:PORT bound (the port chosen when 0 was asked)
+        self.max_connections = max_connections or default_max_connections()
+        self._listener: asyncio.Server | None = None
+        self._conns: dict[_Counted, None] = {}  # open connections, oldest first
+        self.evicted = 0
 
     async def start(self, listen: str) -> str:
         """Bind and serve; OSError if the address cannot be had (nothing is left listening then)."""
         host, port = split_hostport(listen)
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                               shutdown_timeout=1.0)
+                               shutdown_timeout=1.0, keepalive_timeout=IDLE)
         await runner.setup()
+        handlers = runner.server
+        assert handlers is not None
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True, backlog=256)
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                lambda: _Counted(self, handlers()), host, port, reuse_address=True,
+                # (the loop accepts up to a backlog at once before any is counted)
+                backlog=max(16, min(256, 2 * self.max_connections)))
         except BaseException:
             await runner.cleanup()
             raise
         self.runner = runner
-        bound = runner.addresses[0]
+        bound = self._listener.sockets[0].getsockname()
         shown = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
         self.address = f"{shown}:{bound[1]}"
         return self.address
 
+    def _opened(self, conn: _Counted) -> None:
+        self._conns[conn] = None
+        while len(self._conns) > self.max_connections:
+            oldest = min(self._conns, key=lambda c: c.active)
+            self._conns.pop(oldest)
+            self.evicted += 1
+            if oldest.transport is not None:
+                oldest.transport.abort()  # type: ignore[attr-defined]
+
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self.runner is not None:
             with contextlib.suppress(Exception):
                 await self.runner.cleanup()
             self.runner = None
-

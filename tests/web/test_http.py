@@ -90,3 +90,30 @@ def test_http_option_errors(tmp_path: Path) -> None:
         assert f"fornax-sched serve: --http 127.0.0.1:{port}: " in taken.stdout and "in use" in taken.stdout, taken
     finally:
         holder.stop()
+
+
+def test_idle_http_connections_cannot_take_the_files_9p_needs(tmp_path: Path) -> None:
+    """With a file limit of 160, 200 HTTP connections that send nothing: HTTP keeps at most 16 of
+    them (the one that sent nothing for longest goes), so a 9P client still gets in and places,
+    and /health still answers.  Before, they took every file and 9P's Tversion timed out."""
+    import resource
+    import socket
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
+
+    port = free_port()
+    sched = SchedProc(tmp_path / "s", [], extra=["--sim-nodes", "2", "--http", f"127.0.0.1:{port}"], preexec=limit)
+    socks: list[socket.socket] = []
+    try:
+        sched.start()
+        assert sched.proc is not None
+        for _ in range(200):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        wait_until(lambda: len(list(Path(f"/proc/{sched.proc.pid}/fd").iterdir())) < 80, 10)  # type: ignore[union-attr]
+        assert "hello-1 node=sim-000" in run(ctl(sched.addr, "place hello")), "9P was kept out"
+        assert health(f"http://127.0.0.1:{port}")["status"] == "ok"
+    finally:
+        for s in socks:
+            s.close()
+        sched.stop()
