@@ -65,7 +65,7 @@ class PersysSide:
 
     async def start(self) -> None:
         await self.agent.start()
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=protos.server_options(share=64))  # (schedulers: a few)
         server.add_generic_rpc_handlers((protos.handler(protos.agent().service("AgentService"), self.agent,
                                                         self.observe),))
         host, _ = split_hostport(self.cfg.listen)

@@ -82,6 +82,22 @@ class Api:
 _lock = threading.Lock()
 _apis: dict[str, Api] = {}
 
+HANDSHAKE_MS = 10_000  # a connection must have said HTTP/2 (and TLS, if any) within this (grpc: 120 s)
+
+
+def server_options(share: int = 32) -> list[tuple[str, Any]]:
+    """Options every gRPC server of the project takes: at most a ``share``-th of the process's file
+    limit as connections (at least 16), and a connection that does not finish its handshake within
+    ``HANDSHAKE_MS`` closed.  Without them idle connections took every file, and the 9P server,
+    which leaves an eighth of the limit for the process's other files, accepted no one."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return [("grpc.max_allowed_incoming_connections", max(16, soft // share)),
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_MS)]
+
 
 def agent() -> Api:
     """``persys.agent.v1``: the AgentService an agent hosts."""

@@ -392,7 +392,8 @@ class ControlServer:
         self.observe = observe  # told of every call served
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a taken port is an error, not shared
+        # (a taken port is an error, not shared; a 32nd of the file limit as agents' connections)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *protos.server_options()])
         server.add_generic_rpc_handlers((protos.handler(protos.control().service("AgentControl"), self.service,
                                                         self.observe),))
         try:
