@@ -191,8 +191,8 @@ class BlockingClient(ClientCore):
                 reply, error = None, e
 
     # ------------------------------------------------------------ operations (see ClientCore)
-    def read_file(self, path: str) -> bytes:
-        return self._drive(self._op_read_file(path))
+    def read_file(self, path: str, limit: int | None = None) -> bytes:
+        return self._drive(self._op_read_file(path, limit))
 
     def write_file(self, path: str, data: bytes, *, create: bool = False, read_reply: bool = False) -> bytes:
         return self._drive(self._op_write_file(path, data, create, read_reply))

@@ -367,8 +367,9 @@ class Client(ClientCore):
         """List an opened directory."""
         return await self._drive(self._op_readdir(fid))
 
-    async def read_file(self, path: str) -> bytes:
-        return await self._drive(self._op_read_file(path))
+    async def read_file(self, path: str, limit: int | None = None) -> bytes:
+        """The whole file; with ``limit``, P9Error (EFBIG) once it is longer than that many bytes."""
+        return await self._drive(self._op_read_file(path, limit))
 
     async def write_file(self, path: str, data: bytes, *, create: bool = False, read_reply: bool = False) -> bytes:
         """Write ``data`` to ``path`` (truncating); with ``read_reply`` read the fid back.

@@ -240,7 +240,7 @@ class ClientCore:
                 out.append(FileInfo(name, qid, mode, 0, "", "", 0))
 
     # ------------------------------------------------------------ whole-path operations
-    def _op_read_file(self, path: str) -> Op[bytes]:
+    def _op_read_file(self, path: str, limit: int | None = None) -> Op[bytes]:
         fid = yield from self._op_walk(path)
         try:
             yield from self._op_open(fid, P.OREAD)
@@ -248,6 +248,8 @@ class ClientCore:
             while data := (yield from self._op_read(fid, offset, self.iounit)):
                 chunks.append(data)
                 offset += len(data)
+                if limit is not None and offset > limit:  # (a server whose file never ends)
+                    raise P9Error(f"{path}: longer than {limit} bytes", E.EFBIG)
             return b"".join(chunks)
         finally:
             yield from self._op_clunk(fid)

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from fornax_sched.fs.tree import Ctx, Dir, File
-from fornax_sched.sched.backends.base import Spec
+from fornax_sched.fs.tree import Ctx, Dir, File, Handle
+from fornax_sched.sched.backends.base import NodeRefused, Spec
 from fornax_sched.sched.backends.fornax import FornaxNode
 
 from ..fs.util import reads_answered_at_once, serving
@@ -58,3 +58,39 @@ def test_a_node_that_answers_the_read_first_gets_it_after_the_write(monkeypatch:
     cids, piped, node = runs()
     # Never the file's usage text taken for an id; after the first, no more pipelining.
     assert cids == ["1", "2", "3"] and not piped and len(node.commands) == 3
+
+
+class _Endless(File):
+    """A file that never ends: every read returns a full message of bytes."""
+
+    def open(self, ctx: Ctx, mode: int) -> Handle:
+        return _Forever()
+
+
+class _Forever(Handle):
+    def read(self, offset: int, count: int) -> bytes:
+        return b"x" * count
+
+
+def test_a_node_whose_listing_never_ends_is_refused_not_read_until_memory_runs_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look reads a node's files to a bound (READ_LIMIT): past it the node's answer is refused,
+    saying why, which the scheduler counts as a failed look; the client reads that far, no further."""
+    import fornax_sched.sched.backends.fornax as fornax
+
+    monkeypatch.setattr(fornax, "READ_LIMIT", 1 << 20)
+    me = Dir("self", [File("name", read=lambda ctx: "node-a\n"), _Endless("containers", read=lambda ctx: b"")])
+    tree = Dir("", [Dir("cluster", [me])])
+
+    async def main() -> str:
+        async with serving(tree) as srv:
+            backend = FornaxNode(srv.addr)
+            try:
+                with pytest.raises(NodeRefused) as e:
+                    await backend.list()
+                return str(e.value)
+            finally:
+                await backend.close()
+
+    why = run(main(), timeout=30)  # (without the bound it reads on, a few MB a second)
+    assert "read cluster/self/containers" in why and f"longer than {1 << 20} bytes" in why, why

@@ -23,6 +23,9 @@ from ...units import SizeError, format_size, parse_size
 from .base import ContainerInfo, Health, NodeInfo, NodeRefused, NodeUnreachable, NoSuchContainer, PeerInfo, Spec
 
 T = TypeVar("T")
+# The most a file of a node's is read to (its listing of containers, 500 bytes or so each): a node
+# whose file never ended used to be read until the scheduler ran out of memory.
+READ_LIMIT = 64 << 20
 
 
 def parse_kv(text: str) -> dict[str, str]:
@@ -101,7 +104,7 @@ class FornaxNode:
             raise NodeUnreachable(f"{self._where()}: {what}: {e or 'timed out'}") from None
 
     async def _read(self, path: str) -> str:
-        data = await self._do(f"read {path}", lambda c: c.read_file(path))
+        data = await self._do(f"read {path}", lambda c: c.read_file(path, READ_LIMIT))
         return data.decode("utf-8", "replace")
 
     async def _ctl(self, path: str, command: str, what: str) -> str:
@@ -203,7 +206,7 @@ class FornaxNode:
 
     async def log(self, cid: str) -> bytes:
         path = f"cluster/containers/{cid}/log"
-        return await self._do(f"read the log of container {cid}", lambda c: c.read_file(path))
+        return await self._do(f"read the log of container {cid}", lambda c: c.read_file(path, READ_LIMIT))
 
     async def list(self) -> list[ContainerInfo]:
         if self._listing is not False:
