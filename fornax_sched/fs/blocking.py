@@ -197,8 +197,8 @@ class BlockingClient(ClientCore):
     def write_file(self, path: str, data: bytes, *, create: bool = False, read_reply: bool = False) -> bytes:
         return self._drive(self._op_write_file(path, data, create, read_reply))
 
-    def ls(self, path: str) -> list[FileInfo]:
-        return self._drive(self._op_ls(path))
+    def ls(self, path: str, limit: int | None = None) -> list[FileInfo]:
+        return self._drive(self._op_ls(path, limit))
 
     def stat_path(self, path: str) -> FileInfo:
         return self._drive(self._op_stat_path(path))

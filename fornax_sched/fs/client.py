@@ -378,8 +378,9 @@ class Client(ClientCore):
         """
         return await self._drive(self._op_write_file(path, data, create, read_reply))
 
-    async def ls(self, path: str) -> list[FileInfo]:
-        return await self._drive(self._op_ls(path))
+    async def ls(self, path: str, limit: int | None = None) -> list[FileInfo]:
+        """A directory's entries; with ``limit``, P9Error (EFBIG) once there are more than that."""
+        return await self._drive(self._op_ls(path, limit))
 
     async def stat_path(self, path: str) -> FileInfo:
         return await self._drive(self._op_stat_path(path))

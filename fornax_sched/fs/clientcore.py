@@ -220,7 +220,7 @@ class ClientCore:
         mode = (a.mode & 0o777) | (P.DMDIR if a.mode & P.S_IFDIR == P.S_IFDIR else 0)
         return FileInfo("", a.qid, mode, a.size, str(a.uid), str(a.gid), a.mtime_sec)
 
-    def _op_readdir(self, fid: int) -> Op[list[FileInfo]]:
+    def _op_readdir(self, fid: int, limit: int | None = None) -> Op[list[FileInfo]]:
         out: list[FileInfo] = []
         offset = 0
         if not self.codec.dotl:
@@ -228,6 +228,7 @@ class ClientCore:
                 offset += len(data)
                 for st in decode_stats(data, self.codec.dotu):
                     out.append(FileInfo(st.name, st.qid, st.mode, st.length, st.uid, st.gid, st.mtime))
+                _check_entries(out, limit)
             return out
         while True:
             reply = yield M.Treaddir(0, fid, offset, self.iounit)
@@ -238,6 +239,7 @@ class ClientCore:
                 offset = off
                 mode = P.DMDIR if qid.type & P.QTDIR else 0
                 out.append(FileInfo(name, qid, mode, 0, "", "", 0))
+            _check_entries(out, limit)
 
     # ------------------------------------------------------------ whole-path operations
     def _op_read_file(self, path: str, limit: int | None = None) -> Op[bytes]:
@@ -291,11 +293,16 @@ class ClientCore:
         finally:
             yield from self._op_clunk(fid)
 
-    def _op_ls(self, path: str) -> Op[list[FileInfo]]:
+    def _op_ls(self, path: str, limit: int | None = None) -> Op[list[FileInfo]]:
         fid = yield from self._op_walk(path)
         try:
             yield from self._op_open(fid, P.OREAD)
-            return (yield from self._op_readdir(fid))
+            try:
+                return (yield from self._op_readdir(fid, limit))
+            except P9Error as e:
+                if e.errno == E.EFBIG:
+                    raise P9Error(f"{path}: {e.message}", E.EFBIG) from None
+                raise
         finally:
             yield from self._op_clunk(fid)
 
@@ -325,3 +332,8 @@ def local_user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except (KeyError, ImportError):
         return "none"
+
+
+def _check_entries(out: list[FileInfo], limit: int | None) -> None:
+    if limit is not None and len(out) > limit:  # (a server whose directory never ends)
+        raise P9Error(f"more than {limit} entries", E.EFBIG)

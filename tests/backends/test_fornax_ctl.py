@@ -94,3 +94,25 @@ def test_a_node_whose_listing_never_ends_is_refused_not_read_until_memory_runs_o
 
     why = run(main(), timeout=30)  # (without the bound it reads on, a few MB a second)
     assert "read cluster/self/containers" in why and f"longer than {1 << 20} bytes" in why, why
+
+
+def test_a_node_that_lists_more_peers_than_the_bound_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directories of a node are read to a bound too (LIST_LIMIT entries): past it, refused."""
+    import fornax_sched.sched.backends.fornax as fornax
+
+    monkeypatch.setattr(fornax, "LIST_LIMIT", 50)
+    peers = Dir("nodes", [Dir(f"peer-{i:03d}") for i in range(120)])
+    tree = Dir("", [Dir("cluster", [Dir("self", [File("name", read=lambda ctx: "node-a\n")]), peers])])
+
+    async def main() -> str:
+        async with serving(tree) as srv:
+            backend = FornaxNode(srv.addr)
+            try:
+                with pytest.raises(NodeRefused) as e:
+                    await backend.peers()
+                return str(e.value)
+            finally:
+                await backend.close()
+
+    why = run(main(), timeout=30)
+    assert "list nodes" in why and "cluster/nodes: more than 50 entries" in why, why

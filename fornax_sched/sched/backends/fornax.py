@@ -26,6 +26,7 @@ T = TypeVar("T")
 # The most a file of a node's is read to (its listing of containers, 500 bytes or so each): a node
 # whose file never ended used to be read until the scheduler ran out of memory.
 READ_LIMIT = 64 << 20
+LIST_LIMIT = 100_000  # entries of a node's directory (its containers, the nodes it knows), likewise
 
 
 def parse_kv(text: str) -> dict[str, str]:
@@ -217,7 +218,7 @@ class FornaxNode:
             else:
                 self._listing = True
                 return [container_of(parse_kv(block)) for block in text.split("\n\n") if block.strip()]
-        entries = await self._do("list containers", lambda c: c.ls("cluster/containers"))
+        entries = await self._do("list containers", lambda c: c.ls("cluster/containers", LIST_LIMIT))
         out = []
         for e in entries:
             try:
@@ -228,7 +229,7 @@ class FornaxNode:
 
     # ------------------------------------------------------------ discovery
     async def peers(self) -> builtins.list[PeerInfo]:
-        entries = await self._do("list nodes", lambda c: c.ls("cluster/nodes"))
+        entries = await self._do("list nodes", lambda c: c.ls("cluster/nodes", LIST_LIMIT))
         out = []
         for e in entries:
             try:
