@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import resource
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +139,7 @@ class _Counted(asyncio.Protocol):
         self.server, self.handler = server, handler
         self.transport: asyncio.BaseTransport | None = None
         self.active = time.monotonic()
+        self.streams = 0  # responses streaming on it now (see ``streaming``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -163,9 +164,24 @@ class _Counted(asyncio.Protocol):
         self.handler.resume_writing()
 
 
+@contextlib.contextmanager
+def streaming(request: web.Request) -> Iterator[None]:
+    """While a response streams on ``request``'s connection (the log's server-sent events), which
+    sends nothing after its request: another connection is closed first when there are too many."""
+    t = request.transport
+    conn = t.get_protocol() if t is not None else None
+    if isinstance(conn, _Counted):
+        conn.streams += 1
+    try:
+        yield
+    finally:
+        if isinstance(conn, _Counted):
+            conn.streams -= 1
+
+
 class HttpServer:
     """An application served on one address until ``close``, with at most ``max_connections`` open:
-    a connection past them closes the one that sent nothing for longest (so that whoever holds
+    a connection past them closes the one that sent nothing for longest, a streaming one last (so that whoever holds
     many idle connections cannot keep others out, nor take the files the 9P server needs), and a
     connection with no request for ``IDLE`` seconds is closed."""
 
@@ -203,7 +219,8 @@ class HttpServer:
     def _opened(self, conn: _Counted) -> None:
         self._conns[conn] = None
         while len(self._conns) > self.max_connections:
-            oldest = min(self._conns, key=lambda c: c.active)
+            quiet = [c for c in self._conns if not c.streams] or list(self._conns)
+            oldest = min(quiet, key=lambda c: c.active)
             self._conns.pop(oldest)
             self.evicted += 1
             if oldest.transport is not None:

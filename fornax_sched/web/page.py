@@ -28,6 +28,7 @@ from ..policy.loader import MAX_POLICY
 from ..sched.plans import CommandError
 from ..sched.state import stamp
 from .auth import Auth, AuthError, loopback
+from .http import streaming
 
 if TYPE_CHECKING:
     from ..sched.service import Scheduler
@@ -261,35 +262,37 @@ def add_routes(app: web.Application, sched: Scheduler, auth: Auth | None) -> Non
             return _error(503, f"{STREAMS} log streams are open already: close one")
         streams[0] += 1
         try:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                               "X-Accel-Buffering": "no"})
-            await resp.prepare(request)
-            book = sched.book
-            last = request.headers.get("Last-Event-ID", "")
-            at = min(int(last), book.end) if last.isdigit() else None  # (an id from the future: from now)
-            if at is None:  # a new reader: the last lines, then where they end (the id it comes back with)
-                at = book.end
-                text = "".join(f"data: {line}\n\n" for line in book.tail(TAIL))
-                await resp.write(f"retry: 1000\n\n{text}id: {at}\n: the lines kept end here\n\n".encode())
-            idle = 0.0
-            while True:
-                data = book.read(at, 1 << 16)
-                cut = data.rfind(b"\n") + 1
-                if cut:
-                    at = max(at, book.start) + cut
-                    lines = data[:cut].decode(errors="replace").splitlines()
-                    events = "".join(f"data: {line}\n\n" for line in lines[:-1]) + f"id: {at}\ndata: {lines[-1]}\n\n"
-                    await resp.write(events.encode())
-                    idle = 0.0
-                    continue
-                if request.transport is None or request.transport.is_closing():
-                    break  # the reader went away
-                await asyncio.sleep(STREAM_POLL)
-                idle += STREAM_POLL
-                if idle >= 15:  # a comment now and then: a client (or a proxy) sees the stream is alive
-                    await resp.write(b": alive\n\n")
-                    idle = 0.0
-            return resp
+            with streaming(request):  # (not the connection closed first when HTTP has too many)
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                                   "X-Accel-Buffering": "no"})
+                await resp.prepare(request)
+                book = sched.book
+                last = request.headers.get("Last-Event-ID", "")
+                at = min(int(last), book.end) if last.isdigit() else None  # (an id from the future: from now)
+                if at is None:  # a new reader: the last lines, then where they end (the id it comes back with)
+                    at = book.end
+                    text = "".join(f"data: {line}\n\n" for line in book.tail(TAIL))
+                    await resp.write(f"retry: 1000\n\n{text}id: {at}\n: the lines kept end here\n\n".encode())
+                idle = 0.0
+                while True:
+                    data = book.read(at, 1 << 16)
+                    cut = data.rfind(b"\n") + 1
+                    if cut:
+                        at = max(at, book.start) + cut
+                        lines = data[:cut].decode(errors="replace").splitlines()
+                        events = ("".join(f"data: {line}\n\n" for line in lines[:-1])
+                                  + f"id: {at}\ndata: {lines[-1]}\n\n")
+                        await resp.write(events.encode())
+                        idle = 0.0
+                        continue
+                    if request.transport is None or request.transport.is_closing():
+                        break  # the reader went away
+                    await asyncio.sleep(STREAM_POLL)
+                    idle += STREAM_POLL
+                    if idle >= 15:  # a comment now and then: a client (or a proxy) sees the stream is alive
+                        await resp.write(b": alive\n\n")
+                        idle = 0.0
+                return resp
         except ConnectionError:  # the reader went away while we wrote
             return web.Response(status=204)
         finally:

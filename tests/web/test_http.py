@@ -126,3 +126,44 @@ def test_idle_connections_to_http_or_agentcontrol_cannot_take_the_files_9p_needs
         for s in socks:
             s.close()
         sched.stop()
+
+
+def test_past_its_connections_http_closes_the_idlest_and_a_stream_last() -> None:
+    """Three connections at most: a fourth closes the one that sent nothing for longest, but not the
+    one streaming a response (the log's events), which sent nothing since its request either."""
+    import asyncio
+
+    from aiohttp import web
+
+    from fornax_sched.web.http import HttpServer, streaming
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        with streaming(request):
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            for i in range(50):
+                await resp.write(f"tick {i}\n".encode())
+                await asyncio.sleep(0.05)
+            return resp
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/stream", stream)
+        server = HttpServer(app, max_connections=3)
+        host, port = (await server.start("127.0.0.1:0")).rsplit(":", 1)
+        try:
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"tick 0" in await r.readuntil(b"tick 0\n")
+            idle = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
+            await asyncio.sleep(0.2)
+            assert b"tick 5" in await asyncio.wait_for(r.readuntil(b"tick 5\n"), 5)  # the stream goes on
+            assert await asyncio.wait_for(idle[0][0].read(), 5) == b""  # the idlest was closed
+            assert server.evicted == 2 and len(server._conns) == 3
+            for _, iw in idle:
+                iw.close()
+            w.close()
+        finally:
+            await server.close()
+
+    run(main())
