@@ -73,6 +73,8 @@ GROUP = 64  # plans planned and committed together at most
 # thread, where the loop takes turns with it (64 reconcile plans on the loop held it 50-90 ms at
 # 10,000 nodes, and every 9P and HTTP request waited that long).
 LOOP_GROUP = 8
+MAX_LEARNING = 64  # peers' addresses (learnt from nodes' gossip) reached at once, at most
+PEER_TRIES = 10  # tries, an interval apart, at a learnt address that does not answer; then as long a rest
 QUOTE = 120  # characters of a refused command quoted in the log
 _TICK = 0.05  # seconds between the ticks that see whether the loop stood still during a look at the store
 # Looks at nodes a second at most, all nodes together: 500 nodes are looked at every interval, 10,000
@@ -179,6 +181,8 @@ class Scheduler:
         # Set on a follower (replicas.py): a ctl or policy write goes to the leader, and its answer back.
         self.forward: Callable[[str, str, str], Awaitable[str]] | None = None
         self._addrs: set[str] = set()
+        self._learning: set[str] = set()  # peers' addresses (learnt from nodes) being reached now
+        self._peer_retry: dict[str, tuple[float, int]] = {}  # a learnt address given up on: (not before, times)
         self._store_error = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
@@ -258,6 +262,8 @@ class Scheduler:
                 await t
         links, self.links = self.links, {}
         self._addrs.clear()
+        self._learning.clear()
+        self._peer_retry.clear()
         self._busy.clear()
         self._dirty.clear()
         self._unsaved = []
@@ -1136,25 +1142,52 @@ class Scheduler:
         return await self.set_policy(source, by=f"{cmd.user or '-'}: restore of v{cmd.count}")
 
     # ================================================================ nodes
-    def _try_addr(self, addr: str) -> None:
-        """Follow a node at ``addr`` (a seed or a peer): its name is learnt on first contact."""
+    def _try_addr(self, addr: str, learnt: bool = False) -> None:
+        """Follow a node at ``addr`` (a seed, a join, or a peer a node told of: ``learnt``): its name is
+        learnt on first contact.  A seed or a join is tried until it answers; a learnt address
+        PEER_TRIES times an interval apart, then not again for as long, and at most MAX_LEARNING at
+        once (a node that lists peers without end cannot make the scheduler dial them all)."""
         if addr in self._addrs or self._closing:
             return
+        if learnt:
+            now = self.monotonic()
+            if len(self._learning) >= MAX_LEARNING or self._peer_retry.get(addr, (now, 0))[0] > now:
+                return  # (a later look at the node that named it tries again)
+            self._learning.add(addr)
         self._addrs.add(addr)
-        self._lead_tasks.append(asyncio.create_task(self._discover(addr), name=f"sched-discover-{addr}"))
+        task = asyncio.create_task(self._discover(addr, learnt), name=f"sched-discover-{addr}")
+        self._lead_tasks = [t for t in self._lead_tasks if not t.done()] + [task]
 
-    async def _discover(self, addr: str) -> None:
+    async def _discover(self, addr: str, learnt: bool = False) -> None:
+        try:
+            await self._reach(addr, learnt)
+        finally:
+            self._learning.discard(addr)
+
+    async def _reach(self, addr: str, learnt: bool) -> None:
         try:
             backend = self.connect(addr)
         except ValueError as e:
             self.note(f"node at {addr}: {e}")
             return
+        tries = 0
         while not self._closing:
             try:
                 info = await backend.info()
                 break
             except BackendError as e:
                 log.debug("node at %s: %s", addr, e)
+                tries += 1
+                if learnt and tries >= PEER_TRIES:
+                    await backend.close()
+                    self._addrs.discard(addr)
+                    now = self.monotonic()
+                    if len(self._peer_retry) >= 10_000:
+                        self._peer_retry = {a: v for a, v in self._peer_retry.items() if v[0] > now}
+                    times = self._peer_retry.get(addr, (0.0, 0))[1]
+                    # the rest doubles each time it is given up, up to 64 times the tries' own time
+                    self._peer_retry[addr] = (now + PEER_TRIES * self.interval * 2 ** min(times, 6), times + 1)
+                    return
                 await asyncio.sleep(self.interval)
         else:
             return
@@ -1365,11 +1398,17 @@ class Scheduler:
 
     async def _learn_peers(self, backend: Discovery) -> None:
         now = self.monotonic()
+        new = []
         for peer in await backend.peers():
             if peer.name in self.links:
                 await self._transitions(self.liveness.peers_say(peer.name, peer.status, now))
             elif peer.addr and peer.status != "dead":
-                self._try_addr(peer.addr)
+                new.append(peer.addr)
+        # Addresses never tried first, then those given up on longest ago: one listed after many that
+        # do not answer is still reached.
+        new.sort(key=lambda a: self._peer_retry.get(a, (0.0, 0))[0])
+        for addr in new:
+            self._try_addr(addr, learnt=True)
 
     async def _ticker(self) -> None:
         """Time passing: nodes that fell silent become suspect, then dead, whatever their calls do."""

@@ -253,3 +253,43 @@ def test_writing_observed_statuses_to_the_store_changes_nothing_in_memory(tmp_pa
             await store.close()
 
     run(main())
+
+
+def test_a_node_that_names_peers_without_end_gets_a_bounded_number_dialled(tmp_path: Path) -> None:
+    """A node whose gossip names 500 peers that do not answer, before one that does: at most 64 are
+    reached at once, each given up after 10 tries (then left to rest), and the real one listed last
+    is still found."""
+    from fornax_sched.sched import service
+    from fornax_sched.sched.backends.base import PeerInfo
+
+    nodes = SimCluster()
+    nodes.add("liar")
+    nodes.add("real-b")
+
+    class Liar(SimNode):
+        async def peers(self) -> list[PeerInfo]:
+            ghosts = [PeerInfo(f"g{i}", f"ghost-{i:03d}", f"sim!ghost-{i:03d}", "online") for i in range(500)]
+            return ghosts + [PeerInfo("b", "real-b", "sim!real-b", "online")]
+
+    async def main() -> None:
+        store = await open_store(str(tmp_path / "sched.db"))
+        sched = Scheduler(store, seeds=["sim!liar"], interval=0.05,
+                          connect=lambda addr: (Liar if addr == "sim!liar" else SimNode)(addr, timeout=1.0,
+                                                                                          cluster=nodes))
+        await sched.start()
+        most = 0
+        try:
+            for _ in range(400):
+                most = max(most, len(sched._learning))
+                if "real-b" in sched.links:
+                    break
+                await asyncio.sleep(0.025)
+            assert "real-b" in sched.links, "the real peer was never reached"
+            assert 0 < most <= service.MAX_LEARNING, most
+            assert sched._peer_retry and all(times >= 1 for _, times in sched._peer_retry.values())
+            assert not any(n.startswith("ghost-") for n in sched.links)
+        finally:
+            await sched.close()
+            await store.close()
+
+    run(main())
