@@ -72,6 +72,27 @@ class _Forever(Handle):
         return b"x" * count
 
 
+def _refused(tree: Dir, call: str) -> str:
+    """What a FornaxNode's ``call`` (list, peers) raised as NodeRefused, against a node serving ``tree``."""
+
+    async def main() -> str:
+        async with serving(tree) as srv:
+            backend = FornaxNode(srv.addr)
+            try:
+                with pytest.raises(NodeRefused) as e:
+                    await getattr(backend, call)()
+                return str(e.value)
+            finally:
+                await backend.close()
+
+    return run(main(), timeout=30)  # (without a bound an endless file is read on, a few MB a second)
+
+
+def _node_a(mine: tuple[File, ...] = (), more: tuple[Dir, ...] = ()) -> Dir:
+    """A node's tree: cluster/self/name, ``mine`` beside it, ``more`` beside cluster/self."""
+    return Dir("", [Dir("cluster", [Dir("self", [File("name", read=lambda ctx: "node-a\n"), *mine]), *more])])
+
+
 def test_a_node_whose_listing_never_ends_is_refused_not_read_until_memory_runs_out(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A look reads a node's files to a bound (READ_LIMIT): past it the node's answer is refused,
@@ -79,20 +100,7 @@ def test_a_node_whose_listing_never_ends_is_refused_not_read_until_memory_runs_o
     import fornax_sched.sched.backends.fornax as fornax
 
     monkeypatch.setattr(fornax, "READ_LIMIT", 1 << 20)
-    me = Dir("self", [File("name", read=lambda ctx: "node-a\n"), _Endless("containers", read=lambda ctx: b"")])
-    tree = Dir("", [Dir("cluster", [me])])
-
-    async def main() -> str:
-        async with serving(tree) as srv:
-            backend = FornaxNode(srv.addr)
-            try:
-                with pytest.raises(NodeRefused) as e:
-                    await backend.list()
-                return str(e.value)
-            finally:
-                await backend.close()
-
-    why = run(main(), timeout=30)  # (without the bound it reads on, a few MB a second)
+    why = _refused(_node_a(mine=(_Endless("containers", read=lambda ctx: b""),)), "list")
     assert "read cluster/self/containers" in why and f"longer than {1 << 20} bytes" in why, why
 
 
@@ -101,18 +109,5 @@ def test_a_node_that_lists_more_peers_than_the_bound_is_refused(monkeypatch: pyt
     import fornax_sched.sched.backends.fornax as fornax
 
     monkeypatch.setattr(fornax, "LIST_LIMIT", 50)
-    peers = Dir("nodes", [Dir(f"peer-{i:03d}") for i in range(120)])
-    tree = Dir("", [Dir("cluster", [Dir("self", [File("name", read=lambda ctx: "node-a\n")]), peers])])
-
-    async def main() -> str:
-        async with serving(tree) as srv:
-            backend = FornaxNode(srv.addr)
-            try:
-                with pytest.raises(NodeRefused) as e:
-                    await backend.peers()
-                return str(e.value)
-            finally:
-                await backend.close()
-
-    why = run(main(), timeout=30)
+    why = _refused(_node_a(more=(Dir("nodes", [Dir(f"peer-{i:03d}") for i in range(120)]),)), "peers")
     assert "list nodes" in why and "cluster/nodes: more than 50 entries" in why, why
