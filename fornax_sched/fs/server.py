@@ -38,7 +38,7 @@ from .session import BATCH, Attach, Config, Fid, Observe, Output, Session, Users
 from .tree import Dir
 
 __all__ = ["Config", "Fid", "Listener", "Observe", "Output", "Server", "Session", "Users", "default_max_connections",
-           "evictee", "system_users"]
+           "evictee", "file_limit", "system_users"]
 
 log = logging.getLogger("fornax_sched.fs.server")
 
@@ -72,15 +72,20 @@ def system_users() -> Users:
     return Users(uid=_user_id, gid=_group_id, name=_user_name)
 
 
+def file_limit() -> int:
+    """The process's soft RLIMIT_NOFILE (an unlimited or huge one taken as 2**20): what the 9P
+    server's and the other listeners' shares of files are taken from."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 20 if soft == resource.RLIM_INFINITY or soft > 1 << 20 else soft
+
+
 def default_max_connections() -> int:
     """The soft RLIMIT_NOFILE less a reserve (an eighth, at least 64) for the process's other files.
 
     At the limit itself accept() would fail, and so would everything else
     the process opens (its store, its logs, a container's pipes).
     """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
-        soft = 1 << 20
+    soft = file_limit()
     return max(1, soft - max(64, soft // 8))
 
 

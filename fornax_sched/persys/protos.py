@@ -90,12 +90,9 @@ def server_options(share: int = 32) -> list[tuple[str, Any]]:
     limit as connections (at least 16), and a connection that does not finish its handshake within
     ``HANDSHAKE_MS`` closed.  Without them idle connections took every file, and the 9P server,
     which leaves an eighth of the limit for the process's other files, accepted no one."""
-    import resource
+    from ..fs.server import file_limit
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return [("grpc.max_allowed_incoming_connections", max(16, soft // share)),
+    return [("grpc.max_allowed_incoming_connections", max(16, file_limit() // share)),
             ("grpc.server_handshake_timeout_ms", HANDSHAKE_MS)]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import resource
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..fs.server import file_limit
 from ..persys.node import split_hostport
 
 OFF = "off"
@@ -102,9 +102,9 @@ def _retrieved(fut: asyncio.Future[bytes]) -> None:
 
 
 def add_health_and_metrics(app: web.Application, health: Callable[[], dict[str, Any]],
-                           exposition: Callable[[], Awaitable[bytes]]) -> Renders:
+                           exposition: Callable[[], Awaitable[bytes]]) -> None:
     """``GET /health`` (JSON, never cached) and ``GET /metrics`` (Prometheus' text format), as
-    every daemon serves them; /metrics through ``Renders``, which is returned."""
+    every daemon serves them; /metrics through ``Renders``."""
     from .metrics import CONTENT_TYPE
 
     renders = Renders(exposition)
@@ -117,7 +117,6 @@ def add_health_and_metrics(app: web.Application, health: Callable[[], dict[str, 
 
     app.router.add_get("/health", get_health)
     app.router.add_get("/metrics", get_metrics)
-    return renders
 
 
 IDLE = 15.0  # seconds a connection may stay open with no request (aiohttp's default: an hour)
@@ -126,10 +125,7 @@ IDLE = 15.0  # seconds a connection may stay open with no request (aiohttp's def
 def default_max_connections() -> int:
     """HTTP connections at most: a 64th of the file limit, 16 to 256 (the 9P server keeps an eighth
     of the limit for the process's other files, fs/server.py; these come out of it)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(16, min(256, soft // 64))
+    return max(16, min(256, file_limit() // 64))
 
 
 class _Counted(asyncio.Protocol):
