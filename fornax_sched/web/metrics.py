@@ -188,19 +188,12 @@ class DaemonMetrics:
                               "and status code.", prefix + "grpc_server_handling_seconds", "Time a gRPC call served "
                               "took.", ("grpc_service", "grpc_method"), ("grpc_code",), SLOW)
 
-    def exposition(self) -> bytes:
-        """The text exposition; the time it took is in the next one (what a scrape costs the loop)."""
-        began = time.perf_counter()
-        try:
-            return generate_latest(self.registry)
-        finally:
-            self._render.observe(time.perf_counter() - began)
-
     async def render(self, slice_s: float = SLICE) -> bytes:
-        """The same exposition made a metric family at a time, the event loop let go after every
+        """The text exposition, made a metric family at a time, the event loop let go after every
         ``slice_s`` of work: a 9P request that comes during a scrape waits for one slice, not for
         the whole render (3-4 ms at 10,000 nodes).  The families are read one after another, as
-        Prometheus' own clients do; the work time (not the wall time) is in the next one."""
+        Prometheus' own clients do; the work time (not the wall time, what a scrape costs the loop)
+        is in the next one."""
         parts: list[bytes] = []
         spent, t = 0.0, time.perf_counter()
         for family in self.registry.collect():
