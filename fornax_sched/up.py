@@ -255,10 +255,13 @@ def port_taken(port: int, kind: int) -> bool:
     return False
 
 
-def _http_of(addr: str) -> str:
-    """What the banner says of a replica's HTTP at ``addr``: its URL, or that it is taken."""
-    port = int(addr.rsplit(":", 1)[1])
-    return f"not served ({addr} is taken)" if port_taken(port, socket.SOCK_STREAM) else f"http://{addr}/"
+def _http_of(addr: str, taken: bool) -> str:
+    """What the banner says of a replica's HTTP at ``addr`` (HOST:PORT): its URL, or that it is taken."""
+    return f"not served ({addr} is taken)" if taken else f"http://{addr}/"
+
+
+def _taken(addr: str) -> bool:
+    return port_taken(int(addr.rsplit(":", 1)[1]), socket.SOCK_STREAM)
 
 
 def held_ports(daemons: list[Daemon]) -> list[str]:
@@ -470,13 +473,15 @@ def up(nodes: int = 3, images: Path | None = None, state: Path | None = None, po
         second = port + nodes + 1
         # Replica 2 cannot have serve's defaults, which replica 1 takes: it gets the two ports after them,
         # or none if they are taken (a default address that is taken is only a warning, as serve's own).
-        web2, control2 = (f"127.0.0.1:{p}" if not port_taken(p, socket.SOCK_STREAM) else "off"
-                          for p in (SECOND_HTTP, SECOND_HTTP + 1))
+        web2, control2 = (f"127.0.0.1:{p}" for p in (SECOND_HTTP, SECOND_HTTP + 1))
+        taken2 = _taken(web2)
         daemons = [Daemon("scheduler replica 1", sched_cmd(state, port, dead, store=url, node=port + 1,
-                                                           name="scheduler-1"), port, http=_http_of(FIRST_HTTP)),
-                   Daemon("scheduler replica 2", sched_cmd(state, second, dead, store=url, node=port + 1,
-                                                           name="scheduler-2", http=web2, control=control2), second,
-                          http=_http_of(f"127.0.0.1:{SECOND_HTTP}"))]
+                                                           name="scheduler-1"), port,
+                          http=_http_of(FIRST_HTTP, _taken(FIRST_HTTP))),
+                   Daemon("scheduler replica 2", sched_cmd(
+                       state, second, dead, store=url, node=port + 1, name="scheduler-2",
+                       http="off" if taken2 else web2, control="off" if _taken(control2) else control2),
+                          second, http=_http_of(web2, taken2))]
     else:
         daemons = [Daemon("the scheduler", sched_cmd(state, port, dead, fresh), port)]
     daemons += [Daemon(n, node_cmd(i, nodes, images, state, port, gossip), port + i, gossip + i, state / n / "pid")

@@ -1180,13 +1180,7 @@ class Scheduler:
                 tries += 1
                 if learnt and tries >= PEER_TRIES:
                     await backend.close()
-                    self._addrs.discard(addr)
-                    now = self.monotonic()
-                    if len(self._peer_retry) >= 10_000:
-                        self._peer_retry = {a: v for a, v in self._peer_retry.items() if v[0] > now}
-                    times = self._peer_retry.get(addr, (0.0, 0))[1]
-                    # the rest doubles each time it is given up, up to 64 times the tries' own time
-                    self._peer_retry[addr] = (now + PEER_TRIES * self.interval * 2 ** min(times, 6), times + 1)
+                    self._give_up(addr)
                     return
                 await asyncio.sleep(self.interval)
         else:
@@ -1206,6 +1200,16 @@ class Scheduler:
         lk = self._link(info.name, addr, backend)
         await self._node_info(info.name, info, lk)
 
+
+    def _give_up(self, addr: str) -> None:
+        """A learnt address did not answer PEER_TRIES times: it rests, twice as long each time it is
+        given up, up to 64 times the tries' own time (the book of rests bounded to 10,000)."""
+        self._addrs.discard(addr)
+        now = self.monotonic()
+        if len(self._peer_retry) >= 10_000:
+            self._peer_retry = {a: v for a, v in self._peer_retry.items() if v[0] > now}
+        times = self._peer_retry.get(addr, (0.0, 0))[1]
+        self._peer_retry[addr] = (now + PEER_TRIES * self.interval * 2 ** min(times, 6), times + 1)
 
     async def node_lost(self, node: str, why: str) -> None:
         """The node is dead, whatever its calls say, until ``node_back`` (an agent's lease ran out)."""
