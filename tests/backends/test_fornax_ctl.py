@@ -20,9 +20,15 @@ class Node:
 
     def __init__(self) -> None:
         self.commands: list[str] = []
+        self.now = self.most = 0  # commands being carried out, and the most at once
 
     async def ctl(self, ctx: Ctx, data: bytes) -> str:
-        await asyncio.sleep(0.02)
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0.02)
+        finally:
+            self.now -= 1
         self.commands.append(data.decode())
         return f"{len(self.commands)}\n"
 
@@ -58,6 +64,26 @@ def test_a_node_that_answers_the_read_first_gets_it_after_the_write(monkeypatch:
     cids, piped, node = runs()
     # Never the file's usage text taken for an id; after the first, no more pipelining.
     assert cids == ["1", "2", "3"] and not piped and len(node.commands) == 3
+
+
+def test_a_node_is_sent_a_few_commands_at_a_time_and_the_rest_wait_their_turn() -> None:
+    """200 runs at once to one node (a place of hundreds): at most CTL_AT_ONCE reach it together,
+    and every one is carried out, none timed out, though all 200 take longer than the timeout."""
+    from fornax_sched.sched.backends.fornax import CTL_AT_ONCE
+
+    node = Node()
+
+    async def main() -> list[str]:
+        async with serving(node.tree()) as srv:
+            backend = FornaxNode(srv.addr, timeout=0.3)  # 200 x 20 ms / 8 at once: 0.5 s in all
+            try:
+                return await asyncio.gather(*(backend.run(Spec(f"web-{i}", "hello")) for i in range(200)))
+            finally:
+                await backend.close()
+
+    cids = run(main(), timeout=60)
+    assert sorted(cids, key=int) == [str(i) for i in range(1, 201)]
+    assert 1 < node.most <= CTL_AT_ONCE, node.most
 
 
 class _Endless(File):

@@ -27,6 +27,10 @@ T = TypeVar("T")
 # whose file never ended used to be read until the scheduler ran out of memory.
 READ_LIMIT = 64 << 20
 LIST_LIMIT = 100_000  # entries of a node's directory (its containers, the nodes it knows), likewise
+# ctl commands (run, stop, destroy) sent to one node at once; the rest wait their turn here.  A node
+# starts its containers about one at a time: 1,000 runs sent together (place replicas=1000 on three
+# nodes) took more than the node timeout each, and the nodes, their looks unanswered, went dead.
+CTL_AT_ONCE = 8
 
 
 def parse_kv(text: str) -> dict[str, str]:
@@ -65,6 +69,7 @@ class FornaxNode:
         # read and clunk.
         self._ctl_fids: list[int] = []
         self._ctl_client: Client | None = None
+        self._ctl_turns = asyncio.Semaphore(CTL_AT_ONCE)  # (its waiting is not bounded by the timeout)
         # Whether the node answers a read sent with the write only after the write (fs/session.py);
         # one that answered the read first (an older node) gets the read after the write instead.
         self._piped = True
@@ -109,6 +114,10 @@ class FornaxNode:
         return data.decode("utf-8", "replace")
 
     async def _ctl(self, path: str, command: str, what: str) -> str:
+        async with self._ctl_turns:
+            return await self._ctl_now(path, command, what)
+
+    async def _ctl_now(self, path: str, command: str, what: str) -> str:
         data = command.encode()
         c = await self._c()
         if len(data) > c.iounit - 64:
@@ -148,7 +157,7 @@ class FornaxNode:
         return (await self._do(what, command_on)).decode("utf-8", "replace")
 
     def _keep(self, c: Client, fid: int) -> None:
-        if self._ctl_client is c and len(self._ctl_fids) < 8:
+        if self._ctl_client is c and len(self._ctl_fids) < CTL_AT_ONCE:
             self._ctl_fids.append(fid)
         else:
             asyncio.ensure_future(c.clunk(fid))
