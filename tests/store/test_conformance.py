@@ -455,3 +455,43 @@ def test_reads_cut_short_at_any_point_leave_the_store_readable(opener: Opener) -
             await s.close()
 
     run(go())
+
+
+def test_two_schedulers_creating_one_new_store_at_once_share_its_identity(kind: str, spec: str) -> None:
+    """Two replicas started on a new store: the one whose identity was written first wins, and the
+    other, seeing its own write refused, takes that identity (it used to stop: "created twice")."""
+    from fornax_sched.sched.store import open_kv
+    from fornax_sched.sched.store.kv import IDENTITY, Put, encode
+
+    extra = KINDS[kind]
+
+    async def go() -> None:
+        kv = await open_kv(spec, **extra)
+        assert kv.created
+        txn = kv.txn
+
+        async def other_first(compares, ops):  # type: ignore[no-untyped-def]
+            kv.txn = txn  # (once)
+            await txn([], [Put(IDENTITY, encode({"cluster": "the-other", "created": 1.0, "format": 1}))])
+            return await txn(compares, ops)
+
+        kv.txn = other_first  # type: ignore[method-assign]
+        s = await KVStore.open(kv)
+        try:
+            assert s.cluster == "the-other"
+            await s.apply(Batch().put("meta", "x", 1))  # and it writes as that store
+        finally:
+            await s.close()
+        again = await open_store_of(kind, spec)
+        try:
+            assert again.cluster == "the-other" and (await again.get("meta", "x")) is not None
+        finally:
+            await again.close()
+
+    run(go())
+
+
+async def open_store_of(kind: str, spec: str) -> KVStore:
+    from fornax_sched.sched.store import open_store
+
+    return await open_store(spec, **KINDS[kind])

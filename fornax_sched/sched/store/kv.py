@@ -241,29 +241,37 @@ class KVStore:
         forget what should run.
         """
         store = cls(kv, "", clock=clock, log_keep=log_keep)
-        async with kv.snapshot() as snap:
-            rows = await snap.read(Range(IDENTITY, IDENTITY + "\0", 1))
-            last = await snap.read(Range("l/", "l0", 1, reverse=True))
-            store._revision = snap.revision
+        rows, last = await store._identity()
+        if not rows and kv.created:
+            store.cluster = cluster or secrets.token_hex(8)
+            rev = await kv.txn([Compare(IDENTITY, 0)], [Put(IDENTITY, encode(
+                {"cluster": store.cluster, "created": clock(), "format": FORMAT}))])
+            if rev is not None:
+                store._revision = rev
+            else:  # another replica created it meanwhile (both started on a new store): its identity is ours
+                rows, last = await store._identity()
+                if not rows:
+                    raise StoreError(f"the store {kv.where} was created and emptied again while this one began")
         if rows:
             try:
                 ident = json.loads(rows[0].value)
                 store.cluster = str(ident["cluster"])
             except (ValueError, KeyError, TypeError):
                 raise StoreError(f"the store {kv.where} has an unreadable identity: {rows[0].value[:100]!r}") from None
-        elif kv.created:
-            store.cluster = cluster or secrets.token_hex(8)
-            rev = await kv.txn([Compare(IDENTITY, 0)], [Put(IDENTITY, encode(
-                {"cluster": store.cluster, "created": clock(), "format": FORMAT}))])
-            if rev is None:
-                raise StoreError(f"the store {kv.where} was created twice at once")
-            store._revision = rev
-        else:
+        elif not kv.created:
             raise StoreError(f"the store {kv.where} holds no scheduler state (no identity): refusing to start "
                              "afresh on it; start with --fresh to begin a new store")
         if last:
             store._log_next = int(last[0].key[2:]) + 1
         return store
+
+    async def _identity(self) -> tuple[list[Row], list[Row]]:
+        """The identity row (none in a new store) and the last log line, as the store holds them now."""
+        async with self.kv.snapshot() as snap:
+            rows = await snap.read(Range(IDENTITY, IDENTITY + "\0", 1))
+            last = await snap.read(Range("l/", "l0", 1, reverse=True))
+            self._revision = snap.revision
+        return rows, last
 
     @property
     def revision(self) -> int:
