@@ -227,7 +227,15 @@ def parse_policy(text: str) -> Policy:
 # ---------------------------------------------------------------- pieces
 
 
+# What makes shell-like splitting differ from splitting at white space: quotes, escapes, and
+# characters str.split takes for white space but shlex does not (non-ASCII ones aside).
+_SHELL_LIKE = re.compile(r"[\"'\\\x0b\x0c\x1c-\x1f]")
+
+
 def _words(text: str) -> list[str]:
+    """The command's words, split as a shell would (quotes and backslashes as in sh)."""
+    if text.isascii() and _SHELL_LIKE.search(text) is None:
+        return text.split()  # (the same words; shlex takes most of a place's parsing otherwise)
     try:
         return shlex.split(text)
     except ValueError as e:

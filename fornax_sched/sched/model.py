@@ -71,6 +71,8 @@ class Request:
 
     def allows(self, node: NodeFacts) -> bool:
         """The static filters (name globs, labels); capacity is the core's business."""
+        if not (self.include or self.exclude or self.labels):
+            return True  # (most places have none, and every decision asks of every node)
         if self.include and not any(fnmatchcase(node.name, g) for g in self.include):
             return False
         if any(fnmatchcase(node.name, g) for g in self.exclude):

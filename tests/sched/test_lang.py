@@ -108,3 +108,23 @@ def test_any_text_is_a_command_or_a_clear_error(text: str) -> None:
 def test_cpu_and_mem_need_no_shell_quoting() -> None:
     # `echo place hello cpu>=2 > ctl` is a redirection in sh and rc; cpu=2 is the same constraint.
     assert parse_command("place hello cpu=2 mem=64M").request == parse_command("place hello cpu>=2 mem>=64M").request
+
+
+# Characters where splitting at white space and splitting as a shell would can part ways.
+_TRICKY = " \t\r\n\x0b\x0c\x1c\x1f\x85\xa0\u2003'\"\\#ab=-"
+
+
+@given(st.text(alphabet=st.sampled_from(_TRICKY), max_size=40) | st.text(max_size=40))
+def test_words_are_split_as_a_shell_splits_them(text: str) -> None:
+    """The fast split of plain commands gives shlex's words, whatever the text holds."""
+    import shlex
+
+    from fornax_sched.sched.lang import _words
+
+    try:
+        want = shlex.split(text)
+    except ValueError:
+        with pytest.raises(LangError):
+            _words(text)
+        return
+    assert _words(text) == want

@@ -14,6 +14,7 @@ separate interface, ``Discovery``, that a backend may also implement.
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -54,11 +55,18 @@ class Spec:
 
     def with_revision(self) -> Spec:
         """The spec with its revision filled in: equal specs (names aside) have equal revisions."""
-        body = json.dumps([self.image, list(self.args), self.cpus, self.mem, sorted(self.env),
-                           sorted(kv for kv in self.labels if kv[0] != REVISION_LABEL)], separators=(",", ":"))
-        rev = hashlib.sha256(body.encode()).hexdigest()[:16]
-        labels = tuple(kv for kv in self.labels if kv[0] != REVISION_LABEL) + ((REVISION_LABEL, rev),)
-        return Spec(self.name, self.image, self.args, self.cpus, self.mem, labels, self.env, rev)
+        labels = tuple(kv for kv in self.labels if kv[0] != REVISION_LABEL)
+        rev = _revision(self.image, self.args, self.cpus, self.mem, self.env, labels)
+        return Spec(self.name, self.image, self.args, self.cpus, self.mem, labels + ((REVISION_LABEL, rev),),
+                    self.env, rev)
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def _revision(image: str, args: tuple[str, ...], cpus: float, mem: int, env: tuple[tuple[str, str], ...],
+              labels: tuple[tuple[str, str], ...]) -> str:
+    """A hash of what a spec runs (every replica of a place asks for the same one)."""
+    body = json.dumps([image, list(args), cpus, mem, sorted(env), sorted(labels)], separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 @dataclass(slots=True)

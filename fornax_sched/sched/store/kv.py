@@ -163,9 +163,13 @@ def _size(op: Put | Delete) -> int:
     return len(op.key.encode()) + len(op.end.encode()) + 16
 
 
+# One encoder for every row: json.dumps with options of its own builds a new encoder a call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def encode(value: Any) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return _encode(value)
     except (TypeError, ValueError) as e:
         raise StoreError(f"cannot store a value: {e}") from None
 
