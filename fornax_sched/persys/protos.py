@@ -39,6 +39,8 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2  # noqa: F401 - puts
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
+from ..fs.server import file_limit
+
 PROTO_ROOT = Path(__file__).resolve().parent / "proto"
 AGENT_FILE = "persys/agent/v1/agent.proto"
 CONTROL_FILE = "persys/control/v1/control.proto"
@@ -90,8 +92,6 @@ def server_options(share: int = 32) -> list[tuple[str, Any]]:
     limit as connections (at least 16), and a connection that does not finish its handshake within
     ``HANDSHAKE_MS`` closed.  Without them idle connections took every file, and the 9P server,
     which leaves an eighth of the limit for the process's other files, accepted no one."""
-    from ..fs.server import file_limit
-
     return [("grpc.max_allowed_incoming_connections", max(16, file_limit() // share)),
             ("grpc.server_handshake_timeout_ms", HANDSHAKE_MS)]
 
