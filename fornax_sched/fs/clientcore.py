@@ -199,8 +199,13 @@ class ClientCore:
         return (yield M.Twrite(0, fid, offset, data)).count
 
     def _op_clunk(self, fid: int) -> Op[None]:
+        """Clunk ``fid``.  On a connection that is gone there is nothing to clunk (the server forgot
+        its fids with it): then nothing is raised, so that the error an operation's own request met
+        (a Twrite that timed out, say) is the one its caller sees, not the clunk's after it."""
         try:
             yield M.Tclunk(0, fid)
+        except ConnectionError:
+            pass
         finally:
             if fid != self.root:
                 self._free_fids.append(fid)

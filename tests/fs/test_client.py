@@ -110,3 +110,25 @@ def test_a_caller_cancelled_while_its_flush_waits_leaves_it_bounded(ramfs: Serve
         assert c._gone is not None
         await c.close()
     run(main())
+
+
+@pytest.mark.parametrize("op", ["write_file", "read_file", "ls", "stat_path"])
+def test_the_error_a_request_met_is_not_hidden_by_the_clunk_after_it(op: str) -> None:
+    """A whole-path operation whose request times out on a peer then declared dead still clunks its
+    fid, and that clunk cannot go out: the caller must see the timeout, which names the request,
+    not the clunk's "connection closed" (the CLI said only that a Tflush went unanswered)."""
+    from fornax_sched.fs.clientcore import ClientCore
+    from fornax_sched.fs.codec import Qid
+
+    core = ClientCore(("tcp", "127.0.0.1", 1), TIMEOUT)
+    gen = {"write_file": lambda: core._op_write_file("f", b"x", False, True),
+           "read_file": lambda: core._op_read_file("f"), "ls": lambda: core._op_ls("d"),
+           "stat_path": lambda: core._op_stat_path("f")}[op]()
+    assert isinstance(next(gen), M.Twalk)
+    after_walk = gen.send(M.Rwalk(0, (Qid(0, 0, 7),)))
+    late = TimeoutError(f"9P {type(after_walk).__name__} timed out after 1s; did not answer a Tflush")
+    assert isinstance(gen.throw(late), M.Tclunk)  # the fid is clunked, whatever happened
+    with pytest.raises(TimeoutError) as got:
+        gen.throw(ConnectionError("9P server did not answer a Tflush within 1s: connection closed"))
+    assert got.value is late
+    assert core._free_fids == [1]  # and freed
