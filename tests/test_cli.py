@@ -18,7 +18,7 @@ import fornax_sched
 from fornax_sched import exitcodes as X
 
 from .conftest import ROOT, spawn_serving
-from .helpers import free_port, stop_process
+from .helpers import free_port, stop_process, wait_until
 
 BIN = Path(sys.executable).parent
 CTL = "/cluster/scheduler/ctl"
@@ -124,3 +124,18 @@ def test_the_help_still_lists_everything() -> None:
     wrong = fs("9p", "-t", "5", "nosuch")
     assert wrong.returncode == X.USAGE and "invalid choice: 'nosuch'" in wrong.stderr
     assert "WORD" in fs("9p", "-V", "9P2000", "write", "--help").stdout
+
+
+def test_a_write_that_times_out_says_the_command_may_still_be_carried_out(sched: str) -> None:
+    """`place ... replicas=1000` outlasts a short -t: the CLI says the write timed out, and the
+    scheduler carries the command out all the same (a flushed ctl write runs to its end)."""
+    r = fs("9p", "-t", "0.05", "write", "-r", sched, CTL, "place", "hello", "name=slow", "replicas=1000")
+    assert r.returncode == X.UNREACHABLE, r
+    assert "timed out after 0.05s" in r.stderr and "may still carry the write out" in r.stderr, r.stderr
+
+    def placed() -> bool:
+        return fs("9p", "read", sched, "/cluster/scheduler/placements/slow-1000").returncode == 0
+
+    assert wait_until(placed, 30)
+    done = fs("9p", "-t", "60", "write", "-r", sched, CTL, "remove", "slow")
+    assert done.returncode == 0 and done.stdout.count("removed slow-") == 1000, done.stderr

@@ -136,7 +136,10 @@ def _run_client(args: argparse.Namespace) -> int:
         print(f"{what}: {text}", file=sys.stderr)
         return X.REFUSED
     except (ConnectionError, TimeoutError) as e:
-        print(f"{what}: {e}", file=sys.stderr)
+        # A write that timed out was flushed, which need not undo it: the scheduler's ctl commands
+        # run to their end (a place of 1,000 replicas on one node takes longer than the default 10 s).
+        late = "; the server may still carry the write out: look at what it did, or give -t more seconds"
+        print(f"{what}: {e}{late if isinstance(e, TimeoutError) and args.op == 'write' else ''}", file=sys.stderr)
         return X.UNREACHABLE
     except ValueError as e:  # a bad dial string, or a name the protocol cannot carry
         print(f"{what}: {e}", file=sys.stderr)
