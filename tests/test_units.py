@@ -20,3 +20,15 @@ def test_zero_is_a_reading_not_a_limit() -> None:
         parse_size("0", "memory limit")
     with pytest.raises(SizeError, match="bad memory limit '12Q'"):
         parse_size("12Q", "memory limit")
+
+
+def test_sizes_are_read_exactly_up_to_the_cap() -> None:
+    """8192T (2^53 bytes) is the most a size may say: exact as a double and as a Lua number, and a
+    node's sum of them stays far from 2^63.  Long numbers are read exactly, not through a float
+    (which would take 2^53 + 1 for 2^53 and let it through)."""
+    assert parse_size("8192T") == 1 << 53 == parse_size(str(1 << 53))
+    for text in (str((1 << 53) + 1), "8193T", "99999999999999999999999T", "8192.0001T"):
+        with pytest.raises(SizeError, match="must be at most 8192T"):
+            parse_size(text, "mem")
+    assert parse_size("4503599627370497") == (1 << 52) + 1
+    assert parse_size("1.1T") == 1209462790553 and parse_size("0.5K") == 512

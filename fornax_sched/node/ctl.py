@@ -134,7 +134,7 @@ def _run(words: list[str]) -> Command:
         except ValueError:
             raise CtlError(f"bad cpu limit {options['cpu']!r}: want a number of CPUs such as 0.5 or 2") from None
         if not 0 < cpus <= 1024:
-            raise CtlError(f"bad cpu limit {options['cpu']!r}: must be above 0")
+            raise CtlError(f"bad cpu limit {options['cpu']!r}: must be above 0 and at most 1024")
         cmd.limits.cpus = cpus
     if "name" in options:
         if not _NAME.match(options["name"]):

@@ -245,6 +245,8 @@ local UNITS = { [""] = 1, k = 1 << 10, m = 1 << 20, g = 1 << 30, t = 1 << 40 }
 
 -- "512K", "64M", "1.5G", "100" (bytes; a B or iB may follow) -> bytes, as
 -- fornax_sched.units.parse_size reads them; a number is returned as it is.
+local MAX_SIZE = 1 << 53 -- 8192T, the most a size may say (units.MAX_SIZE)
+
 local function size(text)
   if type(text) == "number" then return text end
   if type(text) ~= "string" then error("size: want a string such as 512M, got " .. type(text), 2) end
@@ -256,7 +258,16 @@ local function size(text)
     local unit = ssub(rest, 1, 1)
     if UNITS[unit] and unit ~= "" then rest = ssub(rest, 2) else unit = "" end
     if rest == "" or rest == "b" or rest == "ib" then
-      local n = floor((tonumber(num) + 0.0) * UNITS[unit]) -- in floating point, as Python's
+      -- As units.parse_size: a whole number exactly (no float rounding, no integer wrap-around),
+      -- one with a fraction in floating point.
+      local whole = not sfind(num, ".", 1, true) and tointeger(tonumber(num))
+      local n
+      if whole then
+        n = whole <= MAX_SIZE // UNITS[unit] and whole * UNITS[unit] or MAX_SIZE + 1
+      else
+        n = floor((tonumber(num) + 0.0) * UNITS[unit])
+      end
+      if n > MAX_SIZE then error(sformat("size: bad size %q: must be at most 8192T", text), 2) end
       return tointeger(n) or n
     end
   end

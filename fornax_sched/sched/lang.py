@@ -279,7 +279,7 @@ def _cpus(value: str, whole: str) -> float:
     except ValueError:
         raise LangError(f"bad cpu constraint {whole!r}: want a number of CPUs such as 0.5 or 2") from None
     if not 0 < n <= 4096:
-        raise LangError(f"bad cpu constraint {whole!r}: must be above 0")
+        raise LangError(f"bad cpu constraint {whole!r}: must be above 0 and at most 4096")
     return n
 
 
@@ -287,7 +287,7 @@ def _size(value: str, whole: str) -> int:
     try:
         return parse_size(value, "memory")
     except SizeError as e:
-        raise LangError(f"bad mem constraint {whole!r}: {e}") from None
+        raise LangError(f"bad mem constraint {whole!r}: {e.reason}") from None
 
 
 def _count(value: str, what: str, low: int, high: int) -> int:

@@ -156,3 +156,21 @@ def test_size_is_parse_size(helpers: object, text: str) -> None:
     except lua.LuaError:
         got = None
     assert got == want, text
+
+
+def test_size_refuses_past_the_cap_as_parse_size(helpers: object) -> None:
+    """At the cap (8192T, 2^53 bytes) and past it, whole numbers too long for a float or an int64."""
+    import lupa.lua54 as lua
+
+    for text in ("8192T", "8193T", "9007199254740992", "9007199254740993", "99999999999999999999T",
+                 "99999999999999999999999", "8192.0001T", "8191.5T"):
+        try:
+            want: int | None = parse_size(text)
+        except SizeError:
+            want = None
+        try:
+            got = helpers.size(text)  # type: ignore[attr-defined]
+        except lua.LuaError as e:
+            assert "must be at most 8192T" in str(e), e
+            got = None
+        assert got == want, text

@@ -278,3 +278,30 @@ def test_swapping_the_policy_under_a_stream_of_places(cluster: tuple[SchedProc, 
         assert sorted(runs) == sorted(f"s{i}" for i in range(40))
 
     asyncio.run(go())
+
+
+def test_a_size_no_policy_could_be_given_is_refused_at_place(cluster: tuple[SchedProc, list[NodeProc]]) -> None:
+    """A place asking for 2^76 bytes was acknowledged as pending; the Lua sandbox could not take the
+    number (OverflowError), so that decision fell to the built-in spread ("platform policy
+    unavailable") and every later policy was refused by its dry run while it waited.  Sizes above
+    8192T are refused where they are written; 8192T itself waits like any place too big for the
+    nodes, and policies go on deciding and loading."""
+    sched, _ = cluster
+    a = sched.addr
+
+    async def go() -> None:
+        await write_policy(a, (EXAMPLES / "best-fit.lua").read_text())
+        with pytest.raises(P9Error, match="bad mem constraint 'mem>=99999999999999999999999T': must be at most 8192T"):
+            await ctl(a, "place hello name=big mem>=99999999999999999999999T")
+        with pytest.raises(P9Error, match="must be at most 8192T"):
+            await ctl(a, "place hello name=big mem=9007199254740993")  # 2^53 + 1: a float would round it to 2^53
+        reply = await ctl(a, "place hello name=edge mem=8192T")
+        assert reply.startswith("edge node=- status=pending (policy: no node fits mem>=8192T"), reply  # Lua decided
+        assert "status=running" in await ctl(a, "place hello name=small")
+        assert (await placement(a, "small"))["reason"].startswith("policy:"), await placement(a, "small")
+        assert "policy v2 active" in await write_policy(a, (EXAMPLES / "zone-spread.lua").read_text())
+        log = await read(a, "cluster/scheduler/log")
+        assert "sandbox failed" not in log and "platform policy unavailable" not in log, log
+        assert "place big" not in log.replace("refused 'place hello name=big", "")
+
+    asyncio.run(go())

@@ -124,7 +124,7 @@ def parse_address(addr: str) -> Address:
             elif key == "cpus":
                 cpus = float(value)
                 if not 0 < cpus <= 100_000:
-                    raise ValueError("want more than 0")
+                    raise ValueError("want more than 0 and at most 100000")
             elif key == "mem":
                 mem = parse_size(value, "mem")
             elif key.startswith("label.") and LABEL_KEY.match(key[len("label."):]) and value:
