@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import units
+from ..environ import env_problem
 from ..units import format_size
 from . import rt_cgroup
 from .rt_monitor import Forker, Spec, atomic_write, proc_start, proc_state
@@ -89,11 +90,8 @@ STOPPED = "stopped by request"  # a stop written by a user (or a scheduler)
 SHUTDOWN = "stopped: node shutting down"  # the daemon's own clean shutdown
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # (what the ctl parser takes)
 LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,62}")  # node and container labels alike
-ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_LABELS = 64  # per container
 MAX_LABEL_VALUE = 255  # characters
-MAX_ENV = 256  # variables per container
-MAX_ENV_BYTES = 64 << 10  # of the run's own variables, "KEY=VALUE\0" each
 MIN_MEM = 1 << 20  # below this not even a shell starts
 REPORT_TIMEOUT = 10.0  # seconds for a monitor to say it started the container
 
@@ -773,24 +771,11 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
 
 
 def check_env(env: Mapping[str, str]) -> dict[str, str]:
-    """A copy of a run's own environment variables; ContainerError if one cannot be passed.
-
-    FORNAX_* are refused: they are how a container learns where it runs,
-    and a user's value would lie about that.
-    """
-    if len(env) > MAX_ENV:
-        raise ContainerError(f"too many env variables: {len(env)} (at most {MAX_ENV})")
-    size = 0
-    for k, v in env.items():
-        if not isinstance(k, str) or not ENV_KEY.fullmatch(k):
-            raise ContainerError(f"bad env name {k!r}: want [A-Za-z_][A-Za-z0-9_]*")
-        if k.startswith("FORNAX_"):
-            raise ContainerError(f"env {k}: FORNAX_ variables are set by the node and cannot be given")
-        if not isinstance(v, str) or "\0" in v:
-            raise ContainerError(f"bad value of env {k}: text without NUL")
-        size += len(k.encode()) + len(v.encode(errors="surrogateescape")) + 2
-    if size > MAX_ENV_BYTES:
-        raise ContainerError(f"env too large: {size} bytes (at most {format_size(MAX_ENV_BYTES)})")
+    """A copy of a run's own environment variables; ContainerError if one cannot be passed
+    (the rules: fornax_sched.environ)."""
+    why = env_problem(env)
+    if why is not None:
+        raise ContainerError(why)
     return dict(env)
 
 

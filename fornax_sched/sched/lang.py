@@ -15,8 +15,9 @@ need no quoting in a shell), ``KEY=VALUE`` (a node label some node has;
 ``label:KEY=VALUE`` for one no node has yet, to wait for it),
 ``node=GLOB`` / ``node!=GLOB`` (node names to use / avoid),
 ``anti-affinity=GLOB`` (no node already running a container whose name
-matches), ``name=NAME`` and ``replicas=N``.  Words after ``--`` are passed
-to the image's command.
+matches), ``name=NAME`` and ``replicas=N``.  ``env:KEY=VALUE`` gives the
+container a variable (the node's rules: fornax_sched.environ).  Words after
+``--`` are passed to the image's command.
 
 policy, one rule a line (``#`` comments)::
 
@@ -31,6 +32,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from ..environ import env_problem
 from ..units import SizeError, parse_size
 from .model import Affinity, AntiAffinity, Condition, Policy, Request
 
@@ -43,7 +45,7 @@ MAX_COMMAND = 16384  # characters of one ctl command
 
 USAGE = """commands:
   place IMAGE [cpu>=N] [mem>=SIZE] [KEY=VALUE] [label:KEY=VALUE] [node=GLOB] [node!=GLOB] [anti-affinity=GLOB]
-              [name=NAME] [replicas=N] [restart=always|on-failure|never] [-- ARG ...]
+              [name=NAME] [replicas=N] [restart=always|on-failure|never] [env:KEY=VALUE] [-- ARG ...]
   migrate CONTAINER FROM TO | evacuate NODE | rebalance [MOVES]
   stop NAME | start NAME | remove NAME      (NAME: a container, or a group: all its replicas)
   cordon NODE | uncordon NODE | scale NAME REPLICAS
@@ -147,8 +149,17 @@ def parse_place_marked(words: list[str]) -> tuple[Request, tuple[str, ...]]:
     exclude: list[str] = []
     avoid: list[str] = []
     marked: list[str] = []
+    env: dict[str, str] = {}
     seen: set[str] = set()
     for w in rest:
+        if w.startswith("env:"):  # what the container is given, not where it goes
+            key, eq, value = w[len("env:"):].partition("=")
+            if not eq:
+                raise LangError(f"bad env {w!r}: want env:KEY=VALUE")
+            if key in env:
+                raise LangError(f"env {key} given twice")
+            env[key] = value
+            continue
         explicit = w.startswith("label:")
         if explicit:
             w = w[len("label:"):]
@@ -185,11 +196,14 @@ def parse_place_marked(words: list[str]) -> tuple[Request, tuple[str, ...]]:
         else:
             raise LangError(f"unknown constraint {w!r}: want cpu>=N (or cpu=N), mem>=SIZE (or mem=SIZE), "
                             "KEY=VALUE, node=GLOB, "
-                            "node!=GLOB, anti-affinity=GLOB, name=NAME, replicas=N or restart=POLICY "
-                            "(arguments go after --)")
+                            "node!=GLOB, anti-affinity=GLOB, name=NAME, replicas=N, restart=POLICY "
+                            "or env:KEY=VALUE (arguments go after --)")
+    why = env_problem(env)
+    if why is not None:
+        raise LangError(why)
     return Request(image=image, args=tuple(args), name=name, replicas=replicas, cpus=cpus, mem=mem,
                    labels=tuple(labels), include=tuple(include), exclude=tuple(exclude),
-                   avoid=tuple(avoid), restart=restart), tuple(marked)
+                   avoid=tuple(avoid), restart=restart, env=tuple(env.items())), tuple(marked)
 
 
 def parse_policy(text: str) -> Policy:
@@ -308,6 +322,7 @@ def format_place(req: Request) -> str:
         words.append(f"replicas={req.replicas}")
     if req.restart != "never":
         words.append(f"restart={req.restart}")
+    words += [shlex.quote(f"env:{k}={v}") for k, v in req.env]
     if req.args:
         words += ["--", *(shlex.quote(a) for a in req.args)]
     return " ".join(words)

@@ -54,7 +54,8 @@ class Request:
     ``cpus``/``mem`` are what each replica reserves on its node (from
     ``cpu>=N``/``mem>=SIZE``); ``labels`` must all be on the node; a node's
     name must match one ``include`` glob (if any) and no ``exclude`` glob;
-    ``avoid`` globs name containers this one must not share a node with.
+    ``avoid`` globs name containers this one must not share a node with;
+    ``env`` is what the container is given (``env:KEY=VALUE``), not a constraint.
     """
 
     image: str
@@ -68,6 +69,7 @@ class Request:
     exclude: tuple[str, ...] = ()
     avoid: tuple[str, ...] = ()
     restart: str = "never"  # never | on-failure | always: what to do when the container ends on its own
+    env: tuple[tuple[str, str], ...] = ()  # the container's own variables, in the order given
 
     def allows(self, node: NodeFacts) -> bool:
         """The static filters (name globs, labels); capacity is the core's business."""

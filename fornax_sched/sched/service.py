@@ -718,7 +718,7 @@ class Scheduler:
 
     def _spec(self, name: str, req: Request) -> Spec:
         return Spec(name, req.image, req.args, req.cpus, req.mem,
-                    labels=((CLUSTER_LABEL, self.store.cluster),)).with_revision()
+                    labels=((CLUSTER_LABEL, self.store.cluster),), env=req.env).with_revision()
 
     def _start_early(self, plan: Plan) -> set[str]:
         """Start the containers of new placements while their plan commits, so that the store's
@@ -1538,7 +1538,8 @@ class Scheduler:
         if cons:
             lines.append(f"constraints={cons}")
         if p.request.args:
-            lines.append("args=" + " ".join(p.request.args))
+            lines.append("args=" + _printable(" ".join(p.request.args)))
+        lines += [f"env.{k}={_printable(v)}" for k, v in p.request.env]
         if p.request.restart != "never":
             lines.append(f"restart={p.request.restart} restarts={r.restarts}")
         if r.detail:
@@ -1712,6 +1713,11 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(head) - 1)]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] + "\n"
                    for r in cells)
+
+
+def _printable(text: str) -> str:
+    """Text for one line of a file: a newline or another control character written as its escape."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _one_line(text: str) -> str:

@@ -365,7 +365,8 @@ def request_to_json(r: Request) -> dict[str, Any]:
     return {"image": r.image, "args": list(r.args), "name": r.name, "replicas": r.replicas, "cpus": r.cpus,
             "mem": r.mem, "labels": [list(kv) for kv in r.labels], "include": list(r.include),
             "exclude": list(r.exclude), "avoid": list(r.avoid),
-            **({"restart": r.restart} if r.restart != "never" else {})}
+            **({"restart": r.restart} if r.restart != "never" else {}),
+            **({"env": [list(kv) for kv in r.env]} if r.env else {})}
 
 
 def request_from_json(d: dict[str, Any]) -> Request:
@@ -373,7 +374,7 @@ def request_from_json(d: dict[str, Any]) -> Request:
                    replicas=int(d.get("replicas", 1)), cpus=float(d.get("cpus", 0)), mem=int(d.get("mem", 0)),
                    labels=tuple((k, v) for k, v in d.get("labels", ())), include=tuple(d.get("include", ())),
                    exclude=tuple(d.get("exclude", ())), avoid=tuple(d.get("avoid", ())),
-                   restart=str(d.get("restart", "never")))
+                   restart=str(d.get("restart", "never")), env=tuple((k, v) for k, v in d.get("env", ())))
 
 
 

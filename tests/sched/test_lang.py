@@ -19,7 +19,8 @@ def test_place_with_every_constraint() -> None:
 
 
 def test_place_round_trips_through_its_text() -> None:
-    req = parse_command("place hello mem>=64M ssd=yes node!=old-* -- 'two words'").request
+    req = parse_command("place hello mem>=64M ssd=yes node!=old-* env:A=1 'env:B=x y' env:C= env=prod "
+                        "-- 'two words'").request
     assert req is not None
     again = parse_command(format_place(req)).request
     assert again == req
@@ -44,6 +45,10 @@ def test_place_round_trips_through_its_text() -> None:
     ("scale web", "usage: scale NAME REPLICAS"),
     ("cordon a b", "usage: cordon NODE"),
     ("place hello 'unclosed", "cannot parse"),
+    ("place hello env:A", "bad env 'env:A': want env:KEY=VALUE"),
+    ("place hello env:A=1 env:A=2", "env A given twice"),
+    ("place hello env:FORNAX_NODE=x", "FORNAX_ variables are set by the node"),
+    ("place hello env:a-b=1", "bad env name 'a-b'"),
 ])
 def test_command_errors_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(LangError, match=message.replace("(", r"\(")):
@@ -128,3 +133,16 @@ def test_words_are_split_as_a_shell_splits_them(text: str) -> None:
             _words(text)
         return
     assert _words(text) == want
+
+
+def test_env_is_given_not_a_constraint() -> None:
+    """env:KEY=VALUE goes to the container; env=VALUE is still a node label named env."""
+    req = parse_command("place hello env:A=1 'env:B=x y' env=prod").request
+    assert req is not None
+    assert req.env == (("A", "1"), ("B", "x y")) and req.labels == (("env", "prod"),)
+    assert "env:" not in req.constraints()
+    from fornax_sched.sched.state import request_from_json, request_to_json
+
+    assert request_from_json(request_to_json(req)) == req
+    plain = parse_command("place hello").request
+    assert plain is not None and "env" not in request_to_json(plain)  # (rows without env read as before)

@@ -183,6 +183,9 @@ def crash_images(tmp: Path) -> Path:
     (images / "crash" / "config").write_text("sh -c 'echo crashing; exit 3'\n")
     (images / "done").mkdir()
     (images / "done" / "config").write_text("sh -c 'echo done'\n")
+    (images / "greet").mkdir()  # says two of its variables, then idles
+    (images / "greet" / "config").write_text(
+        """sh -c 'echo "GREETING=$GREETING TWO=$TWO"; while :; do sleep 1; done'\n""")
     return images
 
 
@@ -443,3 +446,66 @@ def test_join_adds_a_node_at_run_time(tmp_path: Path) -> None:
     finally:
         node.stop()
         sched.stop()
+
+
+def test_env_reaches_the_container_and_stays_with_the_placement(tmp_path: Path) -> None:
+    """place ... env:KEY=VALUE: the container has the variables; the placement file shows them; they
+    are kept in the store (a restart of the scheduler) and go with the container when its node dies
+    and it is placed again.  What a node would refuse is refused at place, with the node's words."""
+    from ..node.cluster import three_nodes
+
+    nodes = three_nodes(tmp_path, images=crash_images(tmp_path))
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes]).start()
+    try:
+        async def said(name: str) -> str:
+            async def line() -> str | None:
+                try:
+                    text = await read(sched.addr, f"cluster/scheduler/logs/{name}")
+                except P9Error:
+                    return None
+                return text if text.endswith("\n") else None
+            return await eventually(line, timeout=15)
+
+        async def go() -> None:
+            await discovered(sched)
+            reply = await ctl(sched.addr, "place greet name=g env:GREETING=hi 'env:TWO=a b'")
+            assert "status=running" in reply, reply
+            assert await said("g") == "GREETING=hi TWO=a b\n"
+            text = await read(sched.addr, "cluster/scheduler/placements/g")
+            assert "env.GREETING=hi\n" in text and "env.TWO=a b\n" in text, text
+            assert "place g (place greet name=g env:GREETING=hi 'env:TWO=a b')" in \
+                await read(sched.addr, "cluster/scheduler/log")
+            for bad, why in (("env:FORNAX_NODE=x", "FORNAX_ variables are set by the node"),
+                             ("env:1X=y", "bad env name '1X'"), ("env:X", "want env:KEY=VALUE"),
+                             ("env:X=1 env:X=2", "env X given twice")):
+                with pytest.raises(P9Error, match=why):
+                    await ctl(sched.addr, f"place greet name=bad {bad}")
+            assert "bad" not in await read(sched.addr, "cluster/scheduler/status")
+            await ctl(sched.addr, "place greet name=nl 'env:ML=one\ntwo' -- 'a\tb'")  # each line stays one
+            text = await read(sched.addr, "cluster/scheduler/placements/nl")
+            assert "\nenv.ML=one\\ntwo\n" in text and "\nargs=a\\tb\n" in text, text
+            await ctl(sched.addr, "remove nl")
+
+        asyncio.run(go())
+        sched.stop()
+        sched.start()  # the variables were kept in the store
+
+        async def after() -> None:
+            await discovered(sched)
+            text = await read(sched.addr, "cluster/scheduler/placements/g")
+            assert "env.GREETING=hi\n" in text and "env.TWO=a b\n" in text, text
+            victim = fields_of(text)["node"]
+            next(n for n in nodes if n.name == victim).kill9()
+
+            async def moved() -> dict[str, str] | None:
+                st = fields_of(await read(sched.addr, "cluster/scheduler/placements/g"))
+                return st if st["node"] != victim and st["status"] == "running" else None
+
+            await eventually(moved, timeout=20)
+            assert await said("g") == "GREETING=hi TWO=a b\n"
+
+        asyncio.run(after())
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
