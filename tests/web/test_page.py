@@ -106,13 +106,15 @@ def test_a_place_made_on_the_page_appears_in_the_9p_placements(cluster: dict[str
     form.locator("[name=image]").fill("hello")
     form.locator("[name=name]").fill("from-page")
     form.locator("[name=replicas]").fill("2")
-    expect(page.locator("#place-cmd")).to_have_text("place hello name=from-page replicas=2")
+    form.locator("[name=env]").fill("GREETING=hi MODE=page")
+    expect(page.locator("#place-cmd")).to_have_text("place hello name=from-page replicas=2 env:GREETING=hi env:MODE=page")
     page.click("#place-go")
     expect(page.locator("#answer-text")).to_contain_text("from-page-2 node=fornax-", timeout=WAIT)
     assert page.locator("#answer").get_attribute("data-kind") == "ok"
     assert {"from-page-1", "from-page-2"} <= set(placements(cluster))
     text = nine(read(cluster["sched"].addr, "cluster/scheduler/placements/from-page-1"))
     assert text.startswith("node=fornax-") and "image=hello" in text
+    assert "\nenv.GREETING=hi\nenv.MODE=page\n" in text, text
     expect(page.locator('#prows .prow[data-name="from-page-1"]')).to_have_count(1, timeout=WAIT)
     expect(page.locator('#prows .prow[data-name="from-page-2"] span').nth(3)).to_have_text("running", timeout=WAIT)
     # And an action on a row: select it, stop it, through the same command path as a ctl write.

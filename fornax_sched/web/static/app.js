@@ -249,6 +249,7 @@ function placeCommand() {
   for (const g of v("avoid").split(/\s+/).filter(Boolean)) words.push(`node!=${g}`);
   for (const g of v("anti").split(/\s+/).filter(Boolean)) words.push(`anti-affinity=${g}`);
   if (v("restart")) words.push(`restart=${v("restart")}`);
+  for (const e of v("env").split(/\s+/).filter(Boolean)) words.push(`env:${e}`);
   const args = v("args");
   return words.map(quote).join(" ") + (args ? ` -- ${args}` : "");
 }
