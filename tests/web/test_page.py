@@ -107,7 +107,8 @@ def test_a_place_made_on_the_page_appears_in_the_9p_placements(cluster: dict[str
     form.locator("[name=name]").fill("from-page")
     form.locator("[name=replicas]").fill("2")
     form.locator("[name=env]").fill("GREETING=hi MODE=page")
-    expect(page.locator("#place-cmd")).to_have_text("place hello name=from-page replicas=2 env:GREETING=hi env:MODE=page")
+    expect(page.locator("#place-cmd")).to_have_text(
+        "place hello name=from-page replicas=2 env:GREETING=hi env:MODE=page")
     page.click("#place-go")
     expect(page.locator("#answer-text")).to_contain_text("from-page-2 node=fornax-", timeout=WAIT)
     assert page.locator("#answer").get_attribute("data-kind") == "ok"
