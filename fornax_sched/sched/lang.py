@@ -7,6 +7,7 @@ ctl, one command per write::
     stop NAME | start NAME | remove NAME      (NAME: a container, or a group: all its replicas)
     cordon NODE | uncordon NODE | scale NAME REPLICAS
   join ADDR                                  (follow the node at ADDR too: tcp!HOST!PORT, persys!HOST:PORT...)
+  forget NODE | forget ADDR                  (a dead node: drop it; a join not reached yet: stop trying)
   simulate place IMAGE [CONSTRAINT ...]      (what place would decide; nothing changes)
   policy history | policy restore VERSION
 
@@ -101,6 +102,10 @@ def parse_command(text: str) -> Command:
     if verb == "join":
         if len(rest) != 1 or not rest[0].isprintable() or len(rest[0]) > 512:
             raise LangError("usage: join ADDR (a node's address: tcp!HOST!PORT, or persys!HOST:PORT[!...])")
+        return Command(verb, targets=rest)
+    if verb == "forget":
+        if len(rest) != 1 or not rest[0].isprintable() or len(rest[0]) > 512:
+            raise LangError("usage: forget NODE (a dead node) | forget ADDR (a join not reached yet)")
         return Command(verb, targets=rest)
     if verb == "recover":
         if rest:

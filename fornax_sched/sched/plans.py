@@ -491,6 +491,25 @@ def plan_cordon(state: State, node: str, on: bool, now: float) -> Plan:
     return plan
 
 
+def plan_forget(state: State, node: str, now: float, user: str = "-", replicated: bool = False) -> Plan:
+    """A dead node dropped from the state (``forget NODE``): not followed, listed or dialled again.
+    A dead node holds no placements (plan_node_dead took them all off it).  One that answers again
+    later is found afresh (a seed, a join, a peer's word), as a new node."""
+    n = node_of(state, node)
+    if n.status != "dead":
+        raise CommandError(f"forget {node}: it is {n.status}; a node is forgotten once it is dead (to take it "
+                           f"out of use first: cordon {node}, evacuate {node}, then stop its daemon)")
+    plan = Plan(now)
+    plan.delete("nodes", node)
+    if replicated:
+        plan.delete("meta", f"liveness/{node}")
+    meta = state.nodes.get(node)
+    at = f"at {meta.addr}, " if meta is not None and meta.addr else ""
+    plan.note(f"forget {node} ({at}by {user}): no longer followed")
+    plan.answer = f"{node} forgotten\n"
+    return plan
+
+
 # ---------------------------------------------------------------- what acting showed (event loop)
 
 

@@ -1013,6 +1013,35 @@ class Scheduler:
         self._try_addr(addr)
         return f"joining {addr}: its name is learnt on first contact (see /cluster/nodes)\n"
 
+    async def _cmd_forget(self, cmd: lang.Command) -> str:
+        """Drop a dead node (its row, its link, its liveness), or stop trying an address not reached yet."""
+        target = cmd.targets[0]
+        if self.mode.name != NORMAL:
+            raise self._frozen()
+        if target in self.state.cluster.nodes:
+            plan = await self._submit(lambda st, g: plans.plan_forget(st, target, self.clock(), cmd.user or "-",
+                                                                      self.replicated))
+            lk = self.links.pop(target, None)
+            self.liveness.forget(target)
+            self._drift_now.discard(target)
+            if lk is not None:
+                self._addrs.discard(lk.addr)
+                for task in (lk.task, lk.reconciler):
+                    if task is not None:
+                        task.cancel()
+                await lk.backend.close()
+                self._pace()
+            return plan.answer
+        reaching = [t for t in self._lead_tasks if t.get_name() == f"sched-discover-{target}" and not t.done()]
+        if target in self._addrs and reaching:
+            for task in reaching:
+                task.cancel()
+            self._addrs.discard(target)
+            self.note(f"forget {target} (by {cmd.user}): no longer tried")
+            return f"{target}: no longer tried\n"
+        raise CommandError(f"forget {target}: no such node, nor an address being joined "
+                           f"(nodes: {', '.join(sorted(self.state.cluster.nodes)) or 'none'})")
+
     async def _cmd_cordon(self, cmd: lang.Command, on: bool = True) -> str:
         node = cmd.targets[0]
         plan = await self._submit(lambda st, g: plans.plan_cordon(st, node, on, self.clock()))
@@ -1178,6 +1207,10 @@ class Scheduler:
             except BackendError as e:
                 log.debug("node at %s: %s", addr, e)
                 tries += 1
+                if not learnt and (tries in (1, 10, 100) or tries % 1000 == 0):  # (a seed or a join: said, sparsely)
+                    why = _one_line(str(e)).removeprefix(f"node at {addr}: ").removeprefix(f"node {addr}: ")
+                    self.note(f"{addr} not reached ({tries} {'try' if tries == 1 else 'tries'}; trying again "
+                              f"every {self.interval:g}s, or: forget {addr}): {why}")
                 if learnt and tries >= PEER_TRIES:
                     await backend.close()
                     self._give_up(addr)

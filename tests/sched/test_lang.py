@@ -45,6 +45,8 @@ def test_place_round_trips_through_its_text() -> None:
     ("scale web", "usage: scale NAME REPLICAS"),
     ("cordon a b", "usage: cordon NODE"),
     ("place hello 'unclosed", "cannot parse"),
+    ("forget", "usage: forget NODE"),
+    ("forget a b", "usage: forget NODE"),
     ("place hello env:A", "bad env 'env:A': want env:KEY=VALUE"),
     ("place hello env:A=1 env:A=2", "env A given twice"),
     ("place hello env:FORNAX_NODE=x", "FORNAX_ variables are set by the node"),

@@ -509,3 +509,72 @@ def test_env_reaches_the_container_and_stays_with_the_placement(tmp_path: Path) 
         sched.stop()
         for n in nodes:
             n.stop()
+
+
+def test_forget_drops_a_dead_node_and_a_join_that_never_answers(tmp_path: Path) -> None:
+    """A join to an address that does not answer is said in the log (at the 1st, 10th, 100th try), and
+    `forget ADDR` stops it; a dead node stays listed, dialled every look, until `forget NODE`, which
+    refuses a node that is not dead.  After a restart the forgotten node is not followed again."""
+    sched = SchedProc(tmp_path / "sched", []).start()
+    nodes = [NodeProc(f"fornax-0{i}", free_port(), free_port(socket.SOCK_DGRAM), tmp_path / f"n{i}").start()
+             for i in (1, 2)]
+    nowhere = f"tcp!127.0.0.1!{free_port()}"
+    try:
+        async def log() -> str:
+            return await read(sched.addr, "cluster/scheduler/log")
+
+        async def logged(text: str) -> bool:
+            return text in await log()
+
+        async def listed() -> list[str]:
+            async with await Client.connect(sched.addr, timeout=10) as c:
+                return sorted(e.name for e in await c.ls("cluster/nodes"))
+
+        async def go() -> None:
+            for n in nodes:
+                await ctl(sched.addr, f"join {n.addr}")
+            await ctl(sched.addr, f"join {nowhere}")
+            await eventually(lambda: logged(f"{nowhere} not reached (1 try; trying again every 0.2s, or: forget "
+                                            f"{nowhere}): cannot connect: Connection refused"), 10)
+            await eventually(lambda: logged(f"{nowhere} not reached (10 tries;"), 10)
+            assert await ctl(sched.addr, f"forget {nowhere}") == f"{nowhere}: no longer tried\n"
+            with pytest.raises(P9Error, match=f"forget {nowhere}: no such node, nor an address being joined"):
+                await ctl(sched.addr, f"forget {nowhere}")
+
+            async def two() -> bool:
+                return await listed() == ["fornax-01", "fornax-02"]
+
+            await eventually(two, 15)
+            with pytest.raises(P9Error, match="forget fornax-02: it is online; a node is forgotten once it is dead"):
+                await ctl(sched.addr, "forget fornax-02")
+            assert (await ctl(sched.addr, "place hello name=f replicas=2")).count("status=running") == 2
+            nodes[1].kill9()
+
+            async def dead() -> bool:
+                return (await read(sched.addr, "cluster/nodes/fornax-02/status")).strip() == "dead"
+
+            await eventually(dead, 15)
+            assert await ctl(sched.addr, "forget fornax-02") == "fornax-02 forgotten\n"
+            assert await listed() == ["fornax-01"]
+            assert await logged(f"forget fornax-02 (at {nodes[1].addr}, by ")
+            assert "fornax-02" not in await read(sched.addr, "cluster/scheduler/status")  # (f-2 ran again on 01)
+            said = (await log()).count(f"{nowhere} not reached")
+            await asyncio.sleep(2.5)  # a dozen looks: the forgotten join is not tried (nor said) again
+            assert (await log()).count(f"{nowhere} not reached") == said
+
+        asyncio.run(asyncio.wait_for(go(), 90))
+        sched.stop()
+        sched.start()
+
+        async def after() -> None:
+            async def back() -> bool:
+                return (await read(sched.addr, "cluster/nodes/fornax-01/status")).strip() == "online"
+
+            await eventually(back, 15)
+            assert await listed() == ["fornax-01"]
+
+        asyncio.run(after())
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()

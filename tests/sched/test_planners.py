@@ -249,3 +249,24 @@ def test_liveness_never_reached_and_peers_say_dead() -> None:
     assert t.peers_say("c", "dead", 2.0) == []  # reached since the start: its own answers count
     assert t.tick(10.9) == [] or t.status("c") == "suspect"
     assert t.status("c") in ("suspect", "online")
+
+
+def test_forget_takes_a_dead_node_out_of_the_state_and_nothing_else() -> None:
+    w = World()
+    plan = w.decide(lambda s: plans.plan_place(s, Request("hello", name="f", replicas=3), 3, w.now, "spread"))
+    w.act(plan)
+    import pytest
+
+    with pytest.raises(CommandError, match="forget n2: it is online; a node is forgotten once it is dead"):
+        plans.plan_forget(w.state, "n2", w.now)
+    with pytest.raises(CommandError, match="no node 'n9'"):
+        plans.plan_forget(w.state, "n9", w.now)
+    w.node_dies("n2")
+    before = {k: v for k, v in w.store.items() if k[0] == "placements"}
+    plan = plans.plan_forget(w.state, "n2", w.now, "op", replicated=True)
+    assert "forget n2 (at sim!n2, by op): no longer followed" in plan.log
+    assert dict(plan.changes) == {("nodes", "n2"): None, ("meta", "liveness/n2"): None}
+    w.commit(plan)
+    assert "n2" not in w.state.cluster.nodes and "n2" not in w.state.nodes
+    assert {k: v for k, v in w.store.items() if k[0] == "placements"} == before  # every placement kept
+    assert all(p.node in ("n1", "n3") for p in w.state.cluster.placements.values())

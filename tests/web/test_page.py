@@ -221,6 +221,29 @@ def test_a_change_without_the_token_is_refused(cluster: dict[str, Any]) -> None:
         ctx.close()
 
 
+def test_a_dead_node_is_forgotten_from_the_page(cluster: dict[str, Any], page: Page, tmp_path: Path) -> None:
+    """A fourth node joins, dies (kill -9): its row offers forget, which takes it out of the table and
+    of /cluster/nodes.  (Last in the module: the three nodes the other tests see stay as they were.)"""
+    import socket
+
+    from ..node.cluster import NodeProc
+
+    extra = NodeProc("fornax-09", free_port(), free_port(socket.SOCK_DGRAM), tmp_path / "n9").start()
+    try:
+        nine(ctl(cluster["sched"].addr, f"join {extra.addr}"))
+        row = page.locator('#nodes tbody tr[data-node="fornax-09"]')
+        expect(row.locator("td.status-online")).to_have_count(1, timeout=WAIT)
+        expect(row.locator('button[data-do="forget"]')).to_have_count(0)  # only a dead node has it
+        extra.kill9()
+        expect(row.locator("td.status-dead")).to_have_count(1, timeout=WAIT)
+        row.locator('button[data-do="forget"]').click()
+        expect(page.locator("#answer-text")).to_contain_text("fornax-09 forgotten", timeout=WAIT)
+        expect(row).to_have_count(0, timeout=WAIT)
+        assert "fornax-09" not in [e.name for e in nine(ls(cluster["sched"].addr, "cluster/nodes"))]
+    finally:
+        extra.stop()
+
+
 def lambda_contains(text: str) -> Any:
     """A pattern for expect(...).to_have_value: the value holds ``text``."""
     import re

@@ -104,7 +104,8 @@ function renderNodes(st) {
       `<td>${size(n.mem_used)}</td><td>${n.load === null ? "-" : n.load.toFixed(2)}</td><td>${n.containers}</td>` +
       `<td><button data-do="${n.status.includes("cordoned") ? "uncordon" : "cordon"}" data-arg="${esc(n.name)}">` +
       `${n.status.includes("cordoned") ? "uncordon" : "cordon"}</button> ` +
-      `<button data-do="evacuate" data-arg="${esc(n.name)}">evacuate</button></td></tr>`;
+      `<button data-do="evacuate" data-arg="${esc(n.name)}">evacuate</button>` +
+      (s === "dead" ? ` <button data-do="forget" data-arg="${esc(n.name)}">forget</button>` : "") + `</td></tr>`;
   }).join("");
   const opts = st.nodes.map((n) => `<option>${esc(n.name)}</option>`).join("");
   for (const sel of ["#act-from", "#act-to"]) {
