@@ -591,7 +591,11 @@ class Framer:
         if len(buf) - pos >= 4:
             (size,) = _I.unpack_from(buf, pos)
             if size < 7 or size > self.msize:
-                raise ProtocolError(f"message size {size} outside 7..{self.msize}")
+                head = bytes(buf[pos : pos + 4])
+                # (an HTTP or SSH peer: its first bytes read as a size past any msize; say what they are)
+                hint = f": it began {head.decode()!r}, text, not 9P" if head.isascii() and head.decode().isprintable() \
+                    else ""
+                raise ProtocolError(f"message size {size} outside 7..{self.msize}{hint}")
             if len(buf) - pos >= size:
                 self._pos = pos + size
                 return bytes(buf[pos : pos + size])

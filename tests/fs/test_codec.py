@@ -128,8 +128,13 @@ def test_framer_splits_and_refuses_oversized() -> None:
     f.feed(b[3:])
     assert f.next_frame() == b and f.buffered() == 0
     f.feed(struct.pack("<I", 9000))
-    with pytest.raises(ProtocolError, match="outside"):
+    with pytest.raises(ProtocolError, match="outside 7..8192$"):
         f.next_frame()
+    for text in (b"HTTP/1.1 400 Bad Request\r\n", b"GET / HTTP/1.1\r\n", b"SSH-2.0-OpenSSH_9.2\r\n"):
+        f = Framer(8192)  # a peer that speaks a text protocol says so, not only a size
+        f.feed(text)
+        with pytest.raises(ProtocolError, match=f"it began '{text[:4].decode()}', text, not 9P"):
+            f.next_frame()
 
 
 def test_linux_fsync_without_datasync_decodes() -> None:
