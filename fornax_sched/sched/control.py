@@ -83,6 +83,9 @@ class ControlService:
         self.lease = heartbeat_interval * lease_intervals
         self.clock, self.monotonic = clock, monotonic
         self.leases: dict[str, Lease] = {}
+        # A node forgotten (ctl forget) loses its lease: if the agent is alive after all, its next
+        # heartbeat is answered NOT_FOUND, and it registers again, as a new node.
+        sched.forgetting.append(lambda node: self.leases.pop(node, None))
 
     # ------------------------------------------------------------ leases
     def expired(self) -> list[str]:

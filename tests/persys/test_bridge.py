@@ -203,6 +203,22 @@ def test_a_lease_that_runs_out_makes_the_node_dead_until_it_heartbeats(tmp_path:
                     log = await read(m.sched.addr, "cluster/scheduler/log")
                     assert "node agent-03 dead" in log and "lease expired" in log
                     await eventually(online, 10, 0.5)
+                    # Silent again, dead again, and forgotten: its lease goes with it, so its next heartbeat
+                    # is NOT_FOUND (an agent registers again then), and a registration brings it back.
+
+                    async def dead() -> bool:
+                        return (await read(m.sched.addr, "cluster/nodes/agent-03/status")).strip() == "dead"
+
+                    await eventually(dead, 10, 0.5)
+                    assert await ctl(m.sched.addr, "forget agent-03") == "agent-03 forgotten\n"
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await stub.Heartbeat(C.HeartbeatRequest(node_id="agent-03"), timeout=5)
+                    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+                    reg = await stub.RegisterNode(C.RegisterNodeRequest(
+                        node_id="agent-03", grpc_endpoint=endpoint,
+                        capabilities=C.NodeCapabilities(cpu_total_millicores=2000, memory_total_mb=2048)), timeout=5)
+                    assert reg.accepted
+                    await eventually(online, 15, 0.5)
 
             asyncio.run(asyncio.wait_for(go(), 90))
         finally:
