@@ -83,9 +83,6 @@ class ControlService:
         self.lease = heartbeat_interval * lease_intervals
         self.clock, self.monotonic = clock, monotonic
         self.leases: dict[str, Lease] = {}
-        # A node forgotten (ctl forget) loses its lease: if the agent is alive after all, its next
-        # heartbeat is answered NOT_FOUND, and it registers again, as a new node.
-        sched.forgetting.append(lambda node: self.leases.pop(node, None))
 
     # ------------------------------------------------------------ leases
     def expired(self) -> list[str]:
@@ -163,7 +160,15 @@ class ControlService:
         node = request.node_id
         if not node:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "node_id is required")
-        if node not in self.leases:
+        known = self.leases.get(node)
+        if known is not None and node not in self.sched.state.cluster.nodes and \
+                self.clock() - known.registered > self.lease:
+            # Forgotten (ctl forget, on whichever replica ran it; the state says so on all of them): an
+            # agent alive after all registers again, as a new node.  (A node just registered is in the
+            # state once the leader has reached it: a lease's time is more than that takes.)
+            del self.leases[node]
+            known = None
+        if known is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"node {node!r} not registered")
         self.leases[node].last_heartbeat = self.clock()
         if self.sched.mode.name != NORMAL:

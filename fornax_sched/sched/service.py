@@ -201,7 +201,6 @@ class Scheduler:
         self.drift_interval = 30.0  # seconds between a node's drift comparisons (0: none)
         self._drift_at: dict[str, float] = {}  # node -> when last compared (monotonic)
         self._drift_now: set[str] = set()  # nodes to compare at their next listing (they came back)
-        self.forgetting: list[Callable[[str], object]] = []  # told of each node forgotten (AgentControl's leases)
         self._revisions: dict[Request, str] = {}
         self.replicated = False  # one of several replicas on one store (replicas.py)
         self.relead: Callable[[], Awaitable[None]] | None = None  # a replica's: lead again before recover
@@ -1025,8 +1024,6 @@ class Scheduler:
             lk = self.links.pop(target, None)
             self.liveness.forget(target)
             self._drift_now.discard(target)
-            for tell in self.forgetting:
-                tell(target)
             if lk is not None:
                 self._addrs.discard(lk.addr)
                 for task in (lk.task, lk.reconciler):
