@@ -75,6 +75,8 @@ GROUP = 64  # plans planned and committed together at most
 LOOP_GROUP = 8
 MAX_LEARNING = 64  # peers' addresses (learnt from nodes' gossip) reached at once, at most
 PEER_TRIES = 10  # tries, an interval apart, at a learnt address that does not answer; then as long a rest
+MAX_JOINING = 1000  # seeds and joins not reached yet, at most: 2,000 of them dialled every second took half a core
+JOIN_BACKOFF = 10  # intervals, at most, between two tries at a seed or a join that does not answer
 QUOTE = 120  # characters of a refused command quoted in the log
 _TICK = 0.05  # seconds between the ticks that see whether the loop stood still during a look at the store
 # Looks at nodes a second at most, all nodes together: 500 nodes are looked at every interval, 10,000
@@ -182,6 +184,7 @@ class Scheduler:
         self.forward: Callable[[str, str, str], Awaitable[str]] | None = None
         self._addrs: set[str] = set()
         self._learning: set[str] = set()  # peers' addresses (learnt from nodes) being reached now
+        self._joining: set[str] = set()  # seeds' and joins' addresses being reached now (not learnt)
         self._peer_retry: dict[str, tuple[float, int]] = {}  # a learnt address given up on: (not before, times)
         self._store_error = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -263,6 +266,7 @@ class Scheduler:
         links, self.links = self.links, {}
         self._addrs.clear()
         self._learning.clear()
+        self._joining.clear()
         self._peer_retry.clear()
         self._busy.clear()
         self._dirty.clear()
@@ -1009,6 +1013,9 @@ class Scheduler:
         await backend.close()
         if addr in self._addrs:
             return f"joining {addr}: already being reached; its name is learnt on first contact\n"
+        if len(self._joining) >= MAX_JOINING:
+            raise CommandError(f"join {addr}: {len(self._joining)} addresses are being joined and have not answered "
+                               f"yet, the most there may be: forget some (the log names them)")
         self.note(f"join {addr} (by {cmd.user})")
         self._try_addr(addr)
         return f"joining {addr}: its name is learnt on first contact (see /cluster/nodes)\n"
@@ -1188,10 +1195,14 @@ class Scheduler:
         self._lead_tasks = [t for t in self._lead_tasks if not t.done()] + [task]
 
     async def _discover(self, addr: str, learnt: bool = False) -> None:
+        if not learnt:
+            self._joining.add(addr)
         try:
             await self._reach(addr, learnt)
         finally:
             self._learning.discard(addr)
+            if not learnt:
+                self._joining.discard(addr)
 
     async def _reach(self, addr: str, learnt: bool) -> None:
         try:
@@ -1199,7 +1210,7 @@ class Scheduler:
         except ValueError as e:
             self.note(f"node at {addr}: {e}")
             return
-        tries = 0
+        tries, wait = 0, self.interval
         while not self._closing:
             try:
                 info = await backend.info()
@@ -1209,13 +1220,15 @@ class Scheduler:
                 tries += 1
                 if not learnt and (tries in (1, 10, 100) or tries % 1000 == 0):  # (a seed or a join: said, sparsely)
                     why = _one_line(str(e)).removeprefix(f"node at {addr}: ").removeprefix(f"node {addr}: ")
-                    self.note(f"{addr} not reached ({tries} {'try' if tries == 1 else 'tries'}; trying again "
-                              f"every {self.interval:g}s, or: forget {addr}): {why}")
+                    self.note(f"{addr} not reached ({tries} {'try' if tries == 1 else 'tries'}; trying again, at "
+                              f"most {JOIN_BACKOFF * self.interval:g}s apart, or: forget {addr}): {why}")
                 if learnt and tries >= PEER_TRIES:
                     await backend.close()
                     self._give_up(addr)
                     return
-                await asyncio.sleep(self.interval)
+                await asyncio.sleep(wait)
+                if not learnt:  # (a seed or a join is tried until it answers, less and less often)
+                    wait = min(wait * 2, JOIN_BACKOFF * self.interval)
         else:
             return
         while self.mode.name != NORMAL and not self._closing:  # no node is registered while change is frozen
