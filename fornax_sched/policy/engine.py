@@ -60,7 +60,7 @@ from typing import Any
 
 from ..sched.core import Cluster, Decision, NodeState
 from ..sched.model import Request
-from ..units import format_size
+from ..units import MAX_SIZE, format_size
 from .errors import PolicyError, SandboxError, SandboxTimeout
 
 WORKER = Path(__file__).with_name("worker.py")
@@ -136,6 +136,12 @@ def _ms(seconds: float) -> str:
 # ---------------------------------------------------------------- what crosses to the worker
 
 
+def _size(n: int) -> int | float:
+    """A size as Lua can take it: past what sizes may say (units.MAX_SIZE; a store from before that
+    cap) as a float, which Lua holds, not an integer past 2^63, which stopped the sandbox."""
+    return n if n <= MAX_SIZE else float(n)
+
+
 def encode_node(cluster: Cluster, n: NodeState) -> str:
     """One node as the sandbox mirrors it; containers flat: name, image, cpus, mem, ..."""
     flat: list[Any] = []
@@ -144,10 +150,10 @@ def encode_node(cluster: Cluster, n: NodeState) -> str:
         if p is None:
             flat += [c, "", 0, 0]
         else:
-            flat += [c, p.request.image, p.request.cpus, p.request.mem]
+            flat += [c, p.request.image, p.request.cpus, _size(p.request.mem)]
     return json.dumps({
-        "name": n.name, "cpus": n.facts.cpus, "mem": n.facts.mem, "used_cpus": n.used_cpus,
-        "used_mem": n.used_mem, "labels": n.facts.labels, "status": n.status, "cordoned": n.cordoned,
+        "name": n.name, "cpus": n.facts.cpus, "mem": _size(n.facts.mem), "used_cpus": n.used_cpus,
+        "used_mem": _size(n.used_mem), "labels": n.facts.labels, "status": n.status, "cordoned": n.cordoned,
         "kind": n.facts.kind, "containers": flat,
     })
 
@@ -155,7 +161,7 @@ def encode_node(cluster: Cluster, n: NodeState) -> str:
 @functools.lru_cache(maxsize=256)
 def encode_request(req: Request) -> str:
     return json.dumps({
-        "image": req.image, "name": req.name, "cpus": req.cpus, "mem": req.mem, "replicas": req.replicas,
+        "image": req.image, "name": req.name, "cpus": req.cpus, "mem": _size(req.mem), "replicas": req.replicas,
         "labels": dict(req.labels), "pairs": [list(p) for p in req.labels], "include": list(req.include),
         "exclude": list(req.exclude), "avoid": list(req.avoid), "args": list(req.args),
         "constraints": req.constraints(),

@@ -333,3 +333,13 @@ def test_a_policy_tells_the_kinds_of_node_apart(make: Make, cluster: Cluster) ->
     assert p.decide(cluster, "c", PLAIN, frozenset()).node == "agent-1"
     p = make("function score(node) if node.kind == 'fornax' then return 10 - node.ncontainers end return 0 end")
     assert p.decide(cluster, "c", PLAIN, frozenset()).node != "agent-1"
+
+
+def test_a_size_past_the_cap_reaches_lua_as_a_float(make: Make, cluster: Cluster) -> None:
+    """A request from a store written before sizes were capped (units.MAX_SIZE) may ask for 2^70 bytes:
+    Lua gets it as a float (an integer past 2^63 stopped the sandbox: OverflowError), and decides."""
+    huge = Request("hello", mem=1 << 70)
+    assert answer(make, cluster, "function decide(ctx) return nil, 'mem ' .. math.type(ctx.request.mem) end",
+                  huge) == "policy: mem float"
+    assert answer(make, cluster, "function decide(ctx) return platform.decide(ctx) end", huge).startswith(
+        "policy: no node fits mem>=1073741824T")
