@@ -89,6 +89,13 @@ class Liveness:
         s = self._nodes.get(node)
         return s.last_ok if s is not None else None
 
+    def silent_since(self, node: str) -> float | None:
+        """Since when the node has not answered: its last answer, or when it was added if none came."""
+        s = self._nodes.get(node)
+        if s is None:
+            return None
+        return s.last_ok if s.last_ok is not None else s.added
+
     def last_error(self, node: str) -> str:
         s = self._nodes.get(node)
         return s.last_error if s is not None else ""

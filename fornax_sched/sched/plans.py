@@ -491,7 +491,8 @@ def plan_cordon(state: State, node: str, on: bool, now: float) -> Plan:
     return plan
 
 
-def plan_forget(state: State, node: str, now: float, user: str = "-", replicated: bool = False) -> Plan:
+def plan_forget(state: State, node: str, now: float, user: str = "-", replicated: bool = False,
+                why: str = "") -> Plan:
     """A dead node dropped from the state (``forget NODE``): not followed, listed or dialled again.
     A dead node holds no placements (plan_node_dead took them all off it).  One that answers again
     later is found afresh (a seed, a join, a peer's word), as a new node."""
@@ -505,7 +506,7 @@ def plan_forget(state: State, node: str, now: float, user: str = "-", replicated
         plan.delete("meta", f"liveness/{node}")
     meta = state.nodes.get(node)
     at = f"at {meta.addr}, " if meta is not None and meta.addr else ""
-    plan.note(f"forget {node} ({at}by {user}): no longer followed")
+    plan.note(f"forget {node} ({at}by {user}): no longer followed" + (f"; {why}" if why else ""))
     plan.answer = f"{node} forgotten\n"
     return plan
 

@@ -47,6 +47,7 @@ class SchedConfig:
     max_looks: float = MAX_LOOKS  # looks at nodes a second, all together (0: no cap)
     dead: float = 10.0
     node_timeout: float = 5.0
+    forget_dead: float = 86400.0  # seconds a node may stay dead before it is forgotten (0: never)
     policy_limits: Limits = field(default_factory=Limits)
     fresh: bool = False
     store: str = ""  # a store URL (sqlite:PATH, etcd://HOST:PORT,.../PREFIX); "" is DIR/sched.db
@@ -101,7 +102,8 @@ class SchedDaemon:
                 seeds.append("sim!sim-0001")  # the rest are found as its peers
             self.sched = Scheduler(store, seeds=seeds, interval=self.cfg.interval, max_looks=self.cfg.max_looks,
                                    dead_after=self.cfg.dead, node_timeout=self.cfg.node_timeout,
-                                   limits=self.cfg.policy_limits, budget=self.cfg.budget,
+                                   forget_dead=self.cfg.forget_dead, limits=self.cfg.policy_limits,
+                                   budget=self.cfg.budget,
                                    connect=bridge.connector(self.cfg.bridge, self.cfg.node_timeout,
                                                             observe=m.grpc_out if m is not None else None))
             if m is not None:
@@ -230,6 +232,9 @@ def add_parser(sub: Any) -> None:
                    help="seconds a new connection has to attach (default 60)")
     p.add_argument("--node-timeout", type=float, default=5.0, metavar="S",
                    help="seconds any call to a node may take, a flush included (default 5)")
+    p.add_argument("--forget-dead", type=float, default=86400.0, metavar="S",
+                   help="seconds a node may stay dead before it is forgotten, as ctl forget does (default 86400, "
+                        "a day; 0: never): one that answers later is found afresh")
     p.add_argument("--decide-budget", type=float, default=1.0, metavar="S",
                    help="seconds of policy time one command's decisions share; past it the platform policy "
                         "decides the rest (default 1)")
@@ -287,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
                       writers=[w for w in args.writers.split(",") if w], interval=args.interval, dead=args.dead,
                       max_looks=args.max_looks,
                       policy_limits=limits, fresh=args.fresh, store=args.store, budget=args.decide_budget,
-                      node_timeout=args.node_timeout, max_connections=args.max_connections,
+                      node_timeout=args.node_timeout, forget_dead=args.forget_dead,
+                      max_connections=args.max_connections,
                       idle_evict=args.idle_evict, handshake_timeout=args.handshake_timeout,
                       sim_nodes=args.sim_nodes, bridge=persys, lease_ttl=args.lease_ttl, advertise=args.advertise,
                       http=web, http_tokens=tokens)

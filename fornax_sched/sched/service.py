@@ -145,7 +145,8 @@ class Scheduler:
                  dead_after: float = 10.0, node_timeout: float = 5.0,
                  connect: Callable[[str], Backend] | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, limits: Limits | None = None,
-                 budget: float = 1.0, probe_timeout: float = 1.2, max_looks: float = MAX_LOOKS) -> None:
+                 budget: float = 1.0, probe_timeout: float = 1.2, max_looks: float = MAX_LOOKS,
+                 forget_dead: float = 0.0) -> None:
         self.store = store
         self.state = State()  # committed: what the file tree reads
         # The decider's copy shares the one copy of each request and repeated string with it.
@@ -161,6 +162,7 @@ class Scheduler:
         self.max_looks = max_looks  # looks at nodes a second, all nodes together (0: no cap): see _pace
         self.look_every = interval  # seconds between looks at each node, as paced now
         self.node_timeout = node_timeout
+        self.forget_dead = forget_dead  # seconds a node may stay dead before it is forgotten (0: never)
         self.connect = connect or (lambda addr: _connect(addr, node_timeout))
         self.clock = clock
         self.monotonic = monotonic
@@ -1026,19 +1028,7 @@ class Scheduler:
         if self.mode.name != NORMAL:
             raise self._frozen()
         if target in self.state.cluster.nodes:
-            plan = await self._submit(lambda st, g: plans.plan_forget(st, target, self.clock(), cmd.user or "-",
-                                                                      self.replicated))
-            lk = self.links.pop(target, None)
-            self.liveness.forget(target)
-            self._drift_now.discard(target)
-            if lk is not None:
-                self._addrs.discard(lk.addr)
-                for task in (lk.task, lk.reconciler):
-                    if task is not None:
-                        task.cancel()
-                await lk.backend.close()
-                self._pace()
-            return plan.answer
+            return await self._forget(target, cmd.user or "-")
         reaching = [t for t in self._lead_tasks if t.get_name() == f"sched-discover-{target}" and not t.done()]
         if target in self._addrs and reaching:
             for task in reaching:
@@ -1048,6 +1038,32 @@ class Scheduler:
             return f"{target}: no longer tried\n"
         raise CommandError(f"forget {target}: no such node, nor an address being joined "
                            f"(nodes: {', '.join(sorted(self.state.cluster.nodes)) or 'none'})")
+
+    async def _forget(self, node: str, user: str, why: str = "") -> str:
+        """Commit a dead node's forgetting, then let go of it: its link, its liveness."""
+        plan = await self._submit(lambda st, g: plans.plan_forget(st, node, self.clock(), user, self.replicated, why))
+        lk = self.links.pop(node, None)
+        self.liveness.forget(node)
+        self._drift_now.discard(node)
+        if lk is not None:
+            self._addrs.discard(lk.addr)
+            for task in (lk.task, lk.reconciler):
+                if task is not None:
+                    task.cancel()
+            await lk.backend.close()
+            self._pace()
+        return plan.answer
+
+    async def _forget_long_dead(self) -> None:
+        """Forget the nodes dead for longer than ``forget_dead`` (as Nomad collects down nodes)."""
+        if self.forget_dead <= 0 or self.mode.name != NORMAL:
+            return
+        now = self.monotonic()
+        for node in [n for n in self.links if self.liveness.status(n) == "dead"]:
+            since = self.liveness.silent_since(node)
+            if since is not None and now - since >= self.forget_dead and node in self.state.cluster.nodes:
+                with contextlib.suppress(CommandError):  # (it answered meanwhile: it stays)
+                    await self._forget(node, "scheduler", f"dead for {_age(now - since)} (--forget-dead)")
 
     async def _cmd_cordon(self, cmd: lang.Command, on: bool = True) -> str:
         node = cmd.targets[0]
@@ -1465,6 +1481,7 @@ class Scheduler:
         while not self._closing:
             await asyncio.sleep(min(self.interval, 1.0))
             await self._step("liveness", self._transitions(self.liveness.tick(self.monotonic())))
+            await self._step("forgetting dead nodes", self._forget_long_dead())
 
     async def _transitions(self, moves: list[Transition]) -> None:
         if self.mode.name != NORMAL:  # nothing is re-placed while change is frozen: see _resume

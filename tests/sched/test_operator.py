@@ -590,3 +590,32 @@ def test_forget_drops_a_dead_node_and_a_join_that_never_answers(tmp_path: Path) 
         sched.stop()
         for n in nodes:
             n.stop()
+
+
+def test_a_node_dead_past_forget_dead_is_forgotten_on_its_own(tmp_path: Path) -> None:
+    """serve --forget-dead S: a node dead that long is forgotten as `forget NODE` would, by the scheduler."""
+    nodes = [NodeProc(f"fornax-0{i}", free_port(), free_port(socket.SOCK_DGRAM), tmp_path / f"n{i}").start()
+             for i in (1, 2)]
+    sched = SchedProc(tmp_path / "sched", [n.addr for n in nodes], extra=["--forget-dead", "3"]).start()
+    try:
+        async def go() -> None:
+            await discovered(sched, 2)
+            assert (await ctl(sched.addr, "place hello name=f replicas=2")).count("status=running") == 2
+            nodes[1].kill9()
+
+            async def forgotten() -> bool:
+                async with await Client.connect(sched.addr, timeout=10) as c:
+                    return sorted(e.name for e in await c.ls("cluster/nodes")) == ["fornax-01"]
+
+            await eventually(forgotten, 20)
+            log = await read(sched.addr, "cluster/scheduler/log")
+            assert f"forget fornax-02 (at {nodes[1].addr}, by scheduler): no longer followed; dead for " in log, log
+            assert log.index("node fornax-02 dead") < log.index("forget fornax-02")  # (dead first, 2 s; then 3 s)
+            text = await read(sched.addr, "cluster/scheduler/status")
+            assert "fornax-02" not in text, text  # (f-2 was placed again on fornax-01 when its node died)
+
+        asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        sched.stop()
+        for n in nodes:
+            n.stop()
