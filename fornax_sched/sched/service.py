@@ -26,6 +26,7 @@ import calendar
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +164,7 @@ class Scheduler:
         self.look_every = interval  # seconds between looks at each node, as paced now
         self.node_timeout = node_timeout
         self.forget_dead = forget_dead  # seconds a node may stay dead before it is forgotten (0: never)
+        self._forgot_at = -math.inf  # when dead nodes were last looked over for it
         self.connect = connect or (lambda addr: _connect(addr, node_timeout))
         self.clock = clock
         self.monotonic = monotonic
@@ -1056,9 +1058,10 @@ class Scheduler:
 
     async def _forget_long_dead(self) -> None:
         """Forget the nodes dead for longer than ``forget_dead`` (as Nomad collects down nodes)."""
-        if self.forget_dead <= 0 or self.mode.name != NORMAL:
-            return
         now = self.monotonic()
+        if self.forget_dead <= 0 or self.mode.name != NORMAL or now - self._forgot_at < min(self.forget_dead / 4, 60):
+            return  # (a look over every node, once a minute at most: 10,000 of them take a few ms)
+        self._forgot_at = now
         for node in [n for n in self.links if self.liveness.status(n) == "dead"]:
             since = self.liveness.silent_since(node)
             if since is not None and now - since >= self.forget_dead and node in self.state.cluster.nodes:
