@@ -342,7 +342,7 @@ def place_command(wid: str, spec: Any) -> str:
     c = spec.container
     if not c.image:
         raise ValueError("container image is required")
-    for name in ("command", "env", "volumes", "ports", "managed_volumes"):
+    for name in ("command", "volumes", "ports", "managed_volumes"):
         if len(getattr(c, name)):
             raise ValueError(f"container {name} are not supported by a place")
     if c.privileged:
@@ -361,6 +361,7 @@ def place_command(wid: str, spec: Any) -> str:
         words.append(f"mem={r.memory_mb}M")
     if restart:
         words.append(f"restart={restart}")
+    words += [f"env:{k}={v}" for k, v in sorted(c.env.items())]  # (checked by place, with the node's rules)
     return " ".join(shlex.quote(w) for w in words)
 
 

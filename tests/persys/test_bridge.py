@@ -118,7 +118,7 @@ def test_mixed_cluster_a_fornax_node_killed_and_agentcontrol_clients(tmp_path: P
                 stub = control_stub(ch)
                 spec = C.WorkloadSpec(type="container", resources=C.ResourceRequirements(cpu_millicores=100,
                                                                                          memory_mb=64),
-                                      container=C.ContainerSpec(image="hello"))
+                                      container=C.ContainerSpec(image="hello", env={"MODE": "a b", "GREETING": "hi"}))
                 r = await stub.ApplyWorkload(C.ApplyWorkloadRequest(workload_id="web-a", spec=spec,
                                                                     desired_state="Running"), timeout=20)
                 assert r.success, r.error_message
@@ -126,7 +126,13 @@ def test_mixed_cluster_a_fornax_node_killed_and_agentcontrol_clients(tmp_path: P
                 assert w.status == "Running" and w.desired_state == "Running" and w.assigned_node_id and w.revision_id
                 assert await running_at(m, "web-a", w.assigned_node_id)
                 log = await read(m.sched.addr, "cluster/scheduler/log")
-                assert "place web-a (place hello cpu>=0.1 mem>=64M name=web-a)" in log  # a ctl command's line
+                assert "place web-a (place hello cpu>=0.1 mem>=64M name=web-a env:GREETING=hi 'env:MODE=a b')" \
+                    in log  # a ctl command's line
+                text = await read(m.sched.addr, "cluster/scheduler/placements/web-a")
+                assert "\nenv.GREETING=hi\nenv.MODE=a b\n" in text, text
+                fornax = C.WorkloadSpec(container=C.ContainerSpec(image="hello", env={"FORNAX_NODE": "x"}))
+                bad_env = await stub.ApplyWorkload(C.ApplyWorkloadRequest(workload_id="web-e", spec=fornax), timeout=20)
+                assert not bad_env.success and "FORNAX_ variables are set by the node" in bad_env.error_message
 
                 bad = await stub.ApplyWorkload(C.ApplyWorkloadRequest(
                     workload_id="web-b", spec=C.WorkloadSpec(container=C.ContainerSpec(image="nope"))), timeout=20)
