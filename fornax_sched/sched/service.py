@@ -163,6 +163,9 @@ class Scheduler:
         self.max_looks = max_looks  # looks at nodes a second, all nodes together (0: no cap): see _pace
         self.look_every = interval  # seconds between looks at each node, as paced now
         self.node_timeout = node_timeout
+        # The longest one call to a node may take (the slowest backend followed): an action's claim on
+        # its names outlives three of them (a migrate's stop, destroy and start) before it lapses.
+        self._call_bound = node_timeout
         self.forget_dead = forget_dead  # seconds a node may stay dead before it is forgotten (0: never)
         self._forgot_at = -math.inf  # when dead nodes were last looked over for it
         self.connect = connect or (lambda addr: _connect(addr, node_timeout))
@@ -851,7 +854,7 @@ class Scheduler:
     def _busy_now(self) -> frozenset[str]:
         """Names being acted on; a claim older than any action can take lapses (nothing stays stuck)."""
         now = self.monotonic()
-        limit = now - (4 * self.node_timeout + 10)
+        limit = now - (max(4 * self.node_timeout, 3 * self._call_bound) + 10)
         for name in [n for n, (_, at) in self._busy.items() if at < limit]:
             del self._busy[name]
         if len(self._acted) > 10_000 and now - self._pruned > 1.0:
@@ -1293,6 +1296,7 @@ class Scheduler:
                 raise
         lk = Link(backend, addr)
         self.links[name] = lk
+        self._call_bound = max(self._call_bound, backend.longest)
         lk.task = asyncio.create_task(self._follow(name, lk), name=f"sched-node-{name}")
         self._pace()
         return lk

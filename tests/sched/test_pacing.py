@@ -293,3 +293,35 @@ def test_a_node_that_names_peers_without_end_gets_a_bounded_number_dialled(tmp_p
             await store.close()
 
     run(main())
+
+
+def test_a_claim_outlives_the_slowest_backends_calls(tmp_path: Path) -> None:
+    """A name being acted on is kept from the reconcilers until the action ends, or, should its release
+    be lost, until three of the slowest followed backend's calls could have run: a Persys agent's run
+    may take an apply and its wait (90 s by default), so its claims must not lapse at the 30 s that
+    bounds a Fornax node's (a start still under way was started a second time)."""
+    from fornax_sched.sched.backends.persys import PersysAgent
+    from fornax_sched.sched.store import open_store
+
+    async def main() -> None:
+        now = [1000.0]
+        store = await open_store(str(tmp_path / "sched.db"))
+        sched = Scheduler(store, interval=0.2, node_timeout=5.0, monotonic=lambda: now[0])
+        try:
+            fornax_only = 4 * 5.0 + 10
+            sched._claim({"slow-1"})
+            now[0] += fornax_only + 1
+            assert "slow-1" not in sched._busy_now()  # (no agent followed: the old bound)
+            agent = PersysAgent("persys!127.0.0.1:9")
+            sched._link("agent-x", agent.addr, agent)
+            assert agent.longest == 2 * 45 + 10
+            sched._claim({"slow-2"})
+            now[0] += 90 + 10
+            assert "slow-2" in sched._busy_now()  # an agent's run and its wait: still claimed
+            now[0] += 3 * agent.longest
+            assert "slow-2" not in sched._busy_now()  # a lost release lapses all the same
+        finally:
+            await sched.close()
+            await store.close()
+
+    asyncio.run(main())

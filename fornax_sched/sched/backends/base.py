@@ -125,6 +125,11 @@ class Backend(Protocol):
     addr: str
     name: str  # what the node calls itself, once known (the address until then)
 
+    @property
+    def longest(self) -> float:
+        """Seconds one call (run, stop, destroy) may take at most, its own retries and waits included."""
+        ...
+
     async def info(self) -> NodeInfo: ...
 
     async def health(self) -> Health: ...

@@ -74,6 +74,10 @@ class FornaxNode:
         # one that answered the read first (an older node) gets the read after the write instead.
         self._piped = True
 
+    @property
+    def longest(self) -> float:
+        return 2 * self.timeout  # a request, then its flush: each bounded by the timeout (fs/client.py)
+
     def _where(self) -> str:
         return f"node {self.name}" + (f" at {self.addr}" if self.name != self.addr else "")
 

@@ -156,6 +156,13 @@ class PersysAgent:
         self._requests: dict[str, Any] = {}  # workload id -> the ApplyWorkloadRequest last sent (for stop)
         self._missing: dict[str, float] = {}  # workload id -> since when the agent reports it missing
 
+    @property
+    def longest(self) -> float:
+        # An apply (retried until its deadline) and then the wait for its task; a delete has its own
+        # deadline; a call begun just before a deadline may take its whole rpc timeout.
+        o = self.opts
+        return max(2 * o.apply_timeout, o.delete_timeout) + o.rpc_timeout
+
     def _where(self) -> str:
         return f"agent {self.name} at {self.endpoint}"
 

@@ -136,6 +136,10 @@ class SimNode:
         self.timeout = timeout
         self.cluster = cluster or CLUSTER
 
+    @property
+    def longest(self) -> float:
+        return self.timeout  # (a hung node holds a call for the caller's timeout)
+
     async def _node(self) -> SimState:
         st = self.cluster.nodes.get(self.name)
         if st is None or st.down:
