@@ -191,7 +191,7 @@ class Scheduler:
         self.forward: Callable[[str, str, str], Awaitable[str]] | None = None
         self._addrs: set[str] = set()
         self._learning: set[str] = set()  # peers' addresses (learnt from nodes) being reached now
-        self._joining: set[str] = set()  # seeds' and joins' addresses being reached now (not learnt)
+        self._joining: dict[str, asyncio.Task[None]] = {}  # seeds' and joins' addresses being reached now
         self._peer_retry: dict[str, tuple[float, int]] = {}  # a learnt address given up on: (not before, times)
         self._store_error = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1034,10 +1034,9 @@ class Scheduler:
             raise self._frozen()
         if target in self.state.cluster.nodes:
             return await self._forget(target, cmd.user or "-")
-        reaching = [t for t in self._lead_tasks if t.get_name() == f"sched-discover-{target}" and not t.done()]
-        if target in self._addrs and reaching:
-            for task in reaching:
-                task.cancel()
+        reaching = self._joining.pop(target, None)
+        if reaching is not None:
+            reaching.cancel()
             self._addrs.discard(target)
             self.note(f"forget {target} (by {cmd.user}): no longer tried")
             return f"{target}: no longer tried\n"
@@ -1217,14 +1216,15 @@ class Scheduler:
         self._lead_tasks = [t for t in self._lead_tasks if not t.done()] + [task]
 
     async def _discover(self, addr: str, learnt: bool = False) -> None:
-        if not learnt:
-            self._joining.add(addr)
+        me = asyncio.current_task()
+        if not learnt and me is not None:
+            self._joining[addr] = me  # (what forget ADDR cancels)
         try:
             await self._reach(addr, learnt)
         finally:
             self._learning.discard(addr)
-            if not learnt:
-                self._joining.discard(addr)
+            if self._joining.get(addr) is me:
+                del self._joining[addr]
 
     async def _reach(self, addr: str, learnt: bool) -> None:
         try:
