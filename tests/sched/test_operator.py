@@ -25,7 +25,7 @@ from fornax_sched.fs.errors import P9Error
 
 from ..helpers import free_port
 from ..node.cluster import NodeProc, eventually, read
-from .harness import SchedProc, ctl, discovered, running_on, scheduler_over_three
+from .harness import SchedProc, ctl, discovered, ls, running_on, scheduler_over_three
 
 pytestmark = pytest.mark.slow
 
@@ -528,8 +528,7 @@ def test_forget_drops_a_dead_node_and_a_join_that_never_answers(tmp_path: Path) 
             return text in await log()
 
         async def listed() -> list[str]:
-            async with await Client.connect(sched.addr, timeout=10) as c:
-                return sorted(e.name for e in await c.ls("cluster/nodes"))
+            return sorted(e.name for e in await ls(sched.addr, "cluster/nodes"))
 
         async def go() -> None:
             for n in nodes:
@@ -604,8 +603,7 @@ def test_a_node_dead_past_forget_dead_is_forgotten_on_its_own(tmp_path: Path) ->
             nodes[1].kill9()
 
             async def forgotten() -> bool:
-                async with await Client.connect(sched.addr, timeout=10) as c:
-                    return sorted(e.name for e in await c.ls("cluster/nodes")) == ["fornax-01"]
+                return sorted(e.name for e in await ls(sched.addr, "cluster/nodes")) == ["fornax-01"]
 
             await eventually(forgotten, 20)
             log = await read(sched.addr, "cluster/scheduler/log")
